@@ -1,0 +1,32 @@
+"""Shared test fixtures: paths to the golden data and a skip for GPU-only tests on CPU machines."""
+import os
+from pathlib import Path
+import sys
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run through Triton's interpreter (must be set before they are built).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# Golden outputs of the official Wan2.1 modules (see ../shared/golden/README.md).
+GOLDEN = ROOT.parent / "shared" / "golden"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def golden():
+    if not GOLDEN.is_dir():
+        pytest.fail(f"golden data not found at {GOLDEN}: clone the project beside ../shared")
+    return GOLDEN
