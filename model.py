@@ -1,0 +1,496 @@
+"""Wan2.1 DiT (T2V and I2V), exact to the official checkpoints, with a tangent (JVP) path through every layer.
+
+    v = model(x, t, context)                              x [B,C,F,H,W]; t [B] or per-frame [B,F] (= 1000·σ)
+    v, tv = model(x, t, context, tangent=(tx, tt))        tv = directional derivative of v along (tx, tt)
+
+The velocity is v = ε − x0 for x_σ = (1−σ)·x0 + σ·ε. The tangent path is forward-mode differentiation written
+layer by layer: every helper below maps a primal and its tangent, (h, th), to (out, tout), with th = None when no
+tangent is asked for. Tangents are computed without gradient (the sCM loss only needs them as a fixed target), so
+call the tangent forward under `torch.no_grad()`. Attention and its JVP go through `attention_jvp.attention`.
+
+Precision follows the official mixed-precision recipe whatever the weights' dtype: the time embedding, the
+modulation, the gates, the residual stream, the norms and the head run in fp32; the block matmuls and attention run
+in the dtype of the block weights (fp32 reproduces the official outputs; bf16 is the training/sampling mode).
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+
+from attention_jvp import attention
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """The official WanModel constructor arguments (defaults: T2V-1.3B)."""
+    model_type: str = "t2v"          # "t2v" or "i2v" (adds CLIP image tokens and the y conditioning channels)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512              # text context is zero-padded to this many rows
+    in_dim: int = 16                 # latent channels (+20 conditioning channels for I2V)
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256              # sinusoidal time-embedding width
+    text_dim: int = 4096             # umT5-XXL width
+    out_dim: int = 16
+    num_heads: int = 12
+    num_layers: int = 30
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+
+
+_TINY = dict(text_len=32, dim=128, ffn_dim=256, freq_dim=64, text_dim=48, num_heads=2, num_layers=2)
+CONFIGS = {
+    "t2v-1.3B": WanConfig(),
+    "t2v-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "i2v-14B": WanConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # the tiny shapes of ../shared/golden, for tests
+    "t2v-tiny": WanConfig(**_TINY),
+    "i2v-tiny": WanConfig(model_type="i2v", in_dim=36, **_TINY),
+}
+CLIP_DIM = 1280  # CLIP ViT-H/14 penultimate features, 257 tokens per image
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers with their tangents. Each takes (h, th) and returns (out, tout); tout is None iff th is None.
+# ----------------------------------------------------------------------------------------------------------------
+
+def linear(h, th, layer, dtype=None):
+    """y = W·h + b in the weight's dtype (or `dtype`); the tangent is W·th (the bias is constant)."""
+    w, b = layer.weight, layer.bias
+    if dtype is not None:
+        w, b = w.to(dtype), None if b is None else b.to(dtype)
+    y = F.linear(h.to(w.dtype), w, b)
+    return y, None if th is None else F.linear(th.to(w.dtype), w)
+
+
+def layer_norm(h, th, eps, weight=None, bias=None):
+    """LayerNorm over the last dim in fp32. Tangent: (th − mean(th) − y·mean(y·th)) / σ, times the weight."""
+    h = h.float()
+    weight = None if weight is None else weight.float()
+    bias = None if bias is None else bias.float()
+    if th is None:
+        return F.layer_norm(h, h.shape[-1:], weight, bias, eps), None
+    var, mean = torch.var_mean(h, dim=-1, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    y = (h - mean) * rstd
+    th = th.float()
+    ty = (th - th.mean(-1, keepdim=True) - y * (y * th).mean(-1, keepdim=True)) * rstd
+    if weight is not None:
+        y, ty = y * weight + bias, ty * weight
+    return y, ty
+
+
+def rms_norm(h, th, weight, eps):
+    """h·rsqrt(mean(h²)+eps)·w over the full width, in fp32. Tangent: (th − ĥ·mean(ĥ·th))·rsqrt(·)·w, ĥ = h·rsqrt."""
+    h, weight = h.float(), weight.float()
+    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h_hat = h * rstd
+    if th is None:
+        return h_hat * weight, None
+    th = th.float()
+    return h_hat * weight, (th - h_hat * (h_hat * th).mean(-1, keepdim=True)) * rstd * weight
+
+
+def gelu_tanh(h, th):
+    """GELU with the tanh approximation; its derivative in closed form."""
+    y = F.gelu(h, approximate="tanh")
+    if th is None:
+        return y, None
+    c = math.sqrt(2 / math.pi)
+    u = torch.tanh(c * (h + 0.044715 * h**3))
+    dy = 0.5 * (1 + u) + 0.5 * h * (1 - u * u) * c * (1 + 3 * 0.044715 * h * h)
+    return y, th * dy
+
+
+def silu(h, th):
+    """h·sigmoid(h); derivative sigmoid(h)·(1 + h·(1 − sigmoid(h)))."""
+    s = torch.sigmoid(h)
+    return h * s, None if th is None else th * s * (1 + h * (1 - s))
+
+
+def modulate(h, th, shift, tshift, scale, tscale):
+    """h·(1+scale)+shift with per-frame modulation: h [B,L,D] seen as [B,Fe,L/Fe,D]; shift/scale [B,Fe,D]."""
+    B, L, D = h.shape
+    Fe = shift.shape[1]
+    h4 = h.view(B, Fe, L // Fe, D)
+    y = (h4 * (1 + scale[:, :, None]) + shift[:, :, None]).view(B, L, D)
+    if th is None:
+        return y, None
+    ty = th.view(B, Fe, L // Fe, D) * (1 + scale[:, :, None]) + h4 * tscale[:, :, None] + tshift[:, :, None]
+    return y, ty.view(B, L, D)
+
+
+def gate(x, tx, y, ty, g, tg):
+    """Gated residual x + y·g (fp32), g per frame [B,Fe,D]."""
+    B, L, D = x.shape
+    Fe = g.shape[1]
+    y4 = y.float().view(B, Fe, L // Fe, D)
+    out = x + (y4 * g[:, :, None]).view(B, L, D)
+    if tx is None:
+        return out, None
+    return out, tx + (ty.float().view(B, Fe, L // Fe, D) * g[:, :, None] + y4 * tg[:, :, None]).view(B, L, D)
+
+
+def sinusoid(t, tt, freq_dim):
+    """[cos(t·ω), sin(t·ω)] with ω_k = 10000^(−k/half), in float64 as the official code, then fp32. t [...]"""
+    half = freq_dim // 2
+    omega = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    arg = t.double()[..., None] * omega
+    cos, sin = torch.cos(arg), torch.sin(arg)
+    emb = torch.cat([cos, sin], dim=-1).float()
+    if tt is None:
+        return emb, None
+    darg = tt.double()[..., None] * omega
+    return emb, torch.cat([-sin * darg, cos * darg], dim=-1).float()
+
+
+def rope_tables(grid, head_dim, device, frame_offset=0, theta=10000.0):
+    """cos/sin [L, head_dim/2] of Wan's 3D RoPE for a (F, H, W) token grid, frames starting at `frame_offset`.
+
+    The head's channels form head_dim/2 complex pairs of adjacent channels; with c = head_dim/2 the first
+    c − 2·(c//3) pairs rotate with the frame index, the next c//3 with the row, the last c//3 with the column,
+    at frequencies theta^(−2k/d_axis), d_axis = 2·(pairs of that axis). Angles in float64, tables in fp32.
+    """
+    c = head_dim // 2
+    pairs = (c - 2 * (c // 3), c // 3, c // 3)
+    angles = []
+    for axis, (n, size) in enumerate(zip(pairs, grid)):
+        pos = torch.arange(size, dtype=torch.float64, device=device) + (frame_offset if axis == 0 else 0)
+        omega = theta ** (-torch.arange(n, dtype=torch.float64, device=device) * 2 / (2 * n))
+        shape = [1, 1, 1, n]
+        shape[axis] = size
+        angles.append(torch.outer(pos, omega).view(shape).expand(*grid, n))
+    angles = torch.cat(angles, dim=-1).reshape(-1, c)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def rope(h, cos, sin):
+    """Rotate adjacent channel pairs of h [B,L,H,D] (fp32) by the angles of cos/sin [L,D/2]. Linear in h."""
+    if h is None:
+        return None
+    h0, h1 = h.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[:, None], sin[:, None]
+    return torch.stack([h0 * c - h1 * s, h0 * s + h1 * c], dim=-1).flatten(-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules. They hold the parameters under the official names; the math is in the helpers above.
+# ----------------------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.num_heads, self.eps = cfg.num_heads, cfg.eps
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim) if cfg.qk_norm else None
+        self.norm_k = RMSNorm(cfg.dim) if cfg.qk_norm else None
+
+    def qk_norm(self, h, th, norm):
+        return (h, th) if norm is None else rms_norm(h, th, norm.weight, self.eps)
+
+    def heads(self, h):
+        return None if h is None else h.unflatten(-1, (self.num_heads, -1))
+
+    def forward(self, h, th, cos, sin):
+        """h [B,L,dim] (fp32) -> [B,L,dim]. RoPE on q and k, softmax attention with scale 1/√head_dim."""
+        dtype = self.q.weight.dtype
+        q, tq = self.qk_norm(*linear(h, th, self.q), self.norm_q)
+        k, tk = self.qk_norm(*linear(h, th, self.k), self.norm_k)
+        v, tv = linear(h, th, self.v)
+        q, tq, k, tk = (rope(self.heads(a), cos, sin) for a in (q, tq, k, tk))
+        q, k, v = q.to(dtype), k.to(dtype), self.heads(v)
+        if th is None:
+            return linear(attention(q, k, v).flatten(2), None, self.o)
+        o, to = attention(q, k, v, tq.to(dtype), tk.to(dtype), self.heads(tv))
+        return linear(o.flatten(2), to.flatten(2), self.o)
+
+
+class CrossAttention(SelfAttention):
+    """Attention from the video tokens to the 512 text rows (no key mask), plus the 257 CLIP rows for I2V."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__(cfg)
+        if cfg.model_type == "i2v":
+            self.k_img, self.v_img = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+            self.norm_k_img = RMSNorm(cfg.dim) if cfg.qk_norm else None
+
+    def attend(self, q, tq, k, v):
+        """Context keys/values carry no tangent; their tangents are zero."""
+        k, v = self.heads(k).to(q.dtype), self.heads(v)
+        if tq is None:
+            return attention(q, k, v), None
+        return attention(q, k, v, tq, torch.zeros_like(k), torch.zeros_like(v))
+
+    def forward(self, h, th, context, context_img):
+        dtype = self.q.weight.dtype
+        q, tq = self.qk_norm(*linear(h, th, self.q), self.norm_q)
+        q, tq = self.heads(q).to(dtype), None if tq is None else self.heads(tq).to(dtype)
+        k, _ = self.qk_norm(*linear(context, None, self.k), self.norm_k)
+        o, to = self.attend(q, tq, k, linear(context, None, self.v)[0])
+        if context_img is not None:
+            k_img, _ = self.qk_norm(*linear(context_img, None, self.k_img), self.norm_k_img)
+            o_img, to_img = self.attend(q, tq, k_img, linear(context_img, None, self.v_img)[0])
+            o, to = o + o_img, None if to is None else to + to_img
+        return linear(o.flatten(2), None if to is None else to.flatten(2), self.o)
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.cross_attn_norm else None
+        self.cross_attn = CrossAttention(cfg)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, tx, e0, te0, cos, sin, context, context_img):
+        """x [B,L,dim] fp32 residual stream; e0 [B,Fe,6,dim] fp32 time projection (per frame when Fe = F)."""
+        m = self.modulation.float() + e0
+        shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = m.unbind(2)
+        tm = (None,) * 6 if te0 is None else te0.unbind(2)
+
+        h, th = modulate(*layer_norm(x, tx, self.eps), shift_sa, tm[0], scale_sa, tm[1])
+        y, ty = self.self_attn(h, th, cos, sin)
+        x, tx = gate(x, tx, y, ty, gate_sa, tm[2])
+
+        h, th = (x, tx) if self.norm3 is None else layer_norm(x, tx, self.eps, self.norm3.weight, self.norm3.bias)
+        y, ty = self.cross_attn(h, th, context, context_img)
+        x, tx = x + y.float(), None if tx is None else tx + ty.float()
+
+        h, th = modulate(*layer_norm(x, tx, self.eps), shift_ffn, tm[3], scale_ffn, tm[4])
+        h, th = linear(*gelu_tanh(*linear(h, th, self.ffn[0])), self.ffn[2])
+        return gate(x, tx, h, th, gate_ffn, tm[5])
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, tx, e, te):
+        """All fp32. Modulated by e (not e0), without SiLU: (shift, scale) = modulation + e."""
+        shift, scale = (self.modulation.float() + e[:, :, None]).unbind(2)
+        tshift, tscale = (None, None) if te is None else (te, te)
+        h, th = modulate(*layer_norm(x, tx, self.eps), shift, tshift, scale, tscale)
+        return linear(h, th, self.head, dtype=torch.float32)
+
+
+class WanModel(nn.Module):
+    """The Wan2.1 diffusion transformer. `state_dict()` uses the official key names."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        assert cfg.model_type in ("t2v", "i2v"), f"model_type must be 't2v' or 'i2v', got {cfg.model_type!r}"
+        assert cfg.dim % cfg.num_heads == 0 and (cfg.dim // cfg.num_heads) % 2 == 0
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if cfg.model_type == "i2v":
+            self.img_emb = nn.Module()
+            self.img_emb.proj = nn.Sequential(nn.LayerNorm(CLIP_DIM, eps=1e-5), nn.Linear(CLIP_DIM, CLIP_DIM), nn.GELU(),
+                                              nn.Linear(CLIP_DIM, cfg.dim), nn.LayerNorm(cfg.dim, eps=1e-5))
+        self._rope_cache = {}
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """The official initialisation (Xavier linears, zero biases, N(0, 0.02) embeddings, zero output layer)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for m in (*self.text_embedding, *self.time_embedding):
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    # --- inputs -------------------------------------------------------------------------------------------------
+
+    def patchify(self, x):
+        """[B,C,F,H,W] -> tokens [B, F'·H'·W', C·pt·ph·pw], frame-major then row then column (Conv3d's order)."""
+        pt, ph, pw = self.cfg.patch_size
+        return rearrange(x, "b c (f pt) (h ph) (w pw) -> b (f h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+
+    def unpatchify(self, h, grid):
+        """[B,L,pt·ph·pw·C] -> [B,C,F,H,W]: out[c, f, 2i+p, 2j+q] = h[(f·H'+i)·W'+j, (2p+q)·C + c]."""
+        pt, ph, pw = self.cfg.patch_size
+        return rearrange(h, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
+                         f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw)
+
+    def embed_context(self, context):
+        """Text: list of [L_i,text_dim] or [B,L,text_dim], zero-padded to text_len rows -> [B,text_len,dim]."""
+        text_len = self.cfg.text_len
+        if isinstance(context, (list, tuple)):
+            too_long = [len(c) for c in context if len(c) > text_len]
+            if too_long:
+                raise ValueError(f"text context has {max(too_long)} rows; the model takes at most text_len={text_len}")
+            context = torch.stack([F.pad(c, (0, 0, 0, text_len - len(c))) for c in context])
+        elif context.shape[1] != text_len:
+            if context.shape[1] > text_len:
+                raise ValueError(f"text context has {context.shape[1]} rows; the model takes at most {text_len}")
+            context = F.pad(context, (0, 0, 0, text_len - context.shape[1]))
+        dtype = self.text_embedding[0].weight.dtype
+        h, _ = linear(*gelu_tanh(*linear(context.to(dtype), None, self.text_embedding[0])), self.text_embedding[2])
+        return h
+
+    def embed_clip(self, clip_fea):
+        """I2V: CLIP features [B,257,1280] -> [B,257,dim] (LayerNorm, Linear, GELU(erf), Linear, LayerNorm)."""
+        p = self.img_emb.proj
+        h = layer_norm(clip_fea, None, p[0].eps, p[0].weight, p[0].bias)[0]
+        h = F.gelu(linear(h, None, p[1])[0])
+        return layer_norm(linear(h, None, p[3])[0], None, p[4].eps, p[4].weight, p[4].bias)[0]
+
+    def embed_time(self, t, tt):
+        """t [B] or [B,F] -> e [B,Fe,dim] and e0 [B,Fe,6,dim] (Fe = 1 or F), with tangents; all fp32."""
+        if t.ndim == 1:
+            t, tt = t[:, None], None if tt is None else tt[:, None]
+        f32 = torch.float32
+        e, te = sinusoid(t, tt, self.cfg.freq_dim)
+        e, te = linear(*silu(*linear(e, te, self.time_embedding[0], f32)), self.time_embedding[2], f32)
+        e0, te0 = linear(*silu(e, te), self.time_projection[1], f32)
+        unflat = lambda a: None if a is None else a.unflatten(-1, (6, self.cfg.dim))
+        return e, te, unflat(e0), unflat(te0)
+
+    def rope(self, grid, device):
+        key = (tuple(grid), str(device))
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_tables(grid, self.cfg.dim // self.cfg.num_heads, device)
+        return self._rope_cache[key]
+
+    # --- forward ------------------------------------------------------------------------------------------------
+
+    def forward(self, x, t, context, *, y=None, clip_fea=None, tangent=None):
+        """Velocity v [B,out_dim,F,H,W] (fp32), or (v, tv) when tangent=(tx, tt) is given.
+
+        x [B,in_dim(−20 for I2V),F,H,W]; t [B] or [B,F] timesteps 1000·σ; context: see `embed_context`;
+        y [B,20,F,H,W] and clip_fea [B,257,1280] for I2V. tx has x's shape, tt has t's shape.
+        """
+        cfg = self.cfg
+        tx, tt = (None, None) if tangent is None else tangent
+        if cfg.model_type == "i2v" and (y is None or clip_fea is None):
+            raise ValueError("an i2v model needs y [B,20,F,H,W] and clip_fea [B,257,1280]")
+        B, _, T, H, W = x.shape
+        pt, ph, pw = cfg.patch_size
+        if T % pt or H % ph or W % pw:
+            raise ValueError(f"latent size (F,H,W)=({T},{H},{W}) must be divisible by the patch size {cfg.patch_size}")
+        grid = (T // pt, H // ph, W // pw)
+        if t.ndim == 2 and t.shape[1] != grid[0]:
+            raise ValueError(f"per-frame t has {t.shape[1]} entries but the clip has {grid[0]} latent frames")
+
+        if y is not None:
+            x = torch.cat([x, y], dim=1)
+            tx = None if tx is None else torch.cat([tx, torch.zeros_like(y)], dim=1)
+        # the patch Conv3d (kernel = stride) is a Linear over flattened (c, kt, kh, kw) patches
+        w, b = self.patch_embedding.weight.flatten(1), self.patch_embedding.bias
+        x = F.linear(self.patchify(x).to(w.dtype), w, b).float()
+        tx = None if tx is None else F.linear(self.patchify(tx).to(w.dtype), w).float()
+
+        e, te, e0, te0 = self.embed_time(t, tt)
+        context = self.embed_context(context)
+        context_img = None
+        if clip_fea is not None:
+            # The official code splits [clip | text] at (rows − 512), a constant; with text_len = 512 (every released
+            # model) those are the 257 CLIP rows. Reproduced so that small test configs match it too.
+            both = torch.cat([self.embed_clip(clip_fea), context], dim=1)
+            n_img = both.shape[1] - 512  # Python slicing, as the official code, also when this is negative
+            context_img, context = both[:, :n_img], both[:, n_img:]
+        cos, sin = self.rope(grid, x.device)
+        for block in self.blocks:
+            x, tx = block(x, tx, e0, te0, cos, sin, context, context_img)
+
+        h, th = self.head(x, tx, e, te)
+        v = self.unpatchify(h, grid)
+        return v if tangent is None else (v, self.unpatchify(th, grid))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: official key names in and out.
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_state_dict(path, prefix=None, device="cpu"):
+    """Read DiT weights from an official or rCM-style checkpoint into a {official name: tensor} dict.
+
+    path: `diffusion_pytorch_model.safetensors`, a sharded `*.safetensors.index.json`, a folder holding either,
+    or a `.pt`/`.pth` file (read with `weights_only=True`). rCM-style files prefix the names with `net.` or
+    `net_ema.`: by default the EMA weights are taken when present; `prefix` picks one explicitly ("" for none).
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("diffusion_pytorch_model.safetensors.index.json",
+                                    "diffusion_pytorch_model.safetensors") if (path / n).exists()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds neither diffusion_pytorch_model.safetensors nor its .index.json")
+        path = found[0]
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        sd = {}
+        for shard in shards:
+            sd.update(load_file(path.parent / shard, device=str(device)))
+    elif path.suffix == ".safetensors":
+        sd = load_file(path, device=str(device))
+    elif path.suffix in (".pt", ".pth"):
+        sd = torch.load(path, map_location=device, weights_only=True, mmap=True)
+    else:
+        raise ValueError(f"unknown checkpoint format {path.suffix!r}: use .safetensors, .index.json, .pt or .pth")
+    if prefix is None:
+        prefix = next((p for p in ("net_ema.", "net.") if any(k.startswith(p) for k in sd)), "")
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def load_checkpoint(model: WanModel, path, *, prefix=None, dtype=None):
+    """Load weights strictly into `model` (which may live on the meta device: its tensors are then replaced,
+    so a big model is never materialised twice). Tensors are converted to `dtype`, or to the model's dtypes.
+    Raises one error listing every missing, unexpected and mis-shaped key."""
+    sd = read_state_dict(path, prefix)
+    expected = model.state_dict()
+    pe = "patch_embedding.weight"
+    if pe in sd and sd[pe].ndim == 2 and sd[pe].numel() == expected[pe].numel():
+        sd[pe] = sd[pe].reshape(expected[pe].shape)  # rCM stores the patch Conv3d as a Linear over (c,kt,kh,kw)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    misshaped = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+                 for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint {path} does not match the model config:"]
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                lines.append(f"  {len(keys)} {name}: " + ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else ""))
+        raise ValueError("\n".join(lines))
+    sd = {k: v.to(dtype or expected[k].dtype) for k, v in sd.items()}
+    on_meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(sd, strict=True, assign=on_meta)
+    return model
+
+
+def save_checkpoint(model_or_state_dict, path):
+    """Write weights in the official key names as one safetensors file."""
+    sd = model_or_state_dict
+    if isinstance(sd, nn.Module):
+        sd = sd.state_dict()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
