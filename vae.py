@@ -1,0 +1,300 @@
+"""The Wan2.1 causal 3D VAE, exact to the released `Wan2.1_VAE.pth`.
+
+Video [B, 3, 1+4k, H, W] in [-1, 1]  <->  latents [B, 16, 1+k, H/8, W/8].
+
+Every temporal convolution is causal: frame t sees frames t-2..t only. So a clip can be processed
+as a stream of chunks, frames [0], [1:5], [5:9], ... to encode and one latent frame at a time to
+decode, each temporal layer keeping the last input frames of the previous chunk in a `cache` (a
+dict keyed by the layer). The result equals a causal pass over the whole clip, but activations
+live for one chunk only, so 81 frames at 720p need bounded memory.
+
+The first frame is special: the encoder does not downsample it in time and the decoder does not
+upsample it, so frame 0 alone becomes latent frame 0 and each later latent frame holds 4 frames.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+from einops import rearrange
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Per-channel statistics of the encoder mean μ; the latents the DiT sees are (μ - mean) / std.
+LATENT_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+LATENT_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Defaults are the released Wan2.1 VAE. attn_scales: resolutions (1, 1/2, ...) that get an
+    attention block after each residual block (none in the release; the middle always has one)."""
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+
+
+# ----------------------------------------------------------------------------- layers
+
+class CausalConv3d(nn.Conv3d):
+    """A 'same'-size Conv3d that sees only the present and the past in time.
+
+    Space is zero-padded symmetrically. In time, the k_t - 1 frames before x come from cache[self]
+    (the last input frames of earlier chunks), zero-padded where the stream has fewer.
+    cache=None treats x as a whole stream.
+    """
+
+    def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int, int]):
+        super().__init__(c_in, c_out, kernel)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """x [B, C, T, H, W] -> [B, C_out, T, H, W]."""
+        kt, kh, kw = self.kernel_size
+        past = kt - 1
+        prev = cache.get(self) if cache is not None else None
+        if prev is not None:
+            x = torch.cat([prev, x], dim=2)
+        if past and cache is not None:
+            cache[self] = x[:, :, -past:].clone()  # clone: keep a few frames, not the whole chunk
+        front = past - (0 if prev is None else prev.shape[2])
+        return super().forward(F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, front, 0)))
+
+
+class RMSNorm(nn.Module):
+    """Channel norm: L2-normalise over channels (dim 1), times √C·γ. No bias."""
+
+    def __init__(self, dim: int, spatial_dims: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * self.gamma.shape[0] ** 0.5 * self.gamma
+
+
+def causal_seq(layers: nn.Sequential, x: torch.Tensor, cache: dict) -> torch.Tensor:
+    """Run a Sequential in which only the causal convolutions need the cache."""
+    for layer in layers:
+        x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+    return x
+
+
+class ResidualBlock(nn.Module):
+    """x + [RMSNorm, SiLU, Conv 3³, RMSNorm, SiLU, Conv 3³](x), with a 1³ conv on the skip if C changes."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        # Slot 5 held dropout during training; an Identity keeps the checkpoint's indices.
+        self.residual = nn.Sequential(
+            RMSNorm(c_in, 3), nn.SiLU(), CausalConv3d(c_in, c_out, 3),
+            RMSNorm(c_out, 3), nn.SiLU(), nn.Identity(), CausalConv3d(c_out, c_out, 3))
+        self.shortcut = CausalConv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        return self.shortcut(x) + causal_seq(self.residual, x, cache)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame separately (no temporal mixing)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, 2)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """x [B, C, T, H, W] -> same; `cache` is unused (nothing crosses frames)."""
+        b, c, t, h, w = x.shape
+        y = self.norm(rearrange(x, "b c t h w -> (b t) c h w"))
+        q, k, v = rearrange(self.to_qkv(y), "n (three c) h w -> three n 1 (h w) c", three=3)
+        y = rearrange(F.scaled_dot_product_attention(q, k, v), "n 1 (h w) c -> n c h w", h=h)
+        return x + rearrange(self.proj(y), "(b t) c h w -> b c t h w", b=b)
+
+
+class Resample(nn.Module):
+    """2x spatial down/up-sampling of each frame, optionally with 2x temporal down/up-sampling.
+
+    Down: pad right/bottom by 1, 3x3 conv with stride 2; in time (downsample3d) a stride-2 conv
+    over frames (2j-2, 2j-1, 2j) makes output frame j, and frame 0 passes through.
+    Up: nearest 2x, 3x3 conv halving the channels; in time (upsample3d) a causal conv doubles the
+    channels, which become two consecutive frames; frame 0 is not doubled.
+    """
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("down"):
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        else:
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+        if mode == "downsample3d":
+            self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        elif mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1))
+
+    def forward(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """x [B, C, T, H, W] -> [B, C', T', 2H, 2W] or [B, C, T', H/2, W/2]."""
+        if self.mode == "upsample3d":
+            if self.time_conv in cache:
+                x = rearrange(self.time_conv(x, cache), "b (two c) t h w -> b c (t two) h w", two=2)
+            else:  # frame 0 is not doubled; the time conv's stream starts after it, with no past
+                cache[self.time_conv] = x[:, :, :0]
+        t = x.shape[2]
+        x = rearrange(self.resample(rearrange(x, "b c t h w -> (b t) c h w")), "(b t) c h w -> b c t h w", t=t)
+        if self.mode == "downsample3d":
+            prev = cache.get(self.time_conv)
+            cache[self.time_conv] = x[:, :, -1:].clone()
+            if prev is not None:  # chunks after frame 0 have an even number of frames
+                x = self.time_conv(torch.cat([prev, x], dim=2))
+        return x
+
+
+# ----------------------------------------------------------------------------- encoder, decoder
+
+class Encoder(nn.Module):
+    """Video chunk [B, 3, T, H, W] -> [B, 2·z_dim, T', H/8, W/8] (μ and log σ², before the 1³ conv)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3)
+        blocks, scale = [], 1.0
+        for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResidualBlock(c_in, c_out))
+                if scale in cfg.attn_scales:
+                    blocks.append(AttentionBlock(c_out))
+                c_in = c_out
+            if i < len(cfg.dim_mult) - 1:
+                blocks.append(Resample(c_out, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
+                scale /= 2
+        self.downsamples = nn.Sequential(*blocks)
+        self.middle = nn.Sequential(ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]),
+                                    ResidualBlock(dims[-1], dims[-1]))
+        self.head = nn.Sequential(RMSNorm(dims[-1], 3), nn.SiLU(), CausalConv3d(dims[-1], 2 * cfg.z_dim, 3))
+
+    def forward(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        for block in (*self.downsamples, *self.middle):
+            x = block(x, cache)
+        return causal_seq(self.head, x, cache)
+
+
+class Decoder(nn.Module):
+    """Latent chunk [B, z_dim, T, h, w] -> video [B, 3, T', 8h, 8w] (T' = 1 for latent frame 0, else 4T)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        dims = [cfg.dim * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+        temporal_upsample = cfg.temporal_downsample[::-1]
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3)
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0]))
+        blocks, scale = [], 1.0 / 2 ** (len(cfg.dim_mult) - 2)
+        for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:  # the previous upsampling conv halved the channels
+                c_in //= 2
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResidualBlock(c_in, c_out))
+                if scale in cfg.attn_scales:
+                    blocks.append(AttentionBlock(c_out))
+                c_in = c_out
+            if i < len(cfg.dim_mult) - 1:
+                blocks.append(Resample(c_out, "upsample3d" if temporal_upsample[i] else "upsample2d"))
+                scale *= 2
+        self.upsamples = nn.Sequential(*blocks)
+        self.head = nn.Sequential(RMSNorm(dims[-1], 3), nn.SiLU(), CausalConv3d(dims[-1], 3, 3))
+
+    def forward(self, z: torch.Tensor, cache: dict) -> torch.Tensor:
+        x = self.conv1(z, cache)
+        for block in (*self.middle, *self.upsamples):
+            x = block(x, cache)
+        return causal_seq(self.head, x, cache)
+
+
+# ----------------------------------------------------------------------------- the VAE
+
+class WanVAE(nn.Module):
+    """Encoder, 1³ conv to (μ, log σ²), 1³ conv on z, decoder. Parameter names match Wan2.1_VAE.pth.
+
+    Runs in the dtype of its parameters (float32 or bfloat16); inputs are cast to it and results
+    come back in float32. encode/decode run without autograd (the VAE is frozen in this project).
+    """
+
+    def __init__(self, cfg: VAEConfig = VAEConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder(cfg)
+        self.time_factor = 2 ** sum(cfg.temporal_downsample)
+        self.space_factor = 2 ** (len(cfg.dim_mult) - 1)
+
+    def _latent_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.z_dim != len(LATENT_MEAN):
+            raise ValueError(f"latent statistics exist for z_dim={len(LATENT_MEAN)} only, not {self.cfg.z_dim}")
+        mean = torch.tensor(LATENT_MEAN, device=device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(LATENT_STD, device=device).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """video [B, 3, 1+4k, H, W] in [-1, 1] -> normalised latents (μ - mean)/std [B, 16, 1+k, H/8, W/8], fp32."""
+        tf, sf = self.time_factor, self.space_factor
+        if video.ndim != 5 or video.shape[1] != 3 or (video.shape[2] - 1) % tf or video.shape[3] % sf or video.shape[4] % sf:
+            raise ValueError(f"encode expects video [B, 3, 1+{tf}k, H, W] with H, W multiples of {sf}; "
+                             f"got {tuple(video.shape)}: crop or pad the clip to such a size")
+        x = video.to(self.conv1.weight.dtype)
+        cache = {}
+        chunks = [x[:, :, :1], *x[:, :, 1:].split(tf, dim=2)]
+        h = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
+        mu = self.conv1(h)[:, :self.cfg.z_dim].float()  # the other half, log σ², is not used
+        mean, std = self._latent_stats(mu.device)
+        return (mu - mean) / std
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, 16, 1+k, h, w] -> video [B, 3, 1+4k, 8h, 8w], fp32, NOT clamped to [-1, 1]."""
+        if z.ndim != 5 or z.shape[1] != self.cfg.z_dim:
+            raise ValueError(f"decode expects latents [B, {self.cfg.z_dim}, T, h, w]; got {tuple(z.shape)}")
+        mean, std = self._latent_stats(z.device)
+        x = self.conv2((z.float() * std + mean).to(self.conv2.weight.dtype))
+        cache = {}
+        frames = [self.decoder(x[:, :, i:i + 1], cache).float() for i in range(x.shape[2])]
+        return torch.cat(frames, dim=2)
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+def load_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             cfg: VAEConfig = VAEConfig()) -> WanVAE:
+    """Build WanVAE on the meta device and assign the weights of `path` (.pth or .safetensors) strictly.
+
+    dtype: float32 (as released) or bfloat16. Returns the model in eval mode, requires_grad off.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VAE checkpoint not found: {path} (expected Wan2.1_VAE.pth from the Wan2.1 release)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    with torch.device("meta"):
+        model = WanVAE(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+                 for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k]]
+    if missing or unexpected or misshaped:
+        raise ValueError(f"{path} does not fit WanVAE({cfg}):\n  missing: {missing}\n  unexpected: {unexpected}\n"
+                         f"  mis-shaped: {misshaped}\nCheck that it is the Wan2.1 VAE and the config matches it.")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
