@@ -467,6 +467,8 @@ def load_checkpoint(model: WanModel, path, *, prefix=None, dtype=None):
     so a big model is never materialised twice). Tensors are converted to `dtype`, or to the model's dtypes.
     Raises one error listing every missing, unexpected and mis-shaped key."""
     sd = read_state_dict(path, prefix)
+    if dtype is not None:
+        model.to(dtype)
     expected = model.state_dict()
     pe = "patch_embedding.weight"
     if pe in sd and sd[pe].ndim == 2 and sd[pe].numel() == expected[pe].numel():
@@ -481,7 +483,7 @@ def load_checkpoint(model: WanModel, path, *, prefix=None, dtype=None):
             if keys:
                 lines.append(f"  {len(keys)} {name}: " + ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else ""))
         raise ValueError("\n".join(lines))
-    sd = {k: v.to(dtype or expected[k].dtype) for k, v in sd.items()}
+    sd = {k: v.to(expected[k].dtype) for k, v in sd.items()}
     on_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(sd, strict=True, assign=on_meta)
     return model

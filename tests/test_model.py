@@ -1,0 +1,157 @@
+"""model.py: exactness against the official Wan2.1 outputs, checkpoint I/O, and the tangent path."""
+import functools
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import attention_jvp
+import model as wan
+from model import CONFIGS, WanConfig, WanModel, load_checkpoint, save_checkpoint
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def golden_case(golden, name):
+    meta = json.loads((golden / f"{name}.json").read_text())
+    cfg = WanConfig(model_type=meta["model_type"], **{**meta["config"], "patch_size": tuple(meta["config"]["patch_size"])})
+    io = load_file(golden / f"{name}.io.safetensors")
+    context = [io[f"context.{i}"] for i in range(len(meta["context_lengths"]))]
+    cond = dict(y=io["y"], clip_fea=io["clip_fea"]) if "y" in io else {}
+    return cfg, io, context, cond
+
+
+@pytest.mark.parametrize("name", ["dit_t2v_tiny", "dit_i2v_tiny"])
+def test_golden_fp32(golden, name):
+    cfg, io, context, cond = golden_case(golden, name)
+    net = load_checkpoint(WanModel(cfg), golden / f"{name}.weights.safetensors")
+    with torch.no_grad():
+        out = net(io["x"], io["t"], context, **cond)
+        out_t, tangent_out = net(io["x"], io["t"], context, tangent=(io["tangent_x"], io["tangent_t"]), **cond)
+    assert out.dtype == torch.float32 and out.shape == io["out"].shape
+    assert rel(out, io["out"]) < 1e-5
+    assert rel(out_t, io["out"]) < 1e-5
+    assert rel(tangent_out, io["tangent_out"]) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["dit_t2v_tiny", "dit_i2v_tiny"])
+def test_golden_bf16_weights(golden, name):
+    """bf16 weights with the official fp32 islands stay within bf16 accuracy of the fp32 reference."""
+    cfg, io, context, cond = golden_case(golden, name)
+    net = load_checkpoint(WanModel(cfg), golden / f"{name}.weights.safetensors", dtype=torch.bfloat16)
+    assert net.blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        out, tangent_out = net(io["x"], io["t"], context, tangent=(io["tangent_x"], io["tangent_t"]), **cond)
+    assert rel(out, io["out"]) < 2e-2
+    assert rel(tangent_out, io["tangent_out"]) < 3e-2
+
+
+@pytest.mark.parametrize("preset, official", [("t2v-1.3B", "Wan2.1-T2V-1.3B"), ("t2v-14B", "Wan2.1-T2V-14B"),
+                                              ("i2v-14B", "Wan2.1-I2V-14B")])
+def test_full_size_state_dict_names_and_shapes(golden, preset, official):
+    expected = json.loads((golden / "checkpoint_keys.json").read_text())[official]
+    with torch.device("meta"):
+        net = WanModel(CONFIGS[preset])
+    sd = net.state_dict()
+    assert all(v.is_meta for v in sd.values())  # nothing was allocated
+    assert {k: list(v.shape) for k, v in sd.items()} == expected
+
+
+def random_tiny(model_type="t2v", seed=0, **overrides):
+    """A tiny model whose every parameter is random (the official init zeroes the output layer)."""
+    torch.manual_seed(seed)
+    net = WanModel(CONFIGS[f"{model_type}-tiny"] if not overrides else WanConfig(model_type=model_type, **overrides))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return net
+
+
+def test_rcm_pt_and_official_layouts_load_identically(tmp_path):
+    src = random_tiny()
+    sd = src.state_dict()
+    save_checkpoint(src, tmp_path / "diffusion_pytorch_model.safetensors")
+    # sharded official layout: two shards and an index
+    keys = sorted(sd)
+    shards = {"m-00001-of-00002.safetensors": keys[::2], "m-00002-of-00002.safetensors": keys[1::2]}
+    (tmp_path / "sharded").mkdir()
+    for fname, ks in shards.items():
+        save_file({k: sd[k].contiguous() for k in ks}, tmp_path / "sharded" / fname)
+    index = {"weight_map": {k: f for f, ks in shards.items() for k in ks}}
+    (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    # rCM layout: prefixed names, bf16, patch embedding flattened to a Linear weight
+    rcm = {f"net_ema.{k}": v.bfloat16() for k, v in sd.items()}
+    rcm["net_ema.patch_embedding.weight"] = rcm["net_ema.patch_embedding.weight"].flatten(1)
+    rcm.update({f"net.{k}": torch.zeros_like(v) for k, v in sd.items()})  # the non-EMA copy must not be picked
+    torch.save(rcm, tmp_path / "student.pt")
+
+    loaded = []
+    for path in [tmp_path, tmp_path / "sharded", tmp_path / "student.pt"]:
+        with torch.device("meta"):
+            net = WanModel(CONFIGS["t2v-tiny"])
+        load_checkpoint(net, path, dtype=torch.bfloat16)
+        assert not any(p.is_meta for p in net.parameters())
+        loaded.append(net.state_dict())
+    for other in loaded[1:]:
+        assert other.keys() == loaded[0].keys()
+        for k in other:
+            assert other[k].dtype == torch.bfloat16 and torch.equal(other[k], loaded[0][k]), k
+    assert torch.equal(loaded[0]["blocks.1.ffn.0.weight"], sd["blocks.1.ffn.0.weight"].bfloat16())
+
+
+def test_bad_checkpoints_name_the_keys(tmp_path):
+    sd = random_tiny().state_dict()
+    missing = {k: v for k, v in sd.items() if k != "blocks.1.cross_attn.norm_k.weight"}
+    save_file(missing, tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match=r"1 missing: blocks\.1\.cross_attn\.norm_k\.weight"):
+        load_checkpoint(WanModel(CONFIGS["t2v-tiny"]), tmp_path / "missing.safetensors")
+    bad = dict(sd, **{"head.head.weight": torch.zeros(3, 3), "extra.weight": torch.zeros(1)})
+    save_file(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"(?s)1 unexpected: extra\.weight.*mis-shaped: head\.head\.weight"):
+        load_checkpoint(WanModel(CONFIGS["t2v-tiny"]), tmp_path / "bad.safetensors")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_checkpoint(WanModel(CONFIGS["t2v-tiny"]), tmp_path / "nowhere.safetensors")
+
+
+@pytest.mark.parametrize("model_type, per_frame", [("t2v", False), ("t2v", True), ("i2v", False)])
+def test_tangent_equals_torch_func_jvp(monkeypatch, model_type, per_frame):
+    """The hand-written tangent path equals forward-mode autodiff of the plain forward (reference attention)."""
+    monkeypatch.setattr(wan, "attention", functools.partial(attention_jvp.attention, backend="reference"))
+    net = random_tiny(model_type, seed=1)
+    B, T, H, W = 2, 3, 4, 6
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(B, 16, T, H, W, generator=g)
+    t = torch.rand(B, T, generator=g) * 1000 if per_frame else torch.rand(B, generator=g) * 1000
+    tx, tt = torch.randn(x.shape, generator=g), torch.randn(t.shape, generator=g) * 100
+    context = [torch.randn(n, net.cfg.text_dim, generator=g) for n in (5, 11)]
+    cond = {}
+    if model_type == "i2v":
+        cond = dict(y=torch.randn(B, 20, T, H, W, generator=g), clip_fea=torch.randn(B, 257, 1280, generator=g))
+    with torch.no_grad():
+        v, tv = net(x, t, context, tangent=(tx, tt), **cond)
+        v_ref, tv_ref = torch.func.jvp(lambda x, t: net(x, t, context, **cond), (x, t), (tx, tt))
+    assert rel(v, v_ref) < 1e-5
+    assert rel(tv, tv_ref) < 1e-4
+
+
+def test_per_frame_time_equals_per_clip_time_when_frames_agree():
+    net = random_tiny(seed=3)
+    x = torch.randn(1, 16, 2, 4, 4)
+    ctx = [torch.randn(4, 48)]
+    with torch.no_grad():
+        a = net(x, torch.tensor([321.0]), ctx)
+        b = net(x, torch.tensor([[321.0, 321.0]]), ctx)
+        c = net(x, torch.tensor([[321.0, 900.0]]), ctx)
+    assert rel(b, a) < 1e-6
+    assert rel(c, a) > 1e-3  # the second frame's time does reach its tokens
+
+
+def test_user_errors_are_clear():
+    net = random_tiny()
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        net(torch.randn(1, 16, 2, 5, 4), torch.tensor([1.0]), [torch.randn(3, 48)])
+    with pytest.raises(ValueError, match="at most text_len=32"):
+        net(torch.randn(1, 16, 2, 4, 4), torch.tensor([1.0]), [torch.randn(40, 48)])
