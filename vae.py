@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from einops import rearrange
+from safetensors.torch import load_file
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -282,19 +283,20 @@ def load_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: st
     if not path.is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {path} (expected Wan2.1_VAE.pth from the Wan2.1 release)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         state = load_file(path)
-    else:
+    else:  # mmap: tensors are read from disk as they are converted, never held twice in memory
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     with torch.device("meta"):
         model = WanVAE(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
-                 for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k]]
-    if missing or unexpected or misshaped:
-        raise ValueError(f"{path} does not fit WanVAE({cfg}):\n  missing: {missing}\n  unexpected: {unexpected}\n"
-                         f"  mis-shaped: {misshaped}\nCheck that it is the Wan2.1 VAE and the config matches it.")
+    problems = {
+        "missing": sorted(expected.keys() - state.keys()),
+        "unexpected": sorted(state.keys() - expected.keys()),
+        "mis-shaped": [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k])})"
+                       for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k]]}
+    if any(problems.values()):
+        raise ValueError(f"{path} does not fit WanVAE({cfg}); is it Wan2.1_VAE.pth, and does the config match?\n"
+                         + "\n".join(f"  {len(keys)} {kind}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}"
+                                      for kind, keys in problems.items() if keys))
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
