@@ -228,11 +228,9 @@ class CrossAttention(SelfAttention):
             self.norm_k_img = RMSNorm(cfg.dim) if cfg.qk_norm else None
 
     def attend(self, q, tq, k, v):
-        """Context keys/values carry no tangent; their tangents are zero."""
+        """Context keys/values carry no tangent (attention takes missing tangents as zero)."""
         k, v = self.heads(k).to(q.dtype), self.heads(v)
-        if tq is None:
-            return attention(q, k, v), None
-        return attention(q, k, v, tq, torch.zeros_like(k), torch.zeros_like(v))
+        return (attention(q, k, v), None) if tq is None else attention(q, k, v, tq)
 
     def forward(self, h, th, context, context_img):
         dtype = self.q.weight.dtype

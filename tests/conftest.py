@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# Golden outputs of the official Wan2.1 modules (see ../shared/golden/README.md).
-GOLDEN = ROOT.parent / "shared" / "golden"
+# Golden outputs of the official Wan2.1 modules (see ../shared/golden/README.md); WAN_GOLDEN overrides the place.
+GOLDEN = Path(os.environ.get("WAN_GOLDEN", ROOT.parent / "shared" / "golden"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -49,6 +49,21 @@ def test_golden_bf16_weights(golden, name):
     assert rel(tangent_out, io["tangent_out"]) < 3e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["dit_t2v_tiny", "dit_i2v_tiny"])
+def test_golden_gpu_bf16(golden, name):
+    """On CUDA: bf16 weights, SDPA for the forward and the Triton kernel for the tangent."""
+    cfg, io, context, cond = golden_case(golden, name)
+    net = load_checkpoint(WanModel(cfg), golden / f"{name}.weights.safetensors", dtype=torch.bfloat16).cuda()
+    cuda = lambda a: a.cuda() if torch.is_tensor(a) else [c.cuda() for c in a]
+    io, context, cond = {k: cuda(v) for k, v in io.items()}, cuda(context), {k: cuda(v) for k, v in cond.items()}
+    with torch.no_grad():
+        out = net(io["x"], io["t"], context, **cond)
+        _, tangent_out = net(io["x"], io["t"], context, tangent=(io["tangent_x"], io["tangent_t"]), **cond)
+    assert rel(out, io["out"]) < 1e-2
+    assert rel(tangent_out, io["tangent_out"]) < 3e-2
+
+
 @pytest.mark.parametrize("preset, official", [("t2v-1.3B", "Wan2.1-T2V-1.3B"), ("t2v-14B", "Wan2.1-T2V-14B"),
                                               ("i2v-14B", "Wan2.1-I2V-14B")])
 def test_full_size_state_dict_names_and_shapes(golden, preset, official):
