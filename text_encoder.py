@@ -244,12 +244,12 @@ def encode_prompts(encoder: UMT5Encoder, tokenizer: Tokenizer, prompts: list[str
 
 def encode_prompts_and_free(checkpoint: str | Path, prompts: list[str], *, device: str | torch.device,
                             out_device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                            tokenizer_json: str | Path | None = None) -> list[torch.Tensor]:
+                            tokenizer_json: str | Path | None = None, cfg: UMT5Config = UMT5Config()) -> list[torch.Tensor]:
     """Load umT5 on `device` ('cpu' spares the GPU), encode the prompts, free the encoder, and return
     the embeddings [L_i, 4096] on out_device (default: device). The tokenizer defaults to the Wan2.1
     layout, google/umt5-xxl/tokenizer.json in the checkpoint's folder."""
     tokenizer = load_tokenizer(tokenizer_json or Path(checkpoint).parent / "google" / "umt5-xxl" / "tokenizer.json")
-    encoder = load_umt5(checkpoint, dtype=dtype, device=device)
+    encoder = load_umt5(checkpoint, dtype=dtype, device=device, cfg=cfg)
     embeddings = [e.to(out_device or device) for e in encode_prompts(encoder, tokenizer, prompts)]
     del encoder
     if torch.cuda.is_available():
