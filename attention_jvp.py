@@ -1,0 +1,359 @@
+"""Attention and its JVP (forward-mode derivative) in one streaming pass.
+
+The continuous-time consistency loss needs dF/dt of the whole network. For attention
+
+    O  = softmax(S) V,            S  = Q Kᵀ · s
+    tO = P tV + (P∘tS) V − rowsum(P∘tS) ∘ O,    tS = (tQ Kᵀ + Q tKᵀ) · s,
+
+where P = softmax(S) and t· is the tangent of ·. A FlashAttention-2 style kernel streams over key tiles keeping,
+per query row, the running max m, the running sum l = Σ exp(S − m), and three running sums rescaled together:
+acc_o = Σ p·v, acc_t = Σ p·tv + Σ (p∘ts)·v and mu = Σ p∘ts. At the end O = acc_o/l and tO = acc_t/l − (mu/l)·O.
+The L×L matrix is never stored, which matters at 480p (32,760 tokens per head).
+
+One entry point, `attention(q, k, v, tq, tk, tv, *, scale, mask)`, on [B, L, H, D] tensors:
+- no tangent: the primal O, differentiable. CUDA: PyTorch SDPA (cuDNN/Flash), or FlexAttention with a block mask.
+  CPU: SDPA, or the reference with a block mask.
+- tangents (any of tq, tk, tv; missing ones are zero): (O, tO), never differentiable (JVP passes run under
+  no_grad). CUDA: the Triton kernel below. CPU: the reference.
+`backend="triton"` or `backend="reference"` forces one path. The reference is plain differentiable torch (it also
+works under torch.func.jvp), chunked over queries so memory stays bounded; it is the test oracle's twin.
+
+Block masks (causal_rcm.md) are described by chunk token counts. Each query row i then sees the keys
+[0, a_i) ∪ [b_i, e_i): block-causal rows see every chunk up to their own; teacher-forcing rows of the noisy copy
+see the clean past and their own noisy chunk. The kernel reads (a, b, e) per row, skips key tiles no row of the
+query tile sees, and masks elements only in the few tiles a chunk boundary cuts.
+"""
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block masks
+@dataclass(frozen=True)
+class ChunkMask:
+    """A block mask at chunk granularity. chunk_tokens: tokens per video chunk, e.g. (1560,) * 21 at 480p."""
+    kind: str  # "block_causal" or "teacher_forcing"
+    chunk_tokens: tuple[int, ...]
+
+    def seq_len(self) -> int:
+        """Sequence length the mask applies to (queries and keys alike)."""
+        n = sum(self.chunk_tokens)
+        return 2 * n if self.kind == "teacher_forcing" else n
+
+
+def block_causal(chunk_tokens) -> ChunkMask:
+    """Queries of chunk c see the keys of chunks ≤ c (full attention inside a chunk)."""
+    return _chunk_mask("block_causal", chunk_tokens)
+
+
+def teacher_forcing(chunk_tokens) -> ChunkMask:
+    """On the packed sequence [clean copy | noisy copy]: clean chunk c sees clean chunks ≤ c; noisy chunk c sees
+    clean chunks < c and itself; clean queries never see noisy keys."""
+    return _chunk_mask("teacher_forcing", chunk_tokens)
+
+
+def _chunk_mask(kind, chunk_tokens):
+    chunk_tokens = tuple(int(n) for n in chunk_tokens)
+    if not chunk_tokens or min(chunk_tokens) <= 0:
+        raise ValueError(f"chunk_tokens must be positive token counts per chunk, got {chunk_tokens}")
+    return ChunkMask(kind, chunk_tokens)
+
+
+@functools.lru_cache(maxsize=32)
+def kv_ranges(mask: ChunkMask, device) -> torch.Tensor:
+    """Row i of the attention sees keys [0, a_i) ∪ [b_i, e_i). Returns int32 [3, L] = (a, b, e); an empty second
+    range is (b, e) = (L, 0) so that it never widens a tile's key range."""
+    ends = torch.tensor(mask.chunk_tokens).cumsum(0)
+    starts = ends - torch.tensor(mask.chunk_tokens)
+    chunk = torch.repeat_interleave(torch.arange(len(ends)), torch.tensor(mask.chunk_tokens))  # chunk of each token
+    n, L = int(ends[-1]), mask.seq_len()
+    a, b, e = ends[chunk], torch.full_like(chunk, L), torch.zeros_like(chunk)
+    if mask.kind == "teacher_forcing":  # clean rows as above; noisy rows: clean past, then their own noisy chunk
+        a = torch.cat([a, starts[chunk]])
+        b = torch.cat([b, n + starts[chunk]])
+        e = torch.cat([e, n + ends[chunk]])
+    return torch.stack([a, b, e]).to(device=device, dtype=torch.int32)
+
+
+def _dense_mask(ranges, rows, Lk):
+    """Boolean [len(rows), Lk]: which keys the given query rows see."""
+    j = torch.arange(Lk, device=ranges.device)
+    a, b, e = (r[rows, None] for r in ranges)
+    return (j < a) | ((j >= b) & (j < e))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Triton kernel: FlashAttention-2 forward + JVP
+@triton.jit
+def _tile(q, tq, K, TK, V, TV, start_n, stride_n, Lk, a, b, e, row_kv, offs_n, m_i, l_i, mu_i, acc_o, acc_t,
+          scale_log2, scale, EDGE: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile [start_n, start_n + BLOCK_N) folded into the running statistics of a query tile."""
+    n = start_n + offs_n
+    if EDGE:  # a tile cut by the sequence end or a chunk boundary: load within bounds, mask scores
+        k = tl.load(K + start_n * stride_n + row_kv, mask=(n < Lk)[:, None], other=0.0)
+        tk = tl.load(TK + start_n * stride_n + row_kv, mask=(n < Lk)[:, None], other=0.0)
+        v = tl.load(V + start_n * stride_n + row_kv, mask=(n < Lk)[:, None], other=0.0)
+        tv = tl.load(TV + start_n * stride_n + row_kv, mask=(n < Lk)[:, None], other=0.0)
+    else:
+        k = tl.load(K + start_n * stride_n + row_kv)
+        tk = tl.load(TK + start_n * stride_n + row_kv)
+        v = tl.load(V + start_n * stride_n + row_kv)
+        tv = tl.load(TV + start_n * stride_n + row_kv)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    ts = tl.dot(tq, tl.trans(k), input_precision=PRECISION)
+    ts = tl.dot(q, tl.trans(tk), ts, input_precision=PRECISION)  # tQ·Kᵀ + Q·tKᵀ in one accumulator
+    s = s * scale_log2  # log2(e) folded in: exp2 below
+    if EDGE:
+        if MASKED:
+            seen = (n[None, :] < a[:, None]) | ((n[None, :] >= b[:, None]) & (n[None, :] < e[:, None]))
+        else:
+            seen = (n < Lk)[None, :]
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row may see nothing yet: keep exp2 finite
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    h = p * (ts * scale)  # P∘tS (unnormalised)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    mu_i = mu_i * alpha + tl.sum(h, 1)
+    acc_o = acc_o * alpha[:, None]
+    acc_t = acc_t * alpha[:, None]
+    p = p.to(v.dtype)
+    acc_o = tl.dot(p, v, acc_o, input_precision=PRECISION)
+    acc_t = tl.dot(p, tv, acc_t, input_precision=PRECISION)
+    acc_t = tl.dot(h.to(v.dtype), v, acc_t, input_precision=PRECISION)  # P·tV + (P∘tS)·V in one accumulator
+    return m_new, l_i, mu_i, acc_o, acc_t
+
+
+@triton.jit(do_not_specialize=["Lq", "Lk"])
+def _attention_jvp_kernel(Q, K, V, TQ, TK, TV, O, TO, LSE, RANGES, scale_log2, scale, Lq, Lk, H,
+                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """Q, TQ, O, TO: [B, Lq, H, D]; K, TK, V, TV: [B, Lk, H, D] (contiguous); LSE: [B, H, Lq] fp32 (natural log);
+    RANGES: int32 [3, Lq] per-row key ranges (a, b, e) when MASKED. Grid: (query tiles, B·H)."""
+    # The last query tiles see the most keys under causal masks: start them first so the tail of the grid is short.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b, off_h = pid_bh // H, pid_bh % H
+    Q += off_b.to(tl.int64) * Lq * H * D + off_h * D
+    TQ += off_b.to(tl.int64) * Lq * H * D + off_h * D
+    O += off_b.to(tl.int64) * Lq * H * D + off_h * D
+    TO += off_b.to(tl.int64) * Lq * H * D + off_h * D
+    K += off_b.to(tl.int64) * Lk * H * D + off_h * D
+    TK += off_b.to(tl.int64) * Lk * H * D + off_h * D
+    V += off_b.to(tl.int64) * Lk * H * D + off_h * D
+    TV += off_b.to(tl.int64) * Lk * H * D + off_h * D
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    row_q = offs_m[:, None] * (H * D) + offs_d[None, :]
+    row_kv = offs_n[:, None] * (H * D) + offs_d[None, :]
+    in_q = offs_m < Lq
+    q = tl.load(Q + row_q, mask=in_q[:, None], other=0.0)
+    tq = tl.load(TQ + row_q, mask=in_q[:, None], other=0.0)
+
+    # Key tiles of this query tile: [0, full) seen by every row; then edge tiles [full, a_hi) and [b_lo, e_hi).
+    if MASKED:
+        a = tl.load(RANGES + offs_m, mask=in_q, other=Lk)
+        b = tl.load(RANGES + Lq + offs_m, mask=in_q, other=Lk)
+        e = tl.load(RANGES + 2 * Lq + offs_m, mask=in_q, other=0)
+        full = tl.min(a, 0) // BLOCK_N * BLOCK_N
+        a_hi = tl.cdiv(tl.max(tl.where(in_q, a, 0), 0), BLOCK_N) * BLOCK_N
+        b_lo = tl.maximum(tl.min(b, 0) // BLOCK_N * BLOCK_N, a_hi)  # a tile shared by both ranges is done once
+        e_hi = tl.cdiv(tl.max(e, 0), BLOCK_N) * BLOCK_N
+    else:
+        a, b, e = Lk, Lk, 0
+        full = Lk // BLOCK_N * BLOCK_N
+        a_hi = tl.cdiv(Lk, BLOCK_N) * BLOCK_N
+        b_lo, e_hi = a_hi, a_hi
+    n_first = (a_hi - full) // BLOCK_N
+    n_edge = n_first + tl.maximum(e_hi - b_lo, 0) // BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    mu_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_o = tl.zeros([BLOCK_M, D], tl.float32)
+    acc_t = tl.zeros([BLOCK_M, D], tl.float32)
+    for start_n in range(0, full, BLOCK_N):
+        m_i, l_i, mu_i, acc_o, acc_t = _tile(q, tq, K, TK, V, TV, start_n, H * D, Lk, a, b, e, row_kv, offs_n, m_i, l_i,
+                                             mu_i, acc_o, acc_t, scale_log2, scale, False, MASKED, PRECISION)
+    for i in range(0, n_edge):
+        start_n = tl.where(i < n_first, full + i * BLOCK_N, b_lo + (i - n_first) * BLOCK_N)
+        m_i, l_i, mu_i, acc_o, acc_t = _tile(q, tq, K, TK, V, TV, start_n, H * D, Lk, a, b, e, row_kv, offs_n, m_i, l_i,
+                                             mu_i, acc_o, acc_t, scale_log2, scale, True, MASKED, PRECISION)
+
+    o = acc_o / l_i[:, None]
+    to = acc_t / l_i[:, None] - (mu_i / l_i)[:, None] * o
+    tl.store(O + row_q, o.to(O.dtype.element_ty), mask=in_q[:, None])
+    tl.store(TO + row_q, to.to(TO.dtype.element_ty), mask=in_q[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, (m_i + tl.math.log2(l_i)) / LOG2E, mask=in_q)
+
+
+# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed on (device, head dim), measured with
+# `python bench.py attn --tune`. A small fixed table instead of autotuning: the first call only compiles one kernel.
+CONFIGS = {
+    ("sm90", 64): (128, 64, 8, 2),
+    ("sm90", 128): (128, 64, 8, 2),
+    ("cpu", 64): (32, 32, 4, 1),  # the Triton interpreter (tests): small tiles exercise the edge logic
+    ("cpu", 128): (32, 32, 4, 1),
+}
+FALLBACK_CONFIG = (64, 32, 4, 2)  # any other GPU or head dim: small enough to fit everywhere
+
+
+def _config(q):
+    arch = f"sm{''.join(map(str, torch.cuda.get_device_capability(q.device)))}" if q.is_cuda else "cpu"
+    return CONFIGS.get((arch, q.shape[-1]), FALLBACK_CONFIG)
+
+
+def _attention_triton(q, k, v, tq, tk, tv, scale, mask):
+    """(o, to, lse) from the Triton kernel; inputs [B, L, H, D], lse [B, H, Lq] fp32."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, tq, tk, tv)):
+        raise RuntimeError("the attention JVP kernel has no backward: call attention(q, k, v, tq, tk, tv) under "
+                           "torch.no_grad() (tangents never need gradients), or pass backend='reference'")
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    if max(Lq, Lk) * H * D >= 2**31:
+        raise ValueError(f"sequence too long for int32 offsets: L·H·D = {max(Lq, Lk) * H * D}; split the heads")
+    q, k, v, tq, tk, tv = (x.contiguous() for x in (q, k, v, tq, tk, tv))
+    o, to = torch.empty_like(q), torch.empty_like(q)
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    block_m, block_n, num_warps, num_stages = _config(q)
+    _attention_jvp_kernel[(triton.cdiv(Lq, block_m), B * H)](
+        q, k, v, tq, tk, tv, o, to, lse, None if mask is None else kv_ranges(mask, q.device), scale * LOG2E, scale,
+        Lq, Lk, H, D=D, BLOCK_M=block_m, BLOCK_N=block_n, MASKED=mask is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+    return o, to, lse
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference: the same math in plain torch (differentiable, forward-AD compatible), chunked over queries
+def _attention_reference(q, k, v, tq, tk, tv, scale, mask, chunk_elements=2**25):
+    """(o, to or None, lse), accumulating in fp32 (fp64 for fp64 inputs); at most chunk_elements scores at once."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    tangent = tq is not None
+    if tangent:
+        tq, tk, tv = tq.to(acc), tk.to(acc), tv.to(acc)
+    ranges = None if mask is None else kv_ranges(mask, q.device)
+    rows_per_chunk = max(1, chunk_elements // (B * H * Lk))
+    os, tos, lses = [], [], []
+    for i in range(0, Lq, rows_per_chunk):
+        rows = slice(i, min(i + rows_per_chunk, Lq))
+        s = torch.einsum("bqhd,bkhd->bhqk", q[:, rows], k) * scale
+        if ranges is not None:
+            s = s.masked_fill(~_dense_mask(ranges, rows, Lk), float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        p = torch.exp(s - lse[..., None])
+        o = torch.einsum("bhqk,bkhd->bqhd", p, v)
+        if tangent:
+            ts = (torch.einsum("bqhd,bkhd->bhqk", tq[:, rows], k) + torch.einsum("bqhd,bkhd->bhqk", q[:, rows], tk))
+            h = p * ts * scale
+            mu = h.sum(-1).transpose(1, 2)[..., None]
+            tos.append(torch.einsum("bhqk,bkhd->bqhd", p, tv) + torch.einsum("bhqk,bkhd->bqhd", h, v) - mu * o)
+        os.append(o)
+        lses.append(lse)
+    return torch.cat(os, 1), torch.cat(tos, 1) if tangent else None, torch.cat(lses, -1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The with-grad primal: the fastest well-kept kernels
+@functools.lru_cache(maxsize=32)
+def _flex_block_mask(mask: ChunkMask, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+    a, b, e = kv_ranges(mask, device)
+    L = mask.seq_len()
+    return create_block_mask(lambda _b, _h, i, j: (j < a[i]) | ((j >= b[i]) & (j < e[i])), None, None, L, L,
+                             device=device)
+
+
+@functools.cache
+def _flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _attention_primal(q, k, v, scale, mask):
+    """O = softmax(QKᵀ·s)V with autograd: SDPA unmasked; FlexAttention (CUDA) or the reference (CPU) masked."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              scale=scale).transpose(1, 2)
+    if not q.is_cuda:
+        return _attention_reference(q, k, v, None, None, None, scale, mask)[0].to(q.dtype)
+    o = _flex_attention()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                          block_mask=_flex_block_mask(mask, q.device), scale=scale)
+    return o.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The entry point
+def attention(q, k, v, tq=None, tk=None, tv=None, *, scale=None, mask=None, backend="auto"):
+    """Softmax attention on q [B, Lq, H, D], k, v [B, Lk, H, D]; scale defaults to 1/√D.
+
+    Returns o [B, Lq, H, D], or (o, to) when any tangent is given (missing tangents are zero).
+    mask: None (full attention) or a ChunkMask from block_causal(...) / teacher_forcing(...), with Lq = Lk =
+    mask.seq_len(). backend: "auto" (CUDA: SDPA/FlexAttention for o, Triton for (o, to); CPU: SDPA or the reference
+    for o, the reference for (o, to)), "triton" (the JVP kernel; no gradient) or "reference" (plain torch,
+    differentiable in reverse and forward mode: use it under torch.func.jvp).
+    """
+    o, to, _ = _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse=False)
+    return o if to is None else (o, to)
+
+
+def attention_with_lse(q, k, v, tq=None, tk=None, tv=None, *, scale=None, mask=None, backend="auto"):
+    """Like attention(), but always returns (o, to or None, lse [B, H, Lq] fp32, natural log). The LSE comes from
+    the Triton kernel (CUDA; without tangents it runs on zero tangents) or the reference (CPU)."""
+    return _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse=True)
+
+
+def _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse):
+    tangent = any(t is not None for t in (tq, tk, tv))
+    if backend == "auto":
+        backend = ("triton" if q.is_cuda else "reference") if tangent or need_lse else "primal"
+    _check(q, k, v, tq, tk, tv, mask, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "primal":
+        return _attention_primal(q, k, v, scale, mask), None, None
+    if tangent or backend == "triton":  # the kernel always streams tangents; zeros stand in for missing ones
+        tq, tk, tv = (torch.zeros_like(x) if t is None else t for x, t in ((q, tq), (k, tk), (v, tv)))
+    if backend == "triton":
+        o, to, lse = _attention_triton(q, k, v, tq, tk, tv, scale, mask)
+    else:
+        o, to, lse = _attention_reference(q, k, v, tq, tk, tv, scale, mask)
+        o, to = o.to(q.dtype), None if to is None else to.to(q.dtype)
+    return o, to if tangent else None, lse
+
+
+def _check(q, k, v, tq, tk, tv, mask, backend):
+    if backend not in ("primal", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, L, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Lq, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
+        raise ValueError(f"k and v must be [B={B}, Lk, H={H}, D={D}], got {tuple(k.shape)} and {tuple(v.shape)}")
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in floats:
+        raise ValueError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, x, t in (("tq", q, tq), ("tk", k, tk), ("tv", v, tv)):
+        if t is not None and (t.shape != x.shape or t.dtype != x.dtype):
+            raise ValueError(f"{name} must match its primal {tuple(x.shape)} {x.dtype}, got {tuple(t.shape)} {t.dtype}")
+    if backend == "triton" and (D < 16 or D > 256 or D & (D - 1) or q.dtype == torch.float64):
+        raise ValueError(f"the Triton kernel needs a power-of-two head dim in [16, 256] and fp16/bf16/fp32 inputs, "
+                         f"got D={D} and {q.dtype}; pass backend='reference' for anything else")
+    if mask is not None and not (Lq == k.shape[1] == mask.seq_len()):
+        raise ValueError(f"{mask.kind} mask over {len(mask.chunk_tokens)} chunks covers {mask.seq_len()} tokens, "
+                         f"but Lq={Lq}, Lk={k.shape[1]}: the chunk token counts must add up to the sequence")
