@@ -90,10 +90,10 @@ def layer_norm(h, th, eps, weight=None, bias=None):
 def rms_norm(h, th, weight, eps):
     """h·rsqrt(mean(h²)+eps)·w over the full width, in fp32. Tangent: (th − ĥ·mean(ĥ·th))·rsqrt(·)·w, ĥ = h·rsqrt."""
     h, weight = h.float(), weight.float()
+    if th is None:
+        return F.rms_norm(h, h.shape[-1:], weight, eps), None
     rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     h_hat = h * rstd
-    if th is None:
-        return h_hat * weight, None
     th = th.float()
     return h_hat * weight, (th - h_hat * (h_hat * th).mean(-1, keepdim=True)) * rstd * weight
 
@@ -120,7 +120,7 @@ def modulate(h, th, shift, tshift, scale, tscale):
     B, L, D = h.shape
     Fe = shift.shape[1]
     h4 = h.view(B, Fe, L // Fe, D)
-    y = (h4 * (1 + scale[:, :, None]) + shift[:, :, None]).view(B, L, D)
+    y = torch.addcmul(shift[:, :, None], h4, 1 + scale[:, :, None]).view(B, L, D)
     if th is None:
         return y, None
     ty = th.view(B, Fe, L // Fe, D) * (1 + scale[:, :, None]) + h4 * tscale[:, :, None] + tshift[:, :, None]
@@ -131,11 +131,12 @@ def gate(x, tx, y, ty, g, tg):
     """Gated residual x + y·g (fp32), g per frame [B,Fe,D]."""
     B, L, D = x.shape
     Fe = g.shape[1]
-    y4 = y.float().view(B, Fe, L // Fe, D)
-    out = x + (y4 * g[:, :, None]).view(B, L, D)
+    y4 = y.view(B, Fe, L // Fe, D)
+    out = torch.addcmul(x.view(B, Fe, L // Fe, D), y4, g[:, :, None]).view(B, L, D)
     if tx is None:
         return out, None
-    return out, tx + (ty.float().view(B, Fe, L // Fe, D) * g[:, :, None] + y4 * tg[:, :, None]).view(B, L, D)
+    ty = torch.addcmul(tx.view(B, Fe, L // Fe, D), ty.view(B, Fe, L // Fe, D), g[:, :, None])
+    return out, torch.addcmul(ty, y4, tg[:, :, None]).view(B, L, D)
 
 
 def sinusoid(t, tt, freq_dim):
@@ -152,11 +153,11 @@ def sinusoid(t, tt, freq_dim):
 
 
 def rope_tables(grid, head_dim, device, frame_offset=0, theta=10000.0):
-    """cos/sin [L, head_dim/2] of Wan's 3D RoPE for a (F, H, W) token grid, frames starting at `frame_offset`.
+    """Complex rotations [L, 1, head_dim/2] of Wan's 3D RoPE for a (F, H, W) token grid, frames starting at `frame_offset`.
 
     The head's channels form head_dim/2 complex pairs of adjacent channels; with c = head_dim/2 the first
     c − 2·(c//3) pairs rotate with the frame index, the next c//3 with the row, the last c//3 with the column,
-    at frequencies theta^(−2k/d_axis), d_axis = 2·(pairs of that axis). Angles in float64, tables in fp32.
+    at frequencies theta^(−2k/d_axis), d_axis = 2·(pairs of that axis). Angles in float64, rotations complex64.
     """
     c = head_dim // 2
     pairs = (c - 2 * (c // 3), c // 3, c // 3)
@@ -167,17 +168,16 @@ def rope_tables(grid, head_dim, device, frame_offset=0, theta=10000.0):
         shape = [1, 1, 1, n]
         shape[axis] = size
         angles.append(torch.outer(pos, omega).view(shape).expand(*grid, n))
-    angles = torch.cat(angles, dim=-1).reshape(-1, c)
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    angles = torch.cat(angles, dim=-1).reshape(-1, 1, c)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def rope(h, cos, sin):
-    """Rotate adjacent channel pairs of h [B,L,H,D] (fp32) by the angles of cos/sin [L,D/2]. Linear in h."""
+def rope(h, freqs):
+    """Rotate adjacent channel pairs (2i, 2i+1) of h [B,L,H,D], as complex numbers, by freqs [L,1,D/2] (complex64).
+    Linear in h, so the tangent is rotated the same way."""
     if h is None:
         return None
-    h0, h1 = h.float().unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[:, None], sin[:, None]
-    return torch.stack([h0 * c - h1 * s, h0 * s + h1 * c], dim=-1).flatten(-2)
+    return torch.view_as_real(torch.view_as_complex(h.float().unflatten(-1, (-1, 2))) * freqs).flatten(-2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,13 +204,13 @@ class SelfAttention(nn.Module):
     def heads(self, h):
         return None if h is None else h.unflatten(-1, (self.num_heads, -1))
 
-    def forward(self, h, th, cos, sin):
+    def forward(self, h, th, freqs):
         """h [B,L,dim] (fp32) -> [B,L,dim]. RoPE on q and k, softmax attention with scale 1/√head_dim."""
         dtype = self.q.weight.dtype
         q, tq = self.qk_norm(*linear(h, th, self.q), self.norm_q)
         k, tk = self.qk_norm(*linear(h, th, self.k), self.norm_k)
         v, tv = linear(h, th, self.v)
-        q, tq, k, tk = (rope(self.heads(a), cos, sin) for a in (q, tq, k, tk))
+        q, tq, k, tk = (rope(self.heads(a), freqs) for a in (q, tq, k, tk))
         q, k, v = q.to(dtype), k.to(dtype), self.heads(v)
         if th is None:
             return linear(attention(q, k, v).flatten(2), None, self.o)
@@ -256,14 +256,14 @@ class WanAttentionBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, tx, e0, te0, cos, sin, context, context_img):
+    def forward(self, x, tx, e0, te0, freqs, context, context_img):
         """x [B,L,dim] fp32 residual stream; e0 [B,Fe,6,dim] fp32 time projection (per frame when Fe = F)."""
         m = self.modulation.float() + e0
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = m.unbind(2)
         tm = (None,) * 6 if te0 is None else te0.unbind(2)
 
         h, th = modulate(*layer_norm(x, tx, self.eps), shift_sa, tm[0], scale_sa, tm[1])
-        y, ty = self.self_attn(h, th, cos, sin)
+        y, ty = self.self_attn(h, th, freqs)
         x, tx = gate(x, tx, y, ty, gate_sa, tm[2])
 
         h, th = (x, tx) if self.norm3 is None else layer_norm(x, tx, self.eps, self.norm3.weight, self.norm3.bias)
@@ -415,9 +415,9 @@ class WanModel(nn.Module):
             both = torch.cat([self.embed_clip(clip_fea), context], dim=1)
             n_img = both.shape[1] - 512  # Python slicing, as the official code, also when this is negative
             context_img, context = both[:, :n_img], both[:, n_img:]
-        cos, sin = self.rope(grid, x.device)
+        freqs = self.rope(grid, x.device)
         for block in self.blocks:
-            x, tx = block(x, tx, e0, te0, cos, sin, context, context_img)
+            x, tx = block(x, tx, e0, te0, freqs, context, context_img)
 
         h, th = self.head(x, tx, e, te)
         v = self.unpatchify(h, grid)
