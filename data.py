@@ -1,0 +1,178 @@
+"""Training data: webdataset shards of precomputed Wan latents and text embeddings.
+
+The public Wan synthetic-latent format is a folder of `shard*.tar` files; sample `KEY` is three members:
+
+    KEY.latent.pt   [16, T, H, W]  VAE latents (normalised), saved with torch.save
+    KEY.embed.pt    [L, 4096]      umT5 text embedding of the prompt (L ≤ 512 real tokens)
+    KEY.prompt.txt  the prompt, utf-8
+
+`write_shards` builds such shards (the toy world writes real ones, so the toy preset trains through this loader).
+`make_loader` streams batches forever: each epoch shuffles the shard list with the seed, deals the shards to
+(data-parallel rank, worker) readers, and shuffles samples in a small buffer. Every rank of a context-parallel group
+must get the same batches, so the loader is split by the *data-parallel* rank, never by the global rank.
+Tensors are read with `torch.load(weights_only=True)`. A corrupt sample or shard is skipped with a warning and counted
+in the batch (`bad_samples`, `bad_shards`); a run never stops for one.
+
+Resuming: batch k of a rank comes from reader k mod num_workers (PyTorch's DataLoader takes workers in turn and every
+reader streams forever), so `make_loader(..., start_batch=n)` lets each reader drop exactly its share of the first n
+batches and the stream continues where it stopped.
+"""
+import io
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+
+
+@dataclass
+class DataConfig:
+    path: str = ""              # a folder of shard*.tar files, or one .tar file
+    batch_size: int = 1         # per data-parallel rank
+    num_workers: int = 2        # reader processes per rank (0: read in the training process)
+    shuffle_buffer: int = 64    # samples held for shuffling inside a reader
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+def _tensor_bytes(x: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.save(x.detach().cpu().contiguous(), buf)
+    return buf.getvalue()
+
+
+def write_shards(samples, out_dir, samples_per_shard: int = 256) -> list[Path]:
+    """Write (latent [C,T,H,W], embed [L,D], prompt str) triples as out_dir/shard-000000.tar, ... Returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, writer = [], None
+    for i, (latent, embed, prompt) in enumerate(samples):
+        if latent.ndim != 4 or embed.ndim != 2:
+            raise ValueError(f"sample {i}: latent must be [C,T,H,W] and embed [L,D], got {tuple(latent.shape)} "
+                             f"and {tuple(embed.shape)}")
+        if i % samples_per_shard == 0:
+            if writer is not None:
+                writer.close()
+            paths.append(out_dir / f"shard-{len(paths):06d}.tar")
+            writer = wds.TarWriter(str(paths[-1]), encoder=False)
+        writer.write({"__key__": f"{i:09d}", "latent.pt": _tensor_bytes(latent), "embed.pt": _tensor_bytes(embed),
+                      "prompt.txt": prompt.encode("utf-8")})
+    if writer is not None:
+        writer.close()
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+
+def list_shards(path) -> list[str]:
+    """The sorted shard*.tar files of a folder, or [path] for one .tar file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data path {path} does not exist: pass --data a folder of shard*.tar files")
+    shards = sorted(path.glob("shard*.tar")) if path.is_dir() else [path]
+    if not shards or shards[0].suffix != ".tar":
+        raise FileNotFoundError(f"no shard*.tar files in {path}: pass --data a folder of webdataset shards")
+    return [str(s) for s in shards]
+
+
+def decode(sample: dict) -> dict:
+    """Raw tar members -> {latent [C,T,H,W] fp32, embed [L,D] fp32, prompt}. Raises ValueError on a bad sample."""
+    missing = {"latent.pt", "embed.pt", "prompt.txt"} - sample.keys()
+    if missing:
+        raise ValueError(f"missing members {sorted(missing)}")
+    latent = torch.load(io.BytesIO(sample["latent.pt"]), weights_only=True)
+    embed = torch.load(io.BytesIO(sample["embed.pt"]), weights_only=True)
+    if not (torch.is_tensor(latent) and latent.ndim == 4 and torch.is_tensor(embed) and embed.ndim == 2):
+        raise ValueError("latent.pt must hold a [C,T,H,W] tensor and embed.pt an [L,D] tensor")
+    if not (latent.isfinite().all() and embed.isfinite().all()):
+        raise ValueError("non-finite values")
+    return dict(latent=latent.float(), embed=embed.float(), prompt=sample["prompt.txt"].decode("utf-8"))
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack latents [B,C,T,H,W]; zero-pad embeddings to the longest [B,L,D] (the model pads with zeros too)."""
+    L = max(s["embed"].shape[0] for s in samples)
+    return dict(latent=torch.stack([s["latent"] for s in samples]),
+                embed=torch.stack([F.pad(s["embed"], (0, 0, 0, L - s["embed"].shape[0])) for s in samples]),
+                prompt=[s["prompt"] for s in samples])
+
+
+def reader_batches(shards, cfg: DataConfig, rank: int, world: int, worker: int, workers: int, skip: int = 0):
+    """The endless batch stream of one reader (rank, worker), the first `skip` batches dropped.
+
+    Each batch also carries bad_samples / bad_shards: what this reader skipped since its previous batch."""
+    readers = world * workers
+    if len(shards) < readers:
+        raise ValueError(f"{len(shards)} shards cannot feed {world} ranks × {workers} workers: write more shards "
+                         f"or lower num_workers")
+    bad = dict(bad_samples=0, bad_shards=0)
+
+    def shard_error(exn):  # webdataset calls this for an unreadable tar; returning True moves on to the next shard
+        warnings.warn(f"skipping unreadable shard: {exn}")
+        bad["bad_shards"] += 1
+        return True
+
+    shape, batch, done = None, [], 0
+    for epoch in range(2**62):
+        order = random.Random(f"{cfg.seed}-{epoch}").sample(shards, len(shards))  # the same on every reader
+        mine = order[rank * workers + worker::readers]
+        rng = random.Random(f"{cfg.seed}-{epoch}-{rank}-{worker}")
+        raw = wds.tarfile_samples(({"url": s} for s in mine), handler=shard_error)
+        good = 0
+        for raw_sample in _shuffled(raw, cfg.shuffle_buffer, rng):
+            try:
+                sample = decode(raw_sample)
+                if shape is not None and sample["latent"].shape != shape:
+                    raise ValueError(f"latent {tuple(sample['latent'].shape)} differs from {tuple(shape)}")
+            except Exception as exn:
+                warnings.warn(f"skipping corrupt sample {raw_sample.get('__key__')} of {raw_sample.get('__url__')}: "
+                              f"{exn}")
+                bad["bad_samples"] += 1
+                continue
+            shape, good = sample["latent"].shape, good + 1
+            batch.append(sample)
+            if len(batch) == cfg.batch_size:
+                if done >= skip:
+                    yield {**collate(batch), **bad}
+                    bad.update(bad_samples=0, bad_shards=0)
+                batch, done = [], done + 1
+        if good == 0:
+            raise RuntimeError(f"no readable sample in the shards {mine} of epoch {epoch}: check the data")
+
+
+def _shuffled(samples, size, rng):
+    """Shuffle a stream through a buffer of `size` samples."""
+    buffer = []
+    for s in samples:
+        buffer.append(s)
+        if len(buffer) >= size:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, cfg, rank, world, start_batch):
+        self.shards, self.cfg, self.rank, self.world, self.start_batch = list_shards(cfg.path), cfg, rank, world, start_batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers = 1 if info is None else info.num_workers
+        # the loader takes workers in turn from worker 0, and batch start_batch belongs to reader start_batch mod workers
+        worker = (0 if info is None else info.id + self.start_batch) % workers
+        skip = math.ceil(max(self.start_batch - worker, 0) / workers)  # this worker's share of batches 0..start-1
+        return reader_batches(self.shards, self.cfg, self.rank, self.world, worker, workers, skip)
+
+
+def make_loader(cfg: DataConfig, rank: int = 0, world: int = 1, start_batch: int = 0):
+    """An endless iterator of batches {latent [B,C,T,H,W], embed [B,L,D], prompt [B], bad_samples, bad_shards}
+    for data-parallel rank `rank` of `world`, starting after the first `start_batch` batches of that rank."""
+    return iter(torch.utils.data.DataLoader(_Stream(cfg, rank, world, start_batch), batch_size=None,
+                                            num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0))
