@@ -50,19 +50,19 @@ class CausalConv3d(nn.Conv3d):
     """
 
     def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int, int]):
-        super().__init__(c_in, c_out, kernel)
+        kernel = (kernel,) * 3 if isinstance(kernel, int) else kernel
+        super().__init__(c_in, c_out, kernel, padding=(0, kernel[1] // 2, kernel[2] // 2))
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """x [B, C, T, H, W] -> [B, C_out, T, H, W]."""
-        kt, kh, kw = self.kernel_size
-        past = kt - 1
+        past = self.kernel_size[0] - 1
         prev = cache.get(self) if cache is not None else None
         if prev is not None:
             x = torch.cat([prev, x], dim=2)
         if past and cache is not None:
             cache[self] = x[:, :, -past:].clone()  # clone: keep a few frames, not the whole chunk
         front = past - (0 if prev is None else prev.shape[2])
-        return super().forward(F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, front, 0)))
+        return super().forward(F.pad(x, (0, 0, 0, 0, front, 0)) if front else x)
 
 
 class RMSNorm(nn.Module):
