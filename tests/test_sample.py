@@ -1,0 +1,181 @@
+"""sample.py end to end on tiny random nets saved to disk (so the CLI's real loading path runs): reproducible seeds,
+the teacher solvers and CFG inputs, checkpoint layouts, shards in data.py's format, the toy mode's mp4, user errors,
+and UniPC's accuracy on a Gaussian whose flow-matching velocity is exact."""
+import math
+import tarfile
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import data
+from losses import euler_sample
+from model import CONFIGS, WanModel, load_checkpoint, save_checkpoint
+from sample import Config, Sampler, main, unipc_sample
+from text_encoder import UMT5Config, UMT5Encoder, encode_prompts, load_tokenizer, load_umt5
+from toy import TOY_DIT, ToyConfig
+from vae import VAEConfig, WanVAE
+
+T5 = UMT5Config(vocab=16, dim=CONFIGS["t2v-tiny"].text_dim, dim_attn=48, dim_ffn=64, num_heads=4, num_layers=1)
+VAE = VAEConfig(dim=8)
+WORDS = ["a", "cat", "dog", "runs", "sits", "bad", "blurry"]
+
+
+def randomise(module: torch.nn.Module, seed: int):
+    """Every weight random (the official init zeroes the DiT's output layer, which would make v ≡ 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            scale = 1.0 if name.endswith("weight") and p.ndim == 1 else 0.0  # norm gains around 1
+            p.copy_(scale + 0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny T2V DiT, VAE and umT5 (+ a word-level tokenizer.json in the Wan layout), saved as on disk."""
+    root = tmp_path_factory.mktemp("nets")
+    save_checkpoint(randomise(WanModel(CONFIGS["t2v-tiny"]), 0), root / "dit.safetensors")
+    save_file(randomise(WanVAE(VAE), 1).state_dict(), str(root / "vae.safetensors"))
+    save_file({k: v.contiguous() for k, v in randomise(UMT5Encoder(T5), 2).state_dict().items()},
+              str(root / "t5.safetensors"))
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    (root / "google" / "umt5-xxl").mkdir(parents=True)
+    tok.save(str(root / "google" / "umt5-xxl" / "tokenizer.json"))
+    return root
+
+
+def tiny(files, out, **kw) -> Config:
+    sampler = Sampler(**{k: kw.pop(k) for k in list(kw) if k in Sampler.__dataclass_fields__})
+    fields = dict(dit_path=files / "dit.safetensors", vae_path=files / "vae.safetensors", t5_path=files / "t5.safetensors",
+                  model="t2v-tiny", prompt="a cat runs", resolution="32x32", num_frames=5, save_path=out,
+                  shard_dir=out / "shards", dtype="float32", device="cpu", vae_cfg=VAE, t5_cfg=T5)
+    return Config(**{**fields, **kw}, sampler=sampler)
+
+
+def shard_samples(folder):
+    """Every sample of the shards in a folder, decoded by data.py's reader."""
+    out = []
+    for shard in data.list_shards(folder):
+        with tarfile.open(shard) as tar:
+            members = {}
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        out += [data.decode(members[k]) for k in sorted(members)]
+    return out
+
+
+def mp4s(folder):
+    return [torch.from_numpy(np.stack(imageio.mimread(p))) for p in sorted(folder.glob("*.mp4"))]
+
+
+def test_rcm_same_seed_same_video(files, tmp_path):
+    main(tiny(files, tmp_path / "a", num_samples=2, seed=3))
+    main(tiny(files, tmp_path / "b", num_samples=2, seed=3))
+    main(tiny(files, tmp_path / "c", num_samples=1, seed=4))
+    a, b, c = (shard_samples(tmp_path / d / "shards") for d in "abc")
+    assert a[0]["latent"].shape == (16, 2, 4, 4) and a[0]["embed"].shape == (4, 48) and a[0]["prompt"] == "a cat runs"
+    assert torch.isfinite(a[0]["latent"]).all()
+    assert all(torch.equal(x["latent"], y["latent"]) for x, y in zip(a, b))
+    assert not torch.allclose(a[0]["latent"], a[1]["latent"])   # video k uses seed + k
+    assert torch.equal(a[1]["latent"], c[0]["latent"])          # ... so seed 3's second video is seed 4's first
+    va, vb = mp4s(tmp_path / "a"), mp4s(tmp_path / "b")
+    assert len(va) == 2 and va[0].shape == (5, 32, 32, 3)
+    assert all(torch.equal(x, y) for x, y in zip(va, vb)) and not torch.equal(va[0], va[1])
+
+
+def test_teacher_solvers_and_negative_embedding(files, tmp_path):
+    """UniPC and Euler (3 steps, CFG) both run the CLI; a precomputed negative embedding equals the negative text."""
+    tokenizer = load_tokenizer(files / "google" / "umt5-xxl" / "tokenizer.json")
+    neg = encode_prompts(load_umt5(files / "t5.safetensors", cfg=T5), tokenizer, ["bad blurry"])[0]
+    torch.save(neg, tmp_path / "neg.pt")
+    runs = {"text": tiny(files, tmp_path / "text", mode="teacher", steps=3, negative_prompt="bad blurry", videos=False),
+            "embed": tiny(files, tmp_path / "embed", mode="teacher", steps=3, neg_embed_path=tmp_path / "neg.pt",
+                          videos=False),
+            "other": tiny(files, tmp_path / "other", mode="teacher", steps=3, negative_prompt="dog", videos=False),
+            "euler": tiny(files, tmp_path / "euler", mode="teacher", steps=3, solver="euler", negative_prompt="bad blurry",
+                          videos=False)}
+    z = {}
+    for name, cfg in runs.items():
+        main(cfg)
+        z[name] = shard_samples(cfg.shard_dir)[0]["latent"]
+        assert not list(cfg.save_path.glob("*.mp4"))
+    assert torch.allclose(z["text"], z["embed"], atol=1e-5)
+    assert not torch.allclose(z["text"], z["other"], atol=1e-3)   # the negative prompt matters under CFG
+    assert not torch.allclose(z["text"], z["euler"], atol=1e-3)
+
+
+def test_rcm_checkpoint_layout(files, tmp_path):
+    """An rCM-style .pt (net_ema. prefix, bf16, patch embedding stored as a Linear) samples like the safetensors."""
+    net = WanModel(CONFIGS["t2v-tiny"])
+    load_checkpoint(net, files / "dit.safetensors")
+    sd = {f"net_ema.{k}": v.to(torch.bfloat16) for k, v in net.state_dict().items()}
+    sd["net_ema.patch_embedding.weight"] = sd["net_ema.patch_embedding.weight"].flatten(1)
+    torch.save(sd, tmp_path / "student.pt")
+    main(tiny(files, tmp_path / "pt", dit_path=tmp_path / "student.pt", dtype="bfloat16", videos=False))
+    main(tiny(files, tmp_path / "st", dtype="bfloat16", videos=False))
+    assert torch.equal(shard_samples(tmp_path / "pt" / "shards")[0]["latent"],
+                       shard_samples(tmp_path / "st" / "shards")[0]["latent"])
+
+
+def test_toy_mode_writes_mp4(tmp_path):
+    world = ToyConfig()
+    save_checkpoint(randomise(WanModel(TOY_DIT), 5), tmp_path / "toy.safetensors")
+    cfg = Config(dit_path=tmp_path / "toy.safetensors", toy=True, num_samples=2, save_path=tmp_path, device="cpu",
+                 dtype="float32", world=world, sampler=Sampler(steps=2))
+    main(cfg)
+    (path,) = tmp_path.glob("*.mp4")
+    frames = imageio.mimread(path)
+    assert len(frames) == world.shape[1]
+    assert frames[0].shape == (world.prompts * world.shape[2] * 8, 2 * world.shape[3] * 8, 3)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_frames=80), "not 4k\\+1"),
+    (dict(resolution="830x480"), "multiples of 16"),
+    (dict(resolution="big"), "WIDTHxHEIGHT"),
+    (dict(steps=5), "at most 4 steps"),
+    (dict(model="i2v-14B"), "text-to-video"),
+    (dict(prompt=""), "--prompt"),
+])
+def test_user_errors(files, tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        main(tiny(files, tmp_path, **change))
+
+
+def test_missing_files_are_named(files, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere/Wan2.1_VAE.pth.*--vae-path"):
+        main(tiny(files, tmp_path, vae_path=tmp_path / "nowhere" / "Wan2.1_VAE.pth"))
+    (tmp_path / "t5").mkdir()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "t5" / "t5.safetensors"))
+    with pytest.raises(FileNotFoundError, match="google/umt5-xxl/tokenizer.json"):
+        main(tiny(files, tmp_path, t5_path=tmp_path / "t5" / "t5.safetensors"))
+
+
+def test_unipc_beats_euler_on_a_gaussian():
+    """x0 ~ N(μ, σ0²) in 1-D: v(x, s) = (x − E[x0 | x_s])/s is exact and the ODE maps noise z at time s to
+    μ + σ0·(z − (1 − s)μ)/√v_s, v_s = (1 − s)²σ0² + s². With 10 steps UniPC (order 2 + UniC) must be far closer to
+    that than Euler. Each is compared from its own start (UniPC's grid starts at s = 0.999, as Wan's)."""
+    mu, sigma0 = 2.0, 0.5
+
+    def velocity(x, timestep):
+        s = (timestep.double() / 1000).view(-1, 1, 1, 1, 1)
+        v_s = (1 - s) ** 2 * sigma0**2 + s**2
+        x0 = mu + (1 - s) * sigma0**2 / v_s * (x.double() - (1 - s) * mu)
+        return ((x.double() - x0) / s).float()
+
+    def exact(z, s):
+        return mu + sigma0 * (z.double() - (1 - s) * mu) / math.sqrt((1 - s) ** 2 * sigma0**2 + s**2)
+
+    z = torch.randn(256, 1, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    err_unipc = (unipc_sample(velocity, z, steps=10, shift=1.0) - exact(z, 0.999)).abs().max().item()
+    err_euler = (euler_sample(velocity, z, steps=10, shift=1.0) - exact(z, 1.0)).abs().max().item()
+    assert err_unipc < 0.03 and err_unipc < err_euler / 10
+    err_unipc_50 = (unipc_sample(velocity, z, steps=50, shift=5.0) - exact(z, 0.999)).abs().max().item()
+    assert err_unipc_50 < 0.01
