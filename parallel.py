@@ -1,0 +1,301 @@
+"""Scale-out with PyTorch's own engine: torchrun init, a (data-parallel × context-parallel) mesh, FSDP2, Ulysses
+context parallelism for primal and tangent, selective activation checkpointing, distributed checkpoints.
+
+The ranks form a 2-D mesh ("dp", "cp"). The ranks of one "cp" row hold the same clip (same data, noise and time
+draws: `seed_everything` seeds by data-parallel rank) and split its tokens; parameters are sharded by FSDP2 over all
+ranks. Gradients: every rank of a CP group computes the same loss on the gathered output, the gather's adjoint sums
+the ranks' copies of its gradient, and FSDP averages over all ranks, so the result is the data-parallel mean of the
+per-clip gradients (see `gather_tokens`).
+
+Ulysses attention (arXiv 2309.14509). A rank holds L/P tokens with all H heads. Before attention one all-to-all
+trades tokens for heads, [B, L/P, H, D] -> [B, L, H/P, D]; attention runs over the whole sequence for H/P heads; a
+second all-to-all trades back. The tangents tq, tk, tv of the JVP pass take the same two trips, and the all-to-alls
+are differentiable (the adjoint of an all-to-all is the reverse all-to-all) for the with-grad forward.
+
+Token layout. The blocks modulate per latent frame (tokens seen as [B, F, L/F, D]), so each rank keeps the same
+slice of every frame: frame f's tokens [r·n, (r+1)·n), n = ⌈tokens per frame / P⌉. When P does not divide the
+frame, the last slice is padded (with copies of a real token); padded rows are dropped before attention, where the
+gathered sequence is also put back in its original order, so masks and results are exactly those of one device.
+"""
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from attention_jvp import attention
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes and mesh
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands. mesh: 2-D ("dp", "cp"); fsdp_mesh: all ranks, 1-D (FSDP shards over dp × cp)."""
+    mesh: DeviceMesh
+    fsdp_mesh: DeviceMesh
+    device: torch.device
+    rank: int
+    dp_rank: int
+    dp_size: int
+    cp_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cp_group(self):
+        return self.mesh["cp"].get_group()
+
+
+def init_distributed(cp_size: int = 1) -> Dist:
+    """Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR in the environment), or a one-process
+    group when run as plain `python` (an already initialised group, e.g. a test's, is used as it is)."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        else:
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    world = dist.get_world_size()
+    if world % cp_size:
+        raise ValueError(f"the context-parallel size {cp_size} must divide the number of processes {world}")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    mesh = init_device_mesh(device.type, (world // cp_size, cp_size), mesh_dim_names=("dp", "cp"))
+    fsdp_mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
+    rank = dist.get_rank()
+    return Dist(mesh, fsdp_mesh, device, rank, rank // cp_size, world // cp_size, cp_size)
+
+
+def seed_everything(seed: int, d: Dist):
+    """One seed per data-parallel rank: the ranks of a CP group draw identical noise and times."""
+    torch.manual_seed(seed + d.dp_rank)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FSDP2: sharded parameters, meta-device construction, full state dicts
+
+def shard_model(net, mesh: DeviceMesh, compute_dtype=torch.bfloat16):
+    """FSDP2 on every transformer block and on the root. Parameters keep their stored dtype (fp32 masters for
+    trained nets; the frozen teacher is stored in bf16 and passes compute_dtype=None), are gathered in
+    `compute_dtype`, and gradients are reduced in fp32. Inputs are not cast: model.py keeps the residual stream,
+    time embedding and modulation in fp32 itself."""
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in net.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(net, mesh=mesh, mp_policy=mp)
+    return net
+
+
+def load_full_state_dict(net, state_dict: dict):
+    """Fill a sharded net (built on the meta device, sharded, then `net.to_empty(device=...)`) from a full state
+    dict that only rank 0 holds (e.g. `model.read_state_dict(path)`; {} on the other ranks). Rank 0 reads the file
+    once and each rank receives only its shards."""
+    set_model_state_dict(net, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def full_state_dict(net) -> dict:
+    """The unsharded state dict on rank 0's CPU ({} on other ranks), e.g. to export the EMA student with
+    `model.save_checkpoint(full_state_dict(ema), path)` on rank 0."""
+    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Context parallelism (Ulysses)
+
+def context_parallel(net, group):
+    """Make `net` (a WanModel) split its tokens over the ranks of `group` (a CP group of size > 1)."""
+    P, H = group.size(), net.cfg.num_heads
+    if H % P:
+        raise ValueError(f"the model has {H} attention heads, not divisible by the context-parallel size {P}: "
+                         f"pick a --cp that divides {H}")
+    net.cp_group = group
+    return net
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The split of one clip's L tokens over a CP group. local [F·n]: the tokens this rank holds (frame by frame);
+    order [L]: where token i sits in the rank-major concatenation [rank 0's | rank 1's | ...] of all ranks' tokens."""
+    group: dist.ProcessGroup
+    local: torch.Tensor
+    order: torch.Tensor
+
+
+def token_layout(group, frames: int, tokens_per_frame: int, device) -> TokenLayout:
+    P, r = group.size(), group.rank()
+    n = -(-tokens_per_frame // P)
+    f = torch.arange(frames, device=device)[:, None]
+    j = torch.arange(n, device=device)
+    local = f * tokens_per_frame + (r * n + j).clamp(max=tokens_per_frame - 1)  # padding repeats a real token
+    i = torch.arange(tokens_per_frame, device=device)
+    order = (i // n) * (frames * n) + f * n + i % n
+    return TokenLayout(group, local.flatten(), order.flatten())
+
+
+def shard_tokens(h, cp: TokenLayout, dim: int = 1):
+    """This rank's tokens of h (all tokens along `dim`); None stays None."""
+    return None if h is None else h.index_select(dim, cp.local)
+
+
+def gather_tokens(h, cp: TokenLayout):
+    """[B, F·n, ...] local tokens -> [B, L, ...] all tokens in their original order, on every rank of the group."""
+    return None if h is None else _AllGather.apply(h, cp.group).index_select(1, cp.order)
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate the ranks' tensors along dim 1. Adjoint: sum the ranks' gradients, keep this rank's slice (every
+    rank computes the same loss, so this makes each rank's gradient P times its share; FSDP's mean over the ranks
+    divides the P back out)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.chunk(ctx.group.size(), dim=1)[ctx.group.rank()], None
+
+
+def _all_to_all(x, group, scatter_dim: int, gather_dim: int):
+    """Split x into P parts along scatter_dim, send part j to rank j, concatenate the arrivals along gather_dim."""
+    send = torch.stack(x.chunk(group.size(), dim=scatter_dim))
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable `_all_to_all`: the adjoint swaps the two dims."""
+
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.args = group, gather_dim, scatter_dim
+        return _all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, *ctx.args), None, None, None
+
+
+def ulysses_attention(q, k, v, tq=None, tk=None, tv=None, *, cp: TokenLayout, **kwargs):
+    """`attention_jvp.attention` for tokens split over a CP group: q, k, v (and tangents) [B, F·n, H, D] local
+    tokens -> o (or (o, to)) [B, F·n, H, D]. kwargs (scale, mask) are those of the unsplit sequence."""
+    H, P = q.shape[2], cp.group.size()
+    if H % P:
+        raise ValueError(f"{H} attention heads are not divisible by the context-parallel size {P}")
+
+    def to_heads(a):  # [B, F·n, H, D] -> all L tokens in order, H/P heads: [B, L, H/P, D]
+        return None if a is None else _AllToAll.apply(a, cp.group, 2, 1).index_select(1, cp.order)
+
+    def to_tokens(o):  # back to the rank-major layout (padded rows zero), then to this rank's tokens, all heads
+        full = o.new_zeros(o.shape[0], P * cp.local.numel(), *o.shape[2:]).index_copy(1, cp.order, o)
+        return _AllToAll.apply(full, cp.group, 1, 2)
+
+    out = attention(*(to_heads(a) for a in (q, k, v, tq, tk, tv)), **kwargs)
+    return tuple(map(to_tokens, out)) if isinstance(out, tuple) else to_tokens(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selective activation checkpointing
+
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten._scaled_dot_product_flash_attention.default,
+            torch.ops.aten._scaled_dot_product_efficient_attention.default,
+            torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_activations(net, mode: str):
+    """Activation checkpointing per transformer block. "block": keep only each block's inputs and recompute the
+    block in backward; "matmul": keep the matmul and attention outputs, recompute the cheap elementwise ops and
+    norms; "none": keep everything. Non-reentrant checkpoints: any number of with-grad forwards (the sCM and DMD
+    student forwards of an rCM step) may precede one backward. The recompute repeats the Ulysses all-to-alls."""
+    if mode not in ("none", "block", "matmul"):
+        raise ValueError(f"activation checkpointing mode must be 'none', 'block' or 'matmul', got {mode!r}")
+    if mode == "none":
+        return net
+    context_fn = (functools.partial(create_selective_checkpoint_contexts, _save_matmuls) if mode == "matmul"
+                  else torch.utils.checkpoint.noop_context_fn)
+    for block in net.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, context_fn=context_fn)
+    return net
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed checkpoints of the training state
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP reads non-tensor entries (optimiser hyper-parameters, counters) with a full unpickler; ours are plain
+    numbers and lists, so read them with weights_only=True."""
+
+    def load_bytes(self, read_item, value):
+        self.original_state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+
+def _training_state(nets, optimizers, schedulers, counters) -> dict:
+    """One flat {name: tensor or plain value} dict; FSDP parameters and optimiser moments stay sharded DTensors."""
+    state = {}
+    for name, net in nets.items():
+        if name in optimizers:
+            model_sd, optim_sd = get_state_dict(net, optimizers[name],
+                                                options=StateDictOptions(flatten_optimizer_state_dict=True))
+            state.update({f"{name}.optim.{k}": v for k, v in optim_sd.items()})
+        else:
+            model_sd = get_model_state_dict(net)
+        state.update({f"{name}.model.{k}": v for k, v in model_sd.items()})
+    for name, scheduler in schedulers.items():
+        state.update({f"{name}.scheduler.{k}": v for k, v in scheduler.state_dict().items()})
+    state.update({f"counter.{k}": v for k, v in counters.items()})
+    state[f"rng.{dist.get_rank()}.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        state[f"rng.{dist.get_rank()}.cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_training_state(folder, *, nets: dict, optimizers: dict, schedulers: dict, counters: dict):
+    """Write everything a resume needs to a DCP folder: nets (student, EMA, fake score; by name), the optimisers and
+    LR schedulers of those that train (same names), counters (iteration, data batches consumed, ...) and every
+    rank's RNG state. Each rank writes its own shards."""
+    dcp.save(_training_state(nets, optimizers, schedulers, counters), checkpoint_id=str(folder))
+
+
+def load_training_state(folder, *, nets: dict, optimizers: dict, schedulers: dict, counters: dict) -> dict:
+    """Restore in place what `save_training_state` wrote (same names, same number of processes); `counters` names the
+    counters to read. Returns them with their saved values."""
+    state = _training_state(nets, optimizers, schedulers, counters)
+    dcp.load(state, checkpoint_id=str(folder), planner=_WeightsOnlyLoadPlanner(flatten_state_dict=False))
+    part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    for name, net in nets.items():
+        if name in optimizers:
+            set_state_dict(net, optimizers[name], model_state_dict=part(f"{name}.model."),
+                           optim_state_dict=part(f"{name}.optim."),
+                           options=StateDictOptions(flatten_optimizer_state_dict=True))
+        else:
+            set_model_state_dict(net, part(f"{name}.model."))
+    for name, scheduler in schedulers.items():
+        scheduler.load_state_dict(part(f"{name}.scheduler."))
+    torch.set_rng_state(state[f"rng.{dist.get_rank()}.cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state(state[f"rng.{dist.get_rank()}.cuda"])
+    return part("counter.")
