@@ -12,6 +12,7 @@ Precision follows the official mixed-precision recipe whatever the weights' dtyp
 modulation, the gates, the residual stream, the norms and the head run in fp32; the block matmuls and attention run
 in the dtype of the block weights (fp32 reproduces the official outputs; bf16 is the training/sampling mode).
 """
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 
 from attention_jvp import attention
+from parallel import gather_tokens, shard_tokens, token_layout, ulysses_attention
 
 
 @dataclass(frozen=True)
@@ -204,8 +206,10 @@ class SelfAttention(nn.Module):
     def heads(self, h):
         return None if h is None else h.unflatten(-1, (self.num_heads, -1))
 
-    def forward(self, h, th, freqs):
-        """h [B,L,dim] (fp32) -> [B,L,dim]. RoPE on q and k, softmax attention with scale 1/√head_dim."""
+    def forward(self, h, th, freqs, cp=None):
+        """h [B,L,dim] (fp32) -> [B,L,dim]. RoPE on q and k, softmax attention with scale 1/√head_dim.
+        With context parallelism (cp, a parallel.TokenLayout) h holds this rank's tokens and attention is Ulysses'."""
+        attend = attention if cp is None else functools.partial(ulysses_attention, cp=cp)
         dtype = self.q.weight.dtype
         q, tq = self.qk_norm(*linear(h, th, self.q), self.norm_q)
         k, tk = self.qk_norm(*linear(h, th, self.k), self.norm_k)
@@ -213,8 +217,8 @@ class SelfAttention(nn.Module):
         q, tq, k, tk = (rope(self.heads(a), freqs) for a in (q, tq, k, tk))
         q, k, v = q.to(dtype), k.to(dtype), self.heads(v)
         if th is None:
-            return linear(attention(q, k, v).flatten(2), None, self.o)
-        o, to = attention(q, k, v, tq.to(dtype), tk.to(dtype), self.heads(tv))
+            return linear(attend(q, k, v).flatten(2), None, self.o)
+        o, to = attend(q, k, v, tq.to(dtype), tk.to(dtype), self.heads(tv))
         return linear(o.flatten(2), to.flatten(2), self.o)
 
 
@@ -256,14 +260,14 @@ class WanAttentionBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, tx, e0, te0, freqs, context, context_img):
+    def forward(self, x, tx, e0, te0, freqs, context, context_img, cp=None):
         """x [B,L,dim] fp32 residual stream; e0 [B,Fe,6,dim] fp32 time projection (per frame when Fe = F)."""
         m = self.modulation.float() + e0
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = m.unbind(2)
         tm = (None,) * 6 if te0 is None else te0.unbind(2)
 
         h, th = modulate(*layer_norm(x, tx, self.eps), shift_sa, tm[0], scale_sa, tm[1])
-        y, ty = self.self_attn(h, th, freqs)
+        y, ty = self.self_attn(h, th, freqs, cp)
         x, tx = gate(x, tx, y, ty, gate_sa, tm[2])
 
         h, th = (x, tx) if self.norm3 is None else layer_norm(x, tx, self.eps, self.norm3.weight, self.norm3.bias)
@@ -310,6 +314,7 @@ class WanModel(nn.Module):
             self.img_emb.proj = nn.Sequential(nn.LayerNorm(CLIP_DIM, eps=1e-5), nn.Linear(CLIP_DIM, CLIP_DIM), nn.GELU(),
                                               nn.Linear(CLIP_DIM, cfg.dim), nn.LayerNorm(cfg.dim, eps=1e-5))
         self._rope_cache = {}
+        self.cp_group = None  # a context-parallel process group, set by parallel.context_parallel
         self.init_weights()
 
     @torch.no_grad()
@@ -416,10 +421,15 @@ class WanModel(nn.Module):
             n_img = both.shape[1] - 512  # Python slicing, as the official code, also when this is negative
             context_img, context = both[:, :n_img], both[:, n_img:]
         freqs = self.rope(grid, x.device)
+        cp = None if self.cp_group is None else token_layout(self.cp_group, grid[0], grid[1] * grid[2], x.device)
+        if cp is not None:  # this rank keeps its slice of every frame's tokens (see parallel.py)
+            x, tx, freqs = shard_tokens(x, cp), shard_tokens(tx, cp), shard_tokens(freqs, cp, dim=0)
         for block in self.blocks:
-            x, tx = block(x, tx, e0, te0, freqs, context, context_img)
+            x, tx = block(x, tx, e0, te0, freqs, context, context_img, cp)
 
         h, th = self.head(x, tx, e, te)
+        if cp is not None:
+            h, th = gather_tokens(h, cp), gather_tokens(th, cp)
         v = self.unpatchify(h, grid)
         return v if tangent is None else (v, self.unpatchify(th, grid))
 
