@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 
@@ -93,42 +94,37 @@ def _dense_mask(ranges, rows, Lk):
 # ----------------------------------------------------------------------------------------------------------------
 # The Triton kernel: FlashAttention-2 forward + JVP
 @triton.jit
-def _tile(q, tq, K, TK, V, TV, start_n, stride_n, Lk, a, b, e, row_kv, offs_n, m_i, l_i, mu_i, acc_o, acc_t,
-          scale_log2, scale, EDGE: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """One key tile [start_n, start_n + BLOCK_N) folded into the running statistics of a query tile."""
-    n = start_n + offs_n
-    if EDGE:  # a tile cut by the sequence end or a chunk boundary: load within bounds, mask scores
-        k = tl.load(K + start_n * stride_n + row_kv, mask=(n < Lk)[:, None], other=0.0)
-        tk = tl.load(TK + start_n * stride_n + row_kv, mask=(n < Lk)[:, None], other=0.0)
-        v = tl.load(V + start_n * stride_n + row_kv, mask=(n < Lk)[:, None], other=0.0)
-        tv = tl.load(TV + start_n * stride_n + row_kv, mask=(n < Lk)[:, None], other=0.0)
-    else:
-        k = tl.load(K + start_n * stride_n + row_kv)
-        tk = tl.load(TK + start_n * stride_n + row_kv)
-        v = tl.load(V + start_n * stride_n + row_kv)
-        tv = tl.load(TV + start_n * stride_n + row_kv)
+def _tile(q, tq, desc_k, desc_tk, desc_v, desc_tv, off_b, off_hd, start_n, Lk, a, b, e, offs_n, m_i, l_i, mu_i,
+          acc_o, acc_t, scale_log2, scale, BLOCK_N: tl.constexpr, D: tl.constexpr, EDGE: tl.constexpr,
+          MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile [start_n, start_n + BLOCK_N) folded into the running statistics of a query tile. Loads are bulk
+    tensor copies (TMA on Hopper) that zero-fill past the sequence end."""
+    k = desc_k.load([off_b, start_n, off_hd]).reshape(BLOCK_N, D)
+    tk = desc_tk.load([off_b, start_n, off_hd]).reshape(BLOCK_N, D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     ts = tl.dot(tq, tl.trans(k), input_precision=PRECISION)
     ts = tl.dot(q, tl.trans(tk), ts, input_precision=PRECISION)  # tQ·Kᵀ + Q·tKᵀ in one accumulator
-    s = s * scale_log2  # log2(e) folded in: exp2 below
-    if EDGE:
+    if EDGE:  # a tile cut by the sequence end or a chunk boundary
+        n = start_n + offs_n
         if MASKED:
             seen = (n[None, :] < a[:, None]) | ((n[None, :] >= b[:, None]) & (n[None, :] < e[:, None]))
         else:
             seen = (n < Lk)[None, :]
         s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row may see nothing yet: keep exp2 finite
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
+    p = tl.math.exp2(s * scale_log2 - m_use[:, None])  # log2(e) folded into the scale: one FMA and exp2
     alpha = tl.math.exp2(m_i - m_use)
     h = p * (ts * scale)  # P∘tS (unnormalised)
     l_i = l_i * alpha + tl.sum(p, 1)
     mu_i = mu_i * alpha + tl.sum(h, 1)
     acc_o = acc_o * alpha[:, None]
     acc_t = acc_t * alpha[:, None]
+    v = desc_v.load([off_b, start_n, off_hd]).reshape(BLOCK_N, D)
+    tv = desc_tv.load([off_b, start_n, off_hd]).reshape(BLOCK_N, D)
     p = p.to(v.dtype)
     acc_o = tl.dot(p, v, acc_o, input_precision=PRECISION)
     acc_t = tl.dot(p, tv, acc_t, input_precision=PRECISION)
@@ -137,32 +133,21 @@ def _tile(q, tq, K, TK, V, TV, start_n, stride_n, Lk, a, b, e, row_kv, offs_n, m
 
 
 @triton.jit(do_not_specialize=["Lq", "Lk"])
-def _attention_jvp_kernel(Q, K, V, TQ, TK, TV, O, TO, LSE, RANGES, scale_log2, scale, Lq, Lk, H,
-                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """Q, TQ, O, TO: [B, Lq, H, D]; K, TK, V, TV: [B, Lk, H, D] (contiguous); LSE: [B, H, Lq] fp32 (natural log);
-    RANGES: int32 [3, Lq] per-row key ranges (a, b, e) when MASKED. Grid: (query tiles, B·H)."""
+def _attention_jvp_kernel(desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv, desc_o, desc_to, LSE, RANGES,
+                          scale_log2, scale, Lq, Lk, H, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Tensor descriptors over [B, L, H·D] views of the [B, L, H, D] inputs and outputs (tiles [1, BLOCK, D]);
+    LSE: [B, H, Lq] fp32 (natural log); RANGES: int32 [3, Lq] per-row key ranges (a, b, e) when MASKED.
+    Grid: (query tiles, B·H)."""
     # The last query tiles see the most keys under causal masks: start them first so the tail of the grid is short.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b, off_h = pid_bh // H, pid_bh % H
-    Q += off_b.to(tl.int64) * Lq * H * D + off_h * D
-    TQ += off_b.to(tl.int64) * Lq * H * D + off_h * D
-    O += off_b.to(tl.int64) * Lq * H * D + off_h * D
-    TO += off_b.to(tl.int64) * Lq * H * D + off_h * D
-    K += off_b.to(tl.int64) * Lk * H * D + off_h * D
-    TK += off_b.to(tl.int64) * Lk * H * D + off_h * D
-    V += off_b.to(tl.int64) * Lk * H * D + off_h * D
-    TV += off_b.to(tl.int64) * Lk * H * D + off_h * D
-
+    off_b, off_hd = pid_bh // H, pid_bh % H * D
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    row_q = offs_m[:, None] * (H * D) + offs_d[None, :]
-    row_kv = offs_n[:, None] * (H * D) + offs_d[None, :]
     in_q = offs_m < Lq
-    q = tl.load(Q + row_q, mask=in_q[:, None], other=0.0)
-    tq = tl.load(TQ + row_q, mask=in_q[:, None], other=0.0)
+    q = desc_q.load([off_b, pid_m * BLOCK_M, off_hd]).reshape(BLOCK_M, D)
+    tq = desc_tq.load([off_b, pid_m * BLOCK_M, off_hd]).reshape(BLOCK_M, D)
 
     # Key tiles of this query tile: [0, full) seen by every row; then edge tiles [full, a_hi) and [b_lo, e_hi).
     if MASKED:
@@ -187,34 +172,37 @@ def _attention_jvp_kernel(Q, K, V, TQ, TK, TV, O, TO, LSE, RANGES, scale_log2, s
     acc_o = tl.zeros([BLOCK_M, D], tl.float32)
     acc_t = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(0, full, BLOCK_N):
-        m_i, l_i, mu_i, acc_o, acc_t = _tile(q, tq, K, TK, V, TV, start_n, H * D, Lk, a, b, e, row_kv, offs_n, m_i, l_i,
-                                             mu_i, acc_o, acc_t, scale_log2, scale, False, MASKED, PRECISION)
+        m_i, l_i, mu_i, acc_o, acc_t = _tile(q, tq, desc_k, desc_tk, desc_v, desc_tv, off_b, off_hd, start_n, Lk,
+                                             a, b, e, offs_n, m_i, l_i, mu_i, acc_o, acc_t, scale_log2, scale,
+                                             BLOCK_N, D, False, MASKED, PRECISION)
     for i in range(0, n_edge):
         start_n = tl.where(i < n_first, full + i * BLOCK_N, b_lo + (i - n_first) * BLOCK_N)
-        m_i, l_i, mu_i, acc_o, acc_t = _tile(q, tq, K, TK, V, TV, start_n, H * D, Lk, a, b, e, row_kv, offs_n, m_i, l_i,
-                                             mu_i, acc_o, acc_t, scale_log2, scale, True, MASKED, PRECISION)
+        m_i, l_i, mu_i, acc_o, acc_t = _tile(q, tq, desc_k, desc_tk, desc_v, desc_tv, off_b, off_hd, start_n, Lk,
+                                             a, b, e, offs_n, m_i, l_i, mu_i, acc_o, acc_t, scale_log2, scale,
+                                             BLOCK_N, D, True, MASKED, PRECISION)
 
     o = acc_o / l_i[:, None]
     to = acc_t / l_i[:, None] - (mu_i / l_i)[:, None] * o
-    tl.store(O + row_q, o.to(O.dtype.element_ty), mask=in_q[:, None])
-    tl.store(TO + row_q, to.to(TO.dtype.element_ty), mask=in_q[:, None])
-    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, (m_i + tl.math.log2(l_i)) / LOG2E, mask=in_q)
+    desc_o.store([off_b, pid_m * BLOCK_M, off_hd], o.to(desc_o.dtype).reshape(1, BLOCK_M, D))  # rows past Lq clipped
+    desc_to.store([off_b, pid_m * BLOCK_M, off_hd], to.to(desc_to.dtype).reshape(1, BLOCK_M, D))
+    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=in_q)
 
 
-# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed on (device, head dim), measured with
-# `python bench.py attn --tune`. A small fixed table instead of autotuning: the first call only compiles one kernel.
+# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed on (GPU arch, head dim, bytes per element), measured
+# with `python bench.py attn --configs ...`. A small fixed table instead of autotuning: a first call compiles one kernel.
 CONFIGS = {
-    ("sm90", 64): (128, 64, 8, 2),
-    ("sm90", 128): (128, 64, 8, 2),
-    ("cpu", 64): (32, 32, 4, 1),  # the Triton interpreter (tests): small tiles exercise the edge logic
-    ("cpu", 128): (32, 32, 4, 1),
+    ("sm90", 64, 2): (128, 64, 8, 2),
+    ("sm90", 128, 2): (128, 64, 8, 2),
 }
-FALLBACK_CONFIG = (64, 32, 4, 2)  # any other GPU or head dim: small enough to fit everywhere
+FALLBACK_CONFIG = (64, 32, 4, 2)  # other GPUs, head dims and fp32: small enough to fit in shared memory everywhere
+INTERPRETER_CONFIG = (32, 32, 4, 1)  # CPU tests: small tiles exercise the edge-tile logic at small shapes
 
 
 def _config(q):
-    arch = f"sm{''.join(map(str, torch.cuda.get_device_capability(q.device)))}" if q.is_cuda else "cpu"
-    return CONFIGS.get((arch, q.shape[-1]), FALLBACK_CONFIG)
+    if not q.is_cuda:
+        return INTERPRETER_CONFIG
+    arch = "sm" + "".join(map(str, torch.cuda.get_device_capability(q.device)))
+    return CONFIGS.get((arch, q.shape[-1], q.element_size()), FALLBACK_CONFIG)
 
 
 def _attention_triton(q, k, v, tq, tk, tv, scale, mask):
@@ -224,15 +212,17 @@ def _attention_triton(q, k, v, tq, tk, tv, scale, mask):
                            "torch.no_grad() (tangents never need gradients), or pass backend='reference'")
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    if max(Lq, Lk) * H * D >= 2**31:
-        raise ValueError(f"sequence too long for int32 offsets: L·H·D = {max(Lq, Lk) * H * D}; split the heads")
-    q, k, v, tq, tk, tv = (x.contiguous() for x in (q, k, v, tq, tk, tv))
-    o, to = torch.empty_like(q), torch.empty_like(q)
+    o, to = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(2))
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     block_m, block_n, num_warps, num_stages = _config(q)
+
+    def desc(x, rows):  # [B, L, H, D] -> a descriptor over [B, L, H·D] with [1, rows, D] tiles
+        return TensorDescriptor.from_tensor(x.contiguous().flatten(2), [1, rows, D])
+
     _attention_jvp_kernel[(triton.cdiv(Lq, block_m), B * H)](
-        q, k, v, tq, tk, tv, o, to, lse, None if mask is None else kv_ranges(mask, q.device), scale * LOG2E, scale,
-        Lq, Lk, H, D=D, BLOCK_M=block_m, BLOCK_N=block_n, MASKED=mask is not None,
+        desc(q, block_m), desc(tq, block_m), desc(k, block_n), desc(tk, block_n), desc(v, block_n), desc(tv, block_n),
+        desc(o, block_m), desc(to, block_m), lse, None if mask is None else kv_ranges(mask, q.device),
+        scale * LOG2E, scale, Lq, Lk, H, D=D, BLOCK_M=block_m, BLOCK_N=block_n, MASKED=mask is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     return o, to, lse
 
