@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from data import write_shards
 from losses import denoise, euler_sample, rcm_sample, sampling_times, shift_time
-from model import CONFIGS, WanModel, load_checkpoint
+from model import CONFIGS, WanConfig, WanModel, load_checkpoint
 from text_encoder import UMT5Config, encode_prompts, load_tokenizer, load_umt5
 from toy import TOY_DIT, ToyConfig, make_world, metrics, save_grid
 from vae import VAEConfig, load_vae
@@ -75,6 +75,7 @@ class Config:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the DiT, T5 and VAE run
     toy: bool = False  # sample the toy world of `train_rcm.py toy` instead: its prompts, no T5/VAE, a grid mp4
     world: ToyConfig = field(default_factory=ToyConfig)  # --toy: the world the checkpoint was trained on
+    toy_dit: WanConfig = TOY_DIT  # --toy: the DiT architecture of the checkpoint (train_rcm.py's --dit)
     vae_cfg: tyro.conf.Suppress[VAEConfig] = VAEConfig()  # architectures: the releases' (tests use tiny ones)
     t5_cfg: tyro.conf.Suppress[UMT5Config] = UMT5Config()
 
@@ -257,7 +258,11 @@ def load_dit(arch, cfg: Config) -> WanModel:
     """The DiT built on the meta device, then filled from --dit-path (never materialised twice)."""
     with torch.device("meta"):
         net = WanModel(arch)
-    load_checkpoint(net, cfg.dit_path, dtype=getattr(torch, cfg.dtype))
+    try:
+        load_checkpoint(net, cfg.dit_path, dtype=getattr(torch, cfg.dtype))
+    except ValueError as e:
+        hint = "a checkpoint of `train_rcm.py toy`" if cfg.toy else f"a {cfg.model} checkpoint (else set --model)"
+        raise ValueError(f"{e}\nIs --dit-path {hint}?") from None
     return net.to(cfg.device).eval().requires_grad_(False)
 
 
@@ -298,6 +303,8 @@ def sample_wan(cfg: Config):
     width, height = video_size(cfg)
     shape = (cfg.vae_cfg.z_dim, 1 + (cfg.num_frames - 1) // 4, height // 8, width // 8)
     embeds, neg, t5_seconds = embed_texts(cfg, prompts)
+    if torch.device(cfg.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the encoder is gone: the peak below is the DiT's and the VAE's
     net = load_dit(CONFIGS[cfg.model], cfg)
     vae = load_vae(cfg.vae_path, device=cfg.device, cfg=cfg.vae_cfg) if cfg.videos else None
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(cfg.num_samples)]
@@ -334,13 +341,13 @@ def sample_wan(cfg: Config):
             pass
     bar.close()
     if torch.device(cfg.device).type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        print(f"peak GPU memory of DiT + VAE: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 def sample_toy(cfg: Config):
     """A toy checkpoint: num_samples clips of every prompt of the world, its exact metrics, and a grid mp4."""
     world = make_world(cfg.world)
-    net = load_dit(TOY_DIT, cfg)
+    net = load_dit(cfg.toy_dit, cfg)
     prompt = torch.arange(cfg.world.prompts).repeat_interleave(cfg.num_samples)
     context = world.text[prompt].to(cfg.device)
     neg_context = world.negative.expand(len(prompt), -1, -1).to(cfg.device)
