@@ -60,18 +60,20 @@ class Dist:
 def init_distributed(cp_size: int = 1) -> Dist:
     """Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR in the environment), or a one-process
     group when run as plain `python` (an already initialised group, e.g. a test's, is used as it is)."""
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if "RANK" in os.environ:
-            dist.init_process_group("nccl" if cuda else "gloo")
+            dist.init_process_group(backend)
         else:
-            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     world = dist.get_world_size()
     if world % cp_size:
         raise ValueError(f"the context-parallel size {cp_size} must divide the number of processes {world}")
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    # NCCL ranks own one GPU each; a gloo group computes on the CPU
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
+        torch.cuda.set_device(device)
     mesh = init_device_mesh(device.type, (world // cp_size, cp_size), mesh_dim_names=("dp", "cp"))
     fsdp_mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
     rank = dist.get_rank()

@@ -22,26 +22,30 @@ def random_tiny(seed=0):
     return net
 
 
-def inputs(seed=1, batch=2):
+def inputs(seed=1, batch=2, device="cpu"):
     """A clip of 2 latent frames × 3 tokens per frame (3 is not divisible by 2 ranks: the padding path), per-frame t."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 16, 2, 6, 2, generator=g)
     t = torch.rand(batch, 2, generator=g) * 1000
     context = torch.randn(batch, 5, CONFIGS["t2v-tiny"].text_dim, generator=g)
-    return x, t, context, (torch.randn(x.shape, generator=g), torch.randn(t.shape, generator=g))
+    tangent = (torch.randn(x.shape, generator=g), torch.randn(t.shape, generator=g))
+    return x.to(device), t.to(device), context.to(device), tuple(a.to(device) for a in tangent)
 
 
 def close(a, b, tol=1e-5):
+    tol = tol if a.device.type == "cpu" else 10 * tol  # GPU kernels reduce in other orders
     return ((a.double() - b.double()).norm() / b.double().norm()).item() < tol
 
 
-def spawn(fn, tmp_path):
-    mp.spawn(_worker, args=(fn, str(tmp_path)), nprocs=2, join=True)
+def spawn(fn, tmp_path, backend="gloo"):
+    mp.spawn(_worker, args=(fn, str(tmp_path), backend), nprocs=2, join=True)
 
 
-def _worker(rank, fn, tmp):
+def _worker(rank, fn, tmp, backend):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank, world_size=2)
     try:
         fn(rank, tmp)
     finally:
@@ -104,14 +108,14 @@ def test_init_distributed_without_torchrun(monkeypatch):
 def _cp_equals_one_device(rank, tmp):
     d = parallel.init_distributed(cp_size=2)
     assert (d.dp_size, d.cp_size) == (1, 2)
-    x, t, context, tangent = inputs()
-    ref = random_tiny()
+    x, t, context, tangent = inputs(device=d.device)
+    ref = random_tiny().to(d.device)
     net = parallel.context_parallel(copy.deepcopy(ref), d.cp_group)
     with torch.no_grad():
         v_ref, tv_ref = ref(x, t, context, tangent=tangent)
         v, tv = net(x, t, context, tangent=tangent)
     assert close(v, v_ref) and close(tv, tv_ref)
-    w = torch.randn(v.shape, generator=torch.Generator().manual_seed(2))
+    w = torch.randn(v.shape, generator=torch.Generator().manual_seed(2)).to(d.device)
     for m in (ref, net):
         (m(x, t, context) * w).sum().backward()
     for p_ref, p in zip(ref.parameters(), net.parameters()):
@@ -128,6 +132,13 @@ def _cp_equals_one_device(rank, tmp):
 
 def test_context_parallel_equals_one_device(tmp_path):
     spawn(_cp_equals_one_device, tmp_path)
+
+
+@pytest.mark.gpu
+def test_context_parallel_equals_one_device_nccl(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    spawn(_cp_equals_one_device, tmp_path, "nccl")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,8 +172,8 @@ def rcm_like_step(net, opt, x, t, context, tangent):
 def _fsdp_equals_one_process(rank, tmp):
     for cp, ac in [(1, "block"), (2, "matmul")]:
         d = parallel.init_distributed(cp_size=cp)
-        x, t, context, (tx, tt) = inputs()
-        ref = random_tiny()
+        x, t, context, (tx, tt) = inputs(device=d.device)
+        ref = random_tiny().to(d.device)
         net = sharded_copy(ref, d, ac)
         # SGD: linear in the gradient, so the comparison is not at the mercy of Adam's sign-like first steps
         opt_ref, opt = (torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (ref, net))
@@ -170,14 +181,18 @@ def _fsdp_equals_one_process(rank, tmp):
         for step in range(2):
             parallel.seed_everything(step, d)
             loss = rcm_like_step(net, opt, mine(x), mine(t), mine(context), (mine(tx), mine(tt)))
-            losses = [torch.zeros(()) for _ in range(2)]
+            losses = [torch.zeros((), device=d.device) for _ in range(2)]
             dist.all_gather(losses, loss)
             if d.cp_size == 2:
                 assert torch.equal(losses[0], losses[1]), "the CP ranks drew different noise"
             # one process, one batch, the same draws (the loss is a batch mean, FSDP's gradient a mean over ranks)
             with torch.no_grad():
                 _, tv = ref(x, t, context, tangent=(tx, tt))
-            noise = torch.cat([torch.manual_seed(step + r) and torch.randn_like(a) for r, a in enumerate(x.chunk(d.dp_size))])
+            noise = []
+            for r, a in enumerate(x.chunk(d.dp_size)):  # data-parallel rank r's draw
+                torch.manual_seed(step + r)
+                noise.append(torch.randn_like(a))
+            noise = torch.cat(noise)
             loss_ref = (ref(x, t, context) * tv).mean() + (ref(x + noise, t * 0.5, context) - x).square().mean()
             opt_ref.zero_grad()
             loss_ref.backward()
@@ -185,12 +200,19 @@ def _fsdp_equals_one_process(rank, tmp):
         full = parallel.full_state_dict(net)
         if d.is_main:
             for k, v in ref.state_dict().items():
-                assert close(full[k], v, 1e-5), f"cp={cp} ac={ac}: {k} differs after 2 steps"
+                assert close(full[k], v.cpu(), 1e-5), f"cp={cp} ac={ac}: {k} differs after 2 steps"
         dist.barrier()
 
 
 def test_fsdp_and_cp_training_equals_one_process(tmp_path):
     spawn(_fsdp_equals_one_process, tmp_path)
+
+
+@pytest.mark.gpu
+def test_fsdp_and_cp_training_equals_one_process_nccl(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    spawn(_fsdp_equals_one_process, tmp_path, "nccl")
 
 
 # ----------------------------------------------------------------------------------------------------------------
