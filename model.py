@@ -438,12 +438,14 @@ class WanModel(nn.Module):
 # Checkpoints: official key names in and out.
 # ----------------------------------------------------------------------------------------------------------------
 
-def read_state_dict(path, prefix=None, device="cpu"):
+def read_state_dict(path, prefix=None, device="cpu", patch_size=(1, 2, 2)):
     """Read DiT weights from an official or rCM-style checkpoint into a {official name: tensor} dict.
 
     path: `diffusion_pytorch_model.safetensors`, a sharded `*.safetensors.index.json`, a folder holding either,
     or a `.pt`/`.pth` file (read with `weights_only=True`). rCM-style files prefix the names with `net.` or
-    `net_ema.`: by default the EMA weights are taken when present; `prefix` picks one explicitly ("" for none).
+    `net_ema.` (by default the EMA weights are taken when present; `prefix` picks one, "" for none) and store the
+    patch Conv3d as a Linear [dim, in_dim·pt·ph·pw]; it is given back its Conv3d shape (flattening order
+    (c, kt, kh, kw) makes the two identical).
     """
     path = Path(path)
     if path.is_dir():
@@ -467,20 +469,21 @@ def read_state_dict(path, prefix=None, device="cpu"):
         raise ValueError(f"unknown checkpoint format {path.suffix!r}: use .safetensors, .index.json, .pt or .pth")
     if prefix is None:
         prefix = next((p for p in ("net_ema.", "net.") if any(k.startswith(p) for k in sd)), "")
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    pe = sd.get("patch_embedding.weight")
+    if pe is not None and pe.ndim == 2:
+        sd["patch_embedding.weight"] = pe.reshape(pe.shape[0], -1, *patch_size)
+    return sd
 
 
 def load_checkpoint(model: WanModel, path, *, prefix=None, dtype=None):
     """Load weights strictly into `model` (which may live on the meta device: its tensors are then replaced,
     so a big model is never materialised twice). Tensors are converted to `dtype`, or to the model's dtypes.
     Raises one error listing every missing, unexpected and mis-shaped key."""
-    sd = read_state_dict(path, prefix)
+    sd = read_state_dict(path, prefix, patch_size=model.cfg.patch_size)
     if dtype is not None:
         model.to(dtype)
     expected = model.state_dict()
-    pe = "patch_embedding.weight"
-    if pe in sd and sd[pe].ndim == 2 and sd[pe].numel() == expected[pe].numel():
-        sd[pe] = sd[pe].reshape(expected[pe].shape)  # rCM stores the patch Conv3d as a Linear over (c,kt,kh,kw)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     misshaped = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
