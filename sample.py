@@ -2,7 +2,7 @@
 
     python sample.py --dit-path rCM_Wan2.1_T2V_1.3B_480p.pt --prompt "a corgi surfing a wave at sunset"
     python sample.py --mode teacher --dit-path Wan2.1-T2V-1.3B --prompts-file prompts.txt --shard-dir my_latents/
-    python sample.py --toy --dit-path runs/toy/student.safetensors
+    python sample.py --toy --dit-path runs/toy/ema.safetensors --num-samples 8
 
 In the order it runs: the prompts (and, for the teacher, the negative prompt) go through umT5 once and the encoder is
 freed; for each video, noise ε drawn from seed + index becomes latents through the DiT (rCM: the few-step consistency
@@ -362,7 +362,10 @@ def sample_toy(cfg: Config):
 
 def main(cfg: Config):
     check(cfg)
-    sample_toy(cfg) if cfg.toy else sample_wan(cfg)
+    if cfg.toy:
+        sample_toy(cfg)
+    else:
+        sample_wan(cfg)
 
 
 if __name__ == "__main__":
