@@ -1,4 +1,4 @@
-"""Speed benchmarks, one table per entry: `python bench.py attn [--ref-kernel PATH]`.
+"""Speed benchmarks, one table per entry: `python bench.py {attn,model,sample} [--help]`.
 
 attn: the attention forward+JVP kernel at Wan2.1 480p self-attention shapes against PyTorch SDPA's forward (the
 floor: the JVP pass does 3x its matrix work) and, when given, NVlabs/rcm's flash_attention_jvp_triton.py timed in the
@@ -13,6 +13,7 @@ import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -164,8 +165,189 @@ def bench_attn(cfg: AttnBench):
         print(line)
 
 
-BENCHES = {AttnBench: bench_attn}
+# ---------------------------------------------------------------------------------------------------- the DiT
+LATENT = {"480p": (60, 104), "720p": (90, 160)}  # latent (H, W) of 832x480 and 1280x720
+
+
+def _cuda_median_s(fn, warmup=2, iters=10):
+    """Median seconds of fn() over `iters` runs after `warmup`, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def dit_flops(cfg, L, text_rows=512, tangent=False):
+    """Matmul FLOPs of one DiT forward on L tokens; the tangent forward doubles the token matmuls (primal and tangent
+    through the same weights) and triples attention (fwd+JVP)."""
+    d, f = cfg.dim, cfg.ffn_dim
+    tokens = 2 * L * (6 * d * d + 2 * d * f)  # self q,k,v,o; cross q,o; FFN
+    context = 2 * text_rows * 2 * d * d  # cross k,v of the text rows
+    attn = 4 * L * L * d + 4 * L * text_rows * d
+    return cfg.num_layers * ((2 * tokens + context + 3 * attn) if tangent else (tokens + context + attn))
+
+
+def random_dit(cfg, dtype=torch.bfloat16, device="cuda"):
+    """A DiT with random weights (timing only; the official init zeroes the output layer)."""
+    from model import WanModel
+    with torch.device(device):
+        net = WanModel(cfg).to(dtype)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.02)
+    return net
+
+
+def _load_official_dit(folder):
+    """The official WanModel class from a folder holding Wan2.1's wan/modules/{model,attention}.py. diffusers' mixins
+    are stubbed (they only add config bookkeeping) and attention is PyTorch SDPA, as Wan runs without flash-attn."""
+    stubs = {"diffusers": types.ModuleType("diffusers"), "diffusers.models": types.ModuleType("diffusers.models"),
+             "diffusers.configuration_utils": types.ModuleType("diffusers.configuration_utils"),
+             "diffusers.models.modeling_utils": types.ModuleType("diffusers.models.modeling_utils")}
+    stubs["diffusers.configuration_utils"].ConfigMixin = object
+    stubs["diffusers.configuration_utils"].register_to_config = lambda f: f
+    stubs["diffusers.models.modeling_utils"].ModelMixin = torch.nn.Module
+    sys.modules.update(stubs)
+    package = types.ModuleType("wan_official")
+    package.__path__ = [str(folder)]
+    sys.modules["wan_official"] = package
+    modules = {}
+    for name in ("attention", "model"):
+        spec = importlib.util.spec_from_file_location(f"wan_official.{name}", Path(folder) / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        sys.modules[f"wan_official.{name}"] = modules[name]
+        spec.loader.exec_module(modules[name])
+    modules["model"].flash_attention = lambda q, k, v, **kw: modules["attention"].attention(q, k, v)
+    return modules["model"].WanModel
+
+
+@dataclass
+class ModelBench:
+    """The DiT's forward and tangent forward (no grad, bf16 weights, batch 1) beside the official Wan2.1 forward."""
+    preset: str = "t2v-1.3B"  # a name in model.CONFIGS
+    resolution: Literal["480p", "720p"] = "480p"
+    frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
+    official: Path | None = None  # a folder with the official wan/modules/{model,attention}.py (never committed here)
+    iters: int = 10  # timed runs per entry (median reported)
+
+
+def bench_model(cfg: ModelBench):
+    from model import CONFIGS
+    dit = CONFIGS[cfg.preset]
+    T, (H, W) = 1 + (cfg.frames - 1) // 4, LATENT[cfg.resolution]
+    L = T * (H // 2) * (W // 2)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {cfg.preset}, {cfg.resolution}, "
+          f"{cfg.frames} frames ({L} tokens), batch 1, {time.strftime('%Y-%m-%d')}", flush=True)
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(1, 16, T, H, W, device="cuda", generator=g)
+    tx = torch.randn(x.shape, device="cuda", generator=g)
+    t, tt = torch.tensor([500.0], device="cuda"), torch.tensor([30.0], device="cuda")
+    context = torch.randn(1, 512, dit.text_dim, device="cuda", generator=g)
+    rows = []
+
+    def add(name, fn, flops):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        first = _first_call_s(fn)
+        sec = _cuda_median_s(fn, iters=cfg.iters)
+        rows.append((name, sec, torch.cuda.max_memory_allocated() / 2**30, flops / sec / 1e12, first))
+        print(f"{name:<48} {sec * 1e3:8.1f} ms", flush=True)
+
+    net = random_dit(dit)
+    with torch.no_grad():
+        add("ours forward (bf16 weights)", lambda: net(x, t, context), dit_flops(dit, L))
+        add("ours tangent forward (bf16 weights)", lambda: net(x, t, context, tangent=(tx, tt)),
+            dit_flops(dit, L, tangent=True))
+    del net
+    if cfg.official is not None:
+        official = _load_official_dit(cfg.official)
+        with torch.device("cuda"):
+            ref = official(model_type=dit.model_type, dim=dit.dim, ffn_dim=dit.ffn_dim, num_heads=dit.num_heads,
+                           num_layers=dit.num_layers, in_dim=dit.in_dim).eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # Wan's recipe: fp32 weights, autocast
+            add("official forward (fp32 weights, bf16 autocast, SDPA)", lambda: ref([x[0]], t, [context[0]], L),
+                dit_flops(dit, L))
+        del ref
+    print("\n| entry | median ms | peak GiB | TFLOP/s | first call s |\n|---|---:|---:|---:|---:|")
+    for name, sec, mem, tflops, first in rows:
+        print(f"| {name} | {sec * 1e3:.1f} | {mem:.1f} | {tflops:.0f} | {first:.1f} |")
+    times = {r[0].split(" (")[0]: r[1] for r in rows}
+    print(f"tangent forward / forward = {times['ours tangent forward'] / times['ours forward']:.2f}")
+    if "official forward" in times:
+        print(f"official forward / ours = {times['official forward'] / times['ours forward']:.2f}x")
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+@dataclass
+class SampleBench:
+    """Text-to-video sampling with random weights: the DiT time of the rCM student and of the CFG teacher, VAE decode."""
+    preset: str = "t2v-1.3B"
+    resolution: Literal["480p", "720p"] = "480p"
+    frames: int = 81
+    rcm_steps: int = 4
+    teacher_steps: int = 50  # teacher: UniPC with CFG (2 forwards a step)
+
+
+def bench_sample(cfg: SampleBench):
+    from model import CONFIGS
+    from sample import Sampler, decode, generate_latents
+    from vae import VAEConfig, WanVAE
+    dit = CONFIGS[cfg.preset]
+    T, (H, W) = 1 + (cfg.frames - 1) // 4, LATENT[cfg.resolution]
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {cfg.preset}, {cfg.resolution}, "
+          f"{cfg.frames} frames, batch 1, bf16 DiT, {time.strftime('%Y-%m-%d')}", flush=True)
+    net = random_dit(dit)
+    g = torch.Generator("cuda").manual_seed(0)
+    context = [torch.randn(30, dit.text_dim, device="cuda", generator=g)]
+    neg = [torch.randn(60, dit.text_dim, device="cuda", generator=g)]
+
+    def timed(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    rcm = Sampler(mode="rcm", steps=cfg.rcm_steps)
+    teacher = Sampler(mode="teacher", steps=cfg.teacher_steps)
+    generate_latents(net, context, neg, (16, T, H, W), Sampler(mode="rcm", steps=1), g)  # warm-up
+    torch.cuda.reset_peak_memory_stats()
+    runs = [timed(lambda: generate_latents(net, context, neg, (16, T, H, W), rcm, g)) for _ in range(3)]
+    z, rcm_s = runs[-1][0], sorted(r[1] for r in runs)[1]
+    dit_mem = torch.cuda.max_memory_allocated() / 2**30
+    print(f"rCM {cfg.rcm_steps}-step DiT: {rcm_s:.2f} s (median of 3), peak {dit_mem:.1f} GiB", flush=True)
+    _, teacher_s = timed(lambda: generate_latents(net, context, neg, (16, T, H, W), teacher, g))
+    print(f"teacher {cfg.teacher_steps}-step UniPC + CFG DiT: {teacher_s:.1f} s", flush=True)
+    del net
+    torch.cuda.empty_cache()
+    vae_rows = {}
+    for dtype in (torch.float32, torch.bfloat16):  # sample.py decodes in fp32, as Wan does
+        with torch.device("cuda"):
+            vae = WanVAE(VAEConfig()).to(dtype).eval()
+        decode(vae, z)  # warm-up
+        torch.cuda.reset_peak_memory_stats()
+        video, sec = timed(lambda: decode(vae, z))
+        vae_rows[dtype] = (sec, torch.cuda.max_memory_allocated() / 2**30)
+        print(f"VAE decode ({dtype}) of {video.shape[1]} frames: {sec:.2f} s, peak {vae_rows[dtype][1]:.1f} GiB")
+        del vae
+    vae_s = vae_rows[torch.float32][0]
+    print(f"\n| step | time s | peak GiB |\n|---|---:|---:|\n| rCM {cfg.rcm_steps}-step DiT | {rcm_s:.2f} | {dit_mem:.1f} |"
+          f"\n| teacher {cfg.teacher_steps}-step + CFG DiT | {teacher_s:.1f} | |")
+    for dtype, (sec, mem) in vae_rows.items():
+        print(f"| VAE decode ({str(dtype)[6:]}) | {sec:.2f} | {mem:.1f} |")
+    print(f"speed-up of rCM {cfg.rcm_steps}-step over teacher {cfg.teacher_steps}-step + CFG (DiT): "
+          f"{teacher_s / rcm_s:.1f}x; end to end with the VAE: {(teacher_s + vae_s) / (rcm_s + vae_s):.1f}x")
+
+
+BENCHES = {AttnBench: bench_attn, ModelBench: bench_model, SampleBench: bench_sample}
 
 if __name__ == "__main__":
-    cfg = tyro.extras.subcommand_cli_from_dict({"attn": AttnBench})
+    cfg = tyro.extras.subcommand_cli_from_dict({"attn": AttnBench, "model": ModelBench, "sample": SampleBench})
     BENCHES[type(cfg)](cfg)
