@@ -1,0 +1,76 @@
+"""The toy world: exact velocity (by sampling with it), exact metrics on hand-made sample sets, rendering."""
+import functools
+
+import torch
+
+import toy
+
+SMALL = toy.ToyConfig(shape=(16, 2, 4, 4))   # the same world-building code at a quarter of the size
+
+
+def test_exact_velocity_sampling_recovers_the_mixture():
+    world = toy.make_world(SMALL)
+    prompt, _ = toy.eval_prompts(world, 1000)
+    x = toy.teacher_sample(functools.partial(toy.exact_velocity, world), world, prompt, 1.0, 200, 1.0, seed=0)
+    m = toy.metrics(world, x, prompt)
+    assert m["precision"] >= 0.98 and m["mode_tv"] <= 0.03 and m["wrong_prompt"] == 0
+    assert 0.9 < m["mean_rho"] < 1.1
+
+
+def test_unconditional_velocity_covers_all_prompts():
+    world = toy.make_world(SMALL)
+    n = 400
+    uncond = world.negative.expand(n, -1, -1)
+    eps = torch.randn((n, *SMALL.shape), generator=torch.Generator().manual_seed(0))
+    v = functools.partial(toy.exact_velocity, world)
+    from losses import euler_sample
+    x = euler_sample(lambda x, ts: v(x, ts, uncond), eps, 50, 5.0)
+    mu = world.mu.flatten(2).flatten(0, 1)
+    nearest_prompt = torch.cdist(x.flatten(1), mu).argmin(1) // len(SMALL.weights)
+    share = torch.bincount(nearest_prompt, minlength=SMALL.prompts) / n
+    assert torch.all((share - 1 / SMALL.prompts).abs() < 0.07)
+
+
+def test_metrics_on_hand_made_sets():
+    world = toy.make_world(SMALL)
+    M, sigma, d = len(SMALL.weights), SMALL.sigma, world.mu[0, 0].numel()
+    # Exact weights, every sample exactly at ρ = 1 from its mode: perfect.
+    counts = [4, 3, 2, 1]
+    mode = torch.tensor([m for m, c in enumerate(counts) for _ in range(c)])
+    direction = torch.randn(len(mode), d)
+    direction = direction / direction.norm(dim=1, keepdim=True) * sigma * d**0.5
+    x = world.mu[1, mode] + direction.view(-1, *SMALL.shape)
+    p = torch.full((len(mode),), 1)
+    m = toy.metrics(world, x, p)
+    assert m["precision"] == 1 and m["wrong_prompt"] == 0 and abs(m["mode_tv"]) < 1e-6
+    assert abs(m["mean_rho"] - 1) < 1e-5
+    # Mode collapse onto mode 0: TV = 1 − w_0.
+    m = toy.metrics(world, world.mu[1, [0] * 10], torch.full((10,), 1))
+    assert abs(m["mode_tv"] - (1 - world.weights[0].item())) < 1e-6
+    # Another prompt's modes: all wrong, none precise.
+    m = toy.metrics(world, world.mu[2, mode], p)
+    assert m["wrong_prompt"] == 1 and m["precision"] == 0 and m["mode_tv"] == 1
+    # A washed-out clip (the mode at a quarter of its amplitude) is far from every mode: not precise.
+    m = toy.metrics(world, 0.25 * world.mu[1, 0][None], torch.tensor([1]))
+    assert m["precision"] == 0
+
+
+def test_context_must_come_from_the_world():
+    world = toy.make_world(SMALL)
+    x = torch.zeros(1, *SMALL.shape)
+    try:
+        toy.exact_velocity(world, x, torch.tensor([500.0]), torch.randn(1, SMALL.text_len, SMALL.text_dim))
+    except ValueError as e:
+        assert "text embeddings" in str(e)
+    else:
+        raise AssertionError("a foreign context must be refused")
+
+
+def test_render_and_save_grid(tmp_path):
+    world = toy.make_world(SMALL)
+    x = world.mu.flatten(0, 1)                               # [P·M, C, T, H, W]
+    frames = toy.render(world, x, rows=SMALL.prompts)
+    assert frames.shape == (2, SMALL.prompts * 32, len(SMALL.weights) * 32, 3) and frames.dtype == torch.uint8
+    assert frames.float().std() > 10                        # blobs on black, not a flat image
+    toy.save_grid(world, x, SMALL.prompts, tmp_path / "grid.gif")
+    assert (tmp_path / "grid.gif").stat().st_size > 100

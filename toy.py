@@ -1,0 +1,228 @@
+"""The toy video world (toy_world.md): a Gaussian mixture over small 16-channel latent clips whose velocity and
+quality/diversity metrics are exact, so that rCM can be checked end to end on a CPU in minutes.
+
+Prompt p has M modes with unequal weights w_m; mode (p, m) is a blob whose colour names the prompt and whose motion
+across frames names the mode, x0 | (p, m) ~ N(μ_{p,m}, σ²I). The unconditional distribution is the mixture over
+all prompts (equal prompt weights). A tiny Wan DiT is the teacher (trained here by flow matching); `exact_velocity`
+has the Wan call signature, so any code path can use the exact teacher instead.
+"""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio.v2 as imageio
+import torch
+
+from model import WanConfig, WanModel, save_checkpoint
+from losses import euler_sample
+
+
+@dataclass
+class ToyConfig:
+    """The toy world: P prompts × len(weights) modes of [C, T, H, W] latent clips."""
+    prompts: int = 4
+    weights: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)   # mode weights inside each prompt (unequal: mode dropping shows)
+    shape: tuple[int, int, int, int] = (16, 3, 8, 8)    # [C, T, H, W]: 48 tokens after Wan's (1, 2, 2) patchify
+    sigma: float = 0.2                                  # per-element std of a mode
+    text_len: int = 8
+    text_dim: int = 32
+    seed: int = 0
+
+
+# The toy teacher/student: a tiny Wan DiT (same model.py as the 1.3B/14B runs).
+TOY_DIT = WanConfig(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=128, ffn_dim=256, freq_dim=64,
+                    text_dim=32, out_dim=16, num_heads=4, num_layers=3, qk_norm=True, cross_attn_norm=True, eps=1e-6)
+
+
+@dataclass
+class World:
+    """A drawn toy world: means mu [P, M, C, T, H, W], weights [M], text [P, L, D], negative [L, D], colour [C, 3]."""
+    cfg: ToyConfig
+    mu: torch.Tensor
+    weights: torch.Tensor
+    text: torch.Tensor
+    negative: torch.Tensor
+    colour: torch.Tensor
+
+
+def make_world(cfg: ToyConfig) -> World:
+    """Draw the mode means, text embeddings and the negative (unconditional) embedding from cfg.seed."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    C, T, H, W = cfg.shape
+    P, M = cfg.prompts, len(cfg.weights)
+    # Colours: prompt p gets a hue in RGB, lifted to C channels by a fixed orthonormal map (rendering inverts it).
+    colour = torch.linalg.qr(torch.randn(C, 3, generator=g))[0]
+    hue = torch.stack([torch.tensor([math.cos(a), math.cos(a - 2.1), math.cos(a + 2.1)]).clamp(min=0)
+                       for a in (2 * math.pi * p / P for p in range(P))])                       # [P, 3]
+    # Motion: mode m moves the blob along direction m·2π/M and passes through the centre at the middle frame.
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    mu = torch.zeros(P, M, C, T, H, W)
+    for p in range(P):
+        for m in range(M):
+            a = 2 * math.pi * m / M + 0.5 * p
+            for f in range(T):
+                step = 2.5 * (f - (T - 1) / 2)
+                cy, cx = (H - 1) / 2 + step * math.sin(a), (W - 1) / 2 + step * math.cos(a)
+                blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.5**2))
+                mu[p, m, :, f] = (colour @ hue[p])[:, None, None] * blob
+    mu = mu / mu.pow(2).mean(dim=(2, 3, 4, 5), keepdim=True).sqrt()                              # per-element RMS 1
+    text = torch.randn(P, cfg.text_len, cfg.text_dim, generator=g)
+    negative = torch.randn(cfg.text_len, cfg.text_dim, generator=g)
+    return World(cfg, mu, torch.tensor(cfg.weights) / sum(cfg.weights), text, negative, colour)
+
+
+def sample_data(world: World, n: int, generator=None):
+    """n clips of the data distribution: x0 [n, C, T, H, W], their text embeddings [n, L, D] and prompt ids [n]."""
+    P, M = world.mu.shape[:2]
+    prompt = torch.randint(P, (n,), generator=generator)
+    mode = torch.multinomial(world.weights, n, replacement=True, generator=generator)
+    x0 = world.mu[prompt, mode] + world.cfg.sigma * torch.randn((n, *world.cfg.shape), generator=generator)
+    return x0, world.text[prompt], prompt
+
+
+def prompt_of(world: World, context: torch.Tensor) -> torch.Tensor:
+    """The prompt id of each text embedding [B, L, D]; −1 for the negative (unconditional) embedding."""
+    table = torch.cat([world.text, world.negative[None]]).to(context)            # [P + 1, L, D]
+    d = (context[:, None] - table[None]).pow(2).flatten(2).sum(-1)                # [B, P + 1]
+    dist, idx = d.min(dim=1)
+    if dist.max() > 1e-6 * table[0].numel():
+        raise ValueError("context is not one of this toy world's text embeddings (was the world drawn with another seed?)")
+    return torch.where(idx == len(world.text), -1, idx)
+
+
+def exact_velocity(world: World, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The exact rectified-flow velocity v = (x_s − E[x0 | x_s])/s of the world, with Wan's call signature.
+
+    x [B, C, T, H, W]; timestep [B] = 1000·s; context [B, L, D]: a prompt's embedding (its M modes) or the negative
+    one (all P·M modes). Each mode k is N((1 − s)·μ_k, v_s·I) at time s, v_s = (1 − s)²σ² + s², so the posterior
+    over modes and the posterior mean are closed-form; computed in float64.
+    """
+    if timestep.ndim != 1:
+        raise ValueError("exact_velocity takes one timestep per sample, [B]")
+    B, sigma = x.shape[0], world.cfg.sigma
+    P, M = world.mu.shape[:2]
+    mu = world.mu.flatten(2).flatten(0, 1).to(x.device, torch.float64)            # [K = P·M, d]
+    s = (timestep.double() / 1000).clamp(min=1e-6, max=1.0)[:, None]               # [B, 1]
+    xs = x.double().flatten(1)
+    v_s = (1 - s) ** 2 * sigma**2 + s**2
+    # log prior over components: the prompt's modes, or all modes at weight w_m/P.
+    prompt = prompt_of(world, context).to(x.device)
+    log_w = world.weights.double().log().to(x.device).repeat(P)                   # [K]
+    own = torch.arange(P * M, device=x.device)[None] // M == prompt[:, None]       # [B, K]
+    log_prior = torch.where((prompt[:, None] == -1) | own, log_w, -math.inf)
+    sq = (xs.pow(2).sum(1, keepdim=True) - 2 * (1 - s) * xs @ mu.T + (1 - s) ** 2 * mu.pow(2).sum(1))   # ‖x − (1−s)μ_k‖²
+    r = torch.softmax(log_prior - sq / (2 * v_s), dim=1)                           # responsibilities [B, K]
+    mean_mu = r @ mu                                                               # Σ_k r_k μ_k
+    x0 = mean_mu + (1 - s) * sigma**2 / v_s * (xs - (1 - s) * mean_mu)              # E[x0 | x_s]
+    return ((xs - x0) / s).view_as(x).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------- exact metrics
+def metrics(world: World, x: torch.Tensor, prompt: torch.Tensor) -> dict:
+    """Exact quality/diversity of samples x [N, C, T, H, W] drawn for prompt ids [N], per prompt then averaged.
+
+    ρ_k = ‖x − μ_k‖/(σ√d). precision: nearest mode (over all prompts) is the prompt's own and ρ < 2;
+    wrong_prompt: nearest mode is another prompt's; mode_tv: total variation between the nearest-mode histogram of
+    precise samples and the weights w (1 when no sample is precise); mean_rho: mean ρ of precise samples.
+    """
+    P, M = world.mu.shape[:2]
+    d = x[0].numel()
+    mu = world.mu.flatten(2).flatten(0, 1).double()
+    rho = torch.cdist(x.double().flatten(1), mu) / (world.cfg.sigma * math.sqrt(d))  # [N, K]
+    best_rho, k = rho.min(dim=1)
+    right = k // M == prompt
+    precise = right & (best_rho < 2)
+    out = {"precision": [], "wrong_prompt": [], "mode_tv": [], "mean_rho": []}
+    for p in prompt.unique():
+        sel, good = prompt == p, precise & (prompt == p)
+        hist = torch.bincount(k[good] % M, minlength=M).double()
+        out["precision"].append(good.sum().item() / sel.sum().item())
+        out["wrong_prompt"].append((~right & sel).sum().item() / sel.sum().item())
+        out["mode_tv"].append(0.5 * (hist / hist.sum() - world.weights.double()).abs().sum().item() if good.any() else 1.0)
+        out["mean_rho"].append(best_rho[good].mean().item() if good.any() else math.nan)
+    return {name: sum(v) / len(v) for name, v in out.items()}
+
+
+def eval_prompts(world: World, per_prompt: int):
+    """The evaluation set: per_prompt samples of every prompt, as prompt ids [P·per_prompt] and contexts."""
+    prompt = torch.arange(world.mu.shape[0]).repeat_interleave(per_prompt)
+    return prompt, world.text[prompt]
+
+
+# ------------------------------------------------------------------------------------------------- toy teacher
+@dataclass
+class TeacherConfig:
+    """Flow-matching training of the tiny Wan DiT teacher on the toy world."""
+    steps: int = 1500
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    p_uncond: float = 0.1      # prompt dropout to the negative embedding, so the teacher supports CFG
+
+
+def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, device="cpu", log=print) -> WanModel:
+    """Train the teacher by flow matching and save it (official key names) at path.
+
+    x_s = (1 − s)·x0 + s·ε with s ~ U(0, 1); the regression target is the exact FM minimiser E[ε − x0 | x_s]
+    (the toy world knows it), which trains the same function as the sampled target ε − x0 with far less variance.
+    """
+    torch.manual_seed(world.cfg.seed + 1)
+    net = WanModel(dit).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    # Linear warm-up, then cosine decay to 0: the decay is what makes the tiny net precise.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min((i + 1) / cfg.warmup, 0.5 * (1 + math.cos(math.pi * i / cfg.steps))))
+    for step in range(cfg.steps):
+        x0, context, _ = sample_data(world, cfg.batch)
+        drop = torch.rand(cfg.batch) < cfg.p_uncond
+        context = torch.where(drop[:, None, None], world.negative, context)
+        s = torch.rand(cfg.batch)
+        x_s = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * torch.randn_like(x0)
+        target = exact_velocity(world, x_s, 1000 * s, context)
+        x_s, context, s, target = (a.to(device) for a in (x_s, context, s, target))
+        loss = (net(x_s, 1000 * s, context) - target).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg.steps - 1:
+            log(f"teacher step {step}: flow-matching loss {loss.item():.4f}")
+    save_checkpoint(net, path)
+    return net
+
+
+def teacher_sample(velocity, world: World, prompt: torch.Tensor, w: float, steps: int, shift: float, seed: int,
+                   device="cpu") -> torch.Tensor:
+    """Multi-step CFG Euler sampling, v = v_uncond + w·(v_cond − v_uncond), of any Wan-signature velocity."""
+    context, uncond = world.text[prompt].to(device), world.negative.expand(len(prompt), -1, -1).to(device)
+    eps = torch.randn((len(prompt), *world.cfg.shape), generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def guided(x, timestep):
+        v_c = velocity(x, timestep, context)
+        return v_c if w == 1 else v_c + (w - 1) * (v_c - velocity(x, timestep, uncond))
+    return euler_sample(guided, eps, steps, shift).cpu()
+
+
+# -------------------------------------------------------------------------------------------------------- rendering
+def render(world: World, x: torch.Tensor, rows: int, upscale: int = 8) -> torch.Tensor:
+    """Samples x [rows·cols, C, T, H, W] -> video frames uint8 [T, rows·H·upscale, cols·W·upscale, 3]: the colour
+    map of make_world is inverted (prompt = hue, mode = motion) and each latent pixel becomes an upscale² square."""
+    rgb = torch.einsum("nc...,ck->nk...", x.float(), world.colour)                  # [N, 3, T, H, W]
+    rgb = (rgb / world.mu.abs().amax() * 1.6).clamp(0, 1)
+    rgb = rgb.repeat_interleave(upscale, -2).repeat_interleave(upscale, -1)
+    N, _, T, H, W = rgb.shape
+    grid = rgb.view(rows, N // rows, 3, T, H, W).permute(3, 0, 4, 1, 5, 2).reshape(T, rows * H, N // rows * W, 3)
+    return (grid * 255).round().to(torch.uint8)
+
+
+def save_grid(world: World, x: torch.Tensor, rows: int, path: Path, fps: int = 3):
+    """Write samples as an animated grid (rows = prompts); .gif or .mp4 by the file suffix."""
+    frames = list(render(world, x, rows).numpy())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
+    elif path.suffix == ".mp4":
+        imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
+    else:
+        raise ValueError(f"sample grids are written as .gif or .mp4, got {path}")
