@@ -22,9 +22,11 @@ Block masks (causal_rcm.md) are described by chunk token counts. Each query row 
 [0, a_i) ∪ [b_i, e_i): block-causal rows see every chunk up to their own; teacher-forcing rows of the noisy copy
 see the clean past and their own noisy chunk. The kernel reads (a, b, e) per row, skips key tiles no row of the
 query tile sees, and masks elements only in the few tiles a chunk boundary cuts.
+
+On one H200 (bf16, [1, 32760, H, 128]) the kernel runs fwd+JVP at 0.96x SDPA's forward TFLOP/s counting 3x the
+forward FLOPs, about 1.2x faster than NVlabs/rcm's autotuned kernel, with a 2.6 s first call (`python bench.py attn`).
 """
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -190,6 +192,8 @@ def _attention_jvp_kernel(desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv, des
 
 # Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed on (GPU arch, head dim, bytes per element), measured
 # with `python bench.py attn --configs ...`. A small fixed table instead of autotuning: a first call compiles one kernel.
+# H200, bf16, D=128: (128, 64, 8, 2) 36.8 ms at [1, 32760, 12, 128]; (128, 32, 8, 3) 41.4 ms;
+# deeper pipelines or BLOCK_N=128 exceed shared memory.
 CONFIGS = {
     ("sm90", 64, 2): (128, 64, 8, 2),
     ("sm90", 128, 2): (128, 64, 8, 2),

@@ -5,7 +5,6 @@ floor: the JVP pass does 3x its matrix work) and, when given, NVlabs/rcm's flash
 same process. Effective TFLOP/s counts 12·B·H·Lq·Lk·D for fwd+JVP and 4·B·H·Lq·Lk·D for a forward.
 """
 import importlib.util
-import math
 import os
 import sys
 import tempfile
