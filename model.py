@@ -211,6 +211,7 @@ class SelfAttention(nn.Module):
         With context parallelism (cp, a parallel.TokenLayout) h holds this rank's tokens and attention is Ulysses'."""
         attend = attention if cp is None else functools.partial(ulysses_attention, cp=cp)
         dtype = self.q.weight.dtype
+        h, th = h.to(dtype), None if th is None else th.to(dtype)  # cast once for q, k and v
         q, tq = self.qk_norm(*linear(h, th, self.q), self.norm_q)
         k, tk = self.qk_norm(*linear(h, th, self.k), self.norm_k)
         v, tv = linear(h, th, self.v)
