@@ -123,8 +123,8 @@ PRESETS = {
     "toy": ("rCM on the toy video world (CPU, minutes): teacher, distillation, exact evaluation", RCMConfig(
         out_dir=Path("runs/toy"), dit=toy.TOY_DIT, iterations=600, batch=16, lr=1e-4, lr_fake=1e-4,
         lr_warmup=20, tangent_warmup=200, student_update_freq=3, teacher_guidance=3.0,
-        log_every=10, preview_every=200, ckpt_every=100, eval_per_prompt=200,
-        teacher_train=toy.TeacherConfig(steps=2000, batch=32, lr=1e-3))),
+        log_every=10, preview_every=200, ckpt_every=100, eval_per_prompt=128,
+        teacher_train=toy.TeacherConfig(steps=1500, batch=32, lr=2e-3))),
 }
 
 

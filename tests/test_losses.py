@@ -155,3 +155,25 @@ def test_rcm_sample_keeps_graph_only_in_last_step():
     torch.manual_seed(1)
     one = losses.rcm_sample(lambda x, t: x * 0 + 3.0, eps, losses.sampling_times(1, 2))
     assert torch.all(one == 3.0)
+
+
+def test_student_tangent_through_wan_model_matches_func_jvp(monkeypatch):
+    """The sCM JVP pass as training runs it (WanModel's tangent path + preconditioning) vs forward-mode autodiff
+    of the plain forward with reference attention."""
+    import functools
+    import attention_jvp
+    import model
+    monkeypatch.setattr(model, "attention", functools.partial(attention_jvp.attention, backend="reference"))
+    torch.manual_seed(0)
+    net = model.WanModel(model.WanConfig(text_len=8, dim=64, ffn_dim=128, freq_dim=32, text_dim=16, num_heads=2,
+                                         num_layers=1))
+    torch.nn.init.normal_(net.head.head.weight, std=0.1)       # the zero-initialised head would hide everything
+    x_t, ctx = torch.randn(2, 16, 2, 4, 4), torch.randn(2, 8, 16)
+    t = torch.tensor([0.4, 1.1], dtype=torch.float64)
+    cs = torch.cos(t) * torch.sin(t)
+    dx, dt = cs.view(-1, 1, 1, 1, 1).float() * torch.randn_like(x_t), cs
+    with torch.no_grad():
+        (_, F), (_, dF) = losses.denoise(net, x_t, t, ctx, tangent=(dx, dt))
+        (_, F_ref), (_, dF_ref) = torch.func.jvp(lambda x, t: losses.denoise(net, x, t, ctx), (x_t, t), (dx, dt))
+    torch.testing.assert_close(F, F_ref, atol=1e-5, rtol=1e-5)
+    assert (dF - dF_ref).norm() / dF_ref.norm() < 1e-4
