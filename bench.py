@@ -147,7 +147,7 @@ def bench_attn(cfg: AttnBench):
         del q, k, v, tq, tk, tv, qt, kt, vt
         torch.cuda.empty_cache()
 
-    print(f"\n| shape B,L,H,D | kernel | median ms | TFLOP/s | x SDPA fwd rate | first call s | rel err |")
+    print("\n| shape B,L,H,D | kernel | median ms | TFLOP/s | x SDPA fwd rate | first call s | rel err |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for shape, name, ms, tflops, first, err in rows:
         sdpa = next(r[3] for r in rows if r[0] == shape and r[1] == "SDPA forward (default)")

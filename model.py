@@ -477,6 +477,21 @@ def read_state_dict(path, prefix=None, device="cpu", patch_size=(1, 2, 2)):
     return sd
 
 
+def check_state_dict(model: nn.Module, sd: dict, header: str):
+    """Raise one ValueError, opening with `header`, that lists every missing, unexpected and mis-shaped key of `sd`
+    against `model`'s state dict (the VAE and the text encoder load through this check too)."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    problems = {
+        "missing": sorted(expected.keys() - sd.keys()),
+        "unexpected": sorted(sd.keys() - expected.keys()),
+        "mis-shaped": [f"{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(expected[k])})"
+                       for k in sorted(expected.keys() & sd.keys()) if sd[k].shape != expected[k]]}
+    if any(problems.values()):
+        raise ValueError(header + "\n" + "\n".join(
+            f"  {len(keys)} {kind}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}"
+            for kind, keys in problems.items() if keys))
+
+
 def load_checkpoint(model: WanModel, path, *, prefix=None, dtype=None):
     """Load weights strictly into `model` (which may live on the meta device: its tensors are then replaced,
     so a big model is never materialised twice). Tensors are converted to `dtype`, or to the model's dtypes.
@@ -484,17 +499,8 @@ def load_checkpoint(model: WanModel, path, *, prefix=None, dtype=None):
     sd = read_state_dict(path, prefix, patch_size=model.cfg.patch_size)
     if dtype is not None:
         model.to(dtype)
+    check_state_dict(model, sd, f"checkpoint {path} does not match the model config:")
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    misshaped = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-                 for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
-    if missing or unexpected or misshaped:
-        lines = [f"checkpoint {path} does not match the model config:"]
-        for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                lines.append(f"  {len(keys)} {name}: " + ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else ""))
-        raise ValueError("\n".join(lines))
     sd = {k: v.to(expected[k].dtype) for k, v in sd.items()}
     on_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(sd, strict=True, assign=on_meta)

@@ -17,6 +17,8 @@ from tokenizers import Tokenizer
 import torch
 import torch.nn as nn
 
+from model import check_state_dict
+
 try:  # optional: Wan cleans prompts with ftfy; see clean_prompt for what changes without it
     import ftfy
 except ImportError:
@@ -164,16 +166,7 @@ def load_umt5(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: 
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     with torch.device("meta"):
         model = UMT5Encoder(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    problems = {
-        "missing": sorted(expected.keys() - state.keys()),
-        "unexpected": sorted(state.keys() - expected.keys()),
-        "mis-shaped": [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k])})"
-                       for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k]]}
-    if any(problems.values()):
-        raise ValueError(f"{path} does not fit UMT5Encoder({cfg}); is it the umT5-XXL encoder, and does the config match?\n"
-                         + "\n".join(f"  {len(keys)} {kind}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}"
-                                      for kind, keys in problems.items() if keys))
+    check_state_dict(model, state, f"{path} does not fit UMT5Encoder({cfg}); is it the umT5-XXL encoder, and does the config match?")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

@@ -99,7 +99,7 @@ def exact_velocity(world: World, x: torch.Tensor, timestep: torch.Tensor, contex
     """
     if timestep.ndim != 1:
         raise ValueError("exact_velocity takes one timestep per sample, [B]")
-    B, sigma = x.shape[0], world.cfg.sigma
+    sigma = world.cfg.sigma
     P, M = world.mu.shape[:2]
     mu = world.mu.flatten(2).flatten(0, 1).to(x.device, torch.float64)            # [K = P·M, d]
     s = (timestep.double() / 1000).clamp(min=1e-6, max=1.0)[:, None]               # [B, 1]

@@ -13,11 +13,9 @@ student and the critic; the "effective iteration" counts student iterations only
 state.pt (everything needed to resume exactly: rerun the same command), ema.safetensors (official key names),
 previews/ and, for the toy world, eval.json.
 """
-import dataclasses
 import functools
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

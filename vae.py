@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import check_state_dict
+
 # Per-channel statistics of the encoder mean μ; the latents the DiT sees are (μ - mean) / std.
 LATENT_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
@@ -288,15 +290,6 @@ def load_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: st
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     with torch.device("meta"):
         model = WanVAE(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    problems = {
-        "missing": sorted(expected.keys() - state.keys()),
-        "unexpected": sorted(state.keys() - expected.keys()),
-        "mis-shaped": [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k])})"
-                       for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k]]}
-    if any(problems.values()):
-        raise ValueError(f"{path} does not fit WanVAE({cfg}); is it Wan2.1_VAE.pth, and does the config match?\n"
-                         + "\n".join(f"  {len(keys)} {kind}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}"
-                                      for kind, keys in problems.items() if keys))
+    check_state_dict(model, state, f"{path} does not fit WanVAE({cfg}); is it Wan2.1_VAE.pth, and does the config match?")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)

@@ -1,7 +1,6 @@
 """parallel.py: Ulysses CP = one device (forward, tangent, gradients), FSDP2 (+CP, +activation checkpointing) training
 = one process, distributed checkpoint resume, EMA export, sharded bf16 teacher. Two CPU processes with gloo."""
 import copy
-import os
 
 import pytest
 import torch

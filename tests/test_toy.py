@@ -33,7 +33,7 @@ def test_unconditional_velocity_covers_all_prompts():
 
 def test_metrics_on_hand_made_sets():
     world = toy.make_world(SMALL)
-    M, sigma, d = len(SMALL.weights), SMALL.sigma, world.mu[0, 0].numel()
+    sigma, d = SMALL.sigma, world.mu[0, 0].numel()
     # Exact weights, every sample exactly at ρ = 1 from its mode: perfect.
     counts = [4, 3, 2, 1]
     mode = torch.tensor([m for m, c in enumerate(counts) for _ in range(c)])
