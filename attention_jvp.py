@@ -209,6 +209,7 @@ def _config(q):
     return CONFIGS.get((arch, q.shape[-1], q.element_size()), FALLBACK_CONFIG)
 
 
+@torch.compiler.disable  # torch.compile of a block (--compile) leaves the kernel launch to eager mode
 def _attention_triton(q, k, v, tq, tk, tv, scale, mask):
     """(o, to, lse) from the Triton kernel; inputs [B, L, H, D], lse [B, H, Lq] fp32."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, tq, tk, tv)):

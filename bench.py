@@ -234,6 +234,7 @@ class ModelBench:
     resolution: Literal["480p", "720p"] = "480p"
     frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
     official: Path | None = None  # a folder with the official wan/modules/{model,attention}.py (never committed here)
+    compile: bool = True  # also time ours with torch.compile of each block (first call includes compilation)
     iters: int = 10  # timed runs per entry (median reported)
 
 
@@ -264,6 +265,12 @@ def bench_model(cfg: ModelBench):
         add("ours forward (bf16 weights)", lambda: net(x, t, context), dit_flops(dit, L))
         add("ours tangent forward (bf16 weights)", lambda: net(x, t, context, tangent=(tx, tt)),
             dit_flops(dit, L, tangent=True))
+        if cfg.compile:
+            for block in net.blocks:
+                block.compile()
+            add("ours forward, compiled blocks", lambda: net(x, t, context), dit_flops(dit, L))
+            add("ours tangent forward, compiled blocks", lambda: net(x, t, context, tangent=(tx, tt)),
+                dit_flops(dit, L, tangent=True))
     del net
     if cfg.official is not None:
         official = _load_official_dit(cfg.official)
@@ -279,8 +286,12 @@ def bench_model(cfg: ModelBench):
         print(f"| {name} | {sec * 1e3:.1f} | {mem:.1f} | {tflops:.0f} | {first:.1f} |")
     times = {r[0].split(" (")[0]: r[1] for r in rows}
     print(f"tangent forward / forward = {times['ours tangent forward'] / times['ours forward']:.2f}")
+    if cfg.compile:
+        print(f"compiled: tangent forward / forward = "
+              f"{times['ours tangent forward, compiled blocks'] / times['ours forward, compiled blocks']:.2f}")
     if "official forward" in times:
-        print(f"official forward / ours = {times['official forward'] / times['ours forward']:.2f}x")
+        for ours in [n for n in times if n.startswith("ours forward")]:
+            print(f"official forward / {ours} = {times['official forward'] / times[ours]:.2f}x")
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -292,6 +303,7 @@ class SampleBench:
     frames: int = 81
     rcm_steps: int = 4
     teacher_steps: int = 50  # teacher: UniPC with CFG (2 forwards a step)
+    compile: bool = True  # also time rCM with torch.compile of each block (sample.py --compile); the teacher then too
 
 
 def bench_sample(cfg: SampleBench):
@@ -322,8 +334,19 @@ def bench_sample(cfg: SampleBench):
     z, rcm_s = runs[-1][0], sorted(r[1] for r in runs)[1]
     dit_mem = torch.cuda.max_memory_allocated() / 2**30
     print(f"rCM {cfg.rcm_steps}-step DiT: {rcm_s:.2f} s (median of 3), peak {dit_mem:.1f} GiB", flush=True)
+    rows = [(f"rCM {cfg.rcm_steps}-step DiT", rcm_s, dit_mem)]
+    if cfg.compile:
+        for block in net.blocks:
+            block.compile()
+        _, first = timed(lambda: generate_latents(net, context, neg, (16, T, H, W), rcm, g))
+        runs = [timed(lambda: generate_latents(net, context, neg, (16, T, H, W), rcm, g)) for _ in range(3)]
+        rcm_s = sorted(r[1] for r in runs)[1]
+        rows.append((f"rCM {cfg.rcm_steps}-step DiT, compiled blocks (first call {first:.0f} s)", rcm_s, None))
+        print(f"{rows[-1][0]}: {rcm_s:.2f} s (median of 3)", flush=True)
     _, teacher_s = timed(lambda: generate_latents(net, context, neg, (16, T, H, W), teacher, g))
-    print(f"teacher {cfg.teacher_steps}-step UniPC + CFG DiT: {teacher_s:.1f} s", flush=True)
+    rows.append((f"teacher {cfg.teacher_steps}-step UniPC + CFG DiT" + (", compiled" if cfg.compile else ""),
+                 teacher_s, None))
+    print(f"{rows[-1][0]}: {teacher_s:.1f} s", flush=True)
     del net
     torch.cuda.empty_cache()
     vae_rows = {}
@@ -335,12 +358,12 @@ def bench_sample(cfg: SampleBench):
         video, sec = timed(lambda: decode(vae, z))
         vae_rows[dtype] = (sec, torch.cuda.max_memory_allocated() / 2**30)
         print(f"VAE decode ({dtype}) of {video.shape[1]} frames: {sec:.2f} s, peak {vae_rows[dtype][1]:.1f} GiB")
+        rows.append((f"VAE decode ({str(dtype)[6:]})", sec, vae_rows[dtype][1]))
         del vae
     vae_s = vae_rows[torch.float32][0]
-    print(f"\n| step | time s | peak GiB |\n|---|---:|---:|\n| rCM {cfg.rcm_steps}-step DiT | {rcm_s:.2f} | {dit_mem:.1f} |"
-          f"\n| teacher {cfg.teacher_steps}-step + CFG DiT | {teacher_s:.1f} | |")
-    for dtype, (sec, mem) in vae_rows.items():
-        print(f"| VAE decode ({str(dtype)[6:]}) | {sec:.2f} | {mem:.1f} |")
+    print("\n| step | time s | peak GiB |\n|---|---:|---:|")
+    for name, sec, mem in rows:
+        print(f"| {name} | {sec:.2f} | {'' if mem is None else f'{mem:.1f}'} |")
     print(f"speed-up of rCM {cfg.rcm_steps}-step over teacher {cfg.teacher_steps}-step + CFG (DiT): "
           f"{teacher_s / rcm_s:.1f}x; end to end with the VAE: {(teacher_s + vae_s) / (rcm_s + vae_s):.1f}x")
 

@@ -73,6 +73,7 @@ class Config:
     shard_dir: Path | None = None  # also write latent.pt / embed.pt / prompt.txt webdataset shards here
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # DiT weights (the T5 runs in bf16 and the VAE in fp32, as Wan's)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the DiT, T5 and VAE run
+    compile: bool = False  # torch.compile each DiT block (fuses the fp32 norm/modulation glue; the first video compiles)
     toy: bool = False  # sample the toy world of `train_rcm.py toy` instead: its prompts, no T5/VAE, a grid mp4
     world: ToyConfig = field(default_factory=ToyConfig)  # --toy: the world the checkpoint was trained on
     toy_dit: WanConfig = TOY_DIT  # --toy: the DiT architecture of the checkpoint (train_rcm.py's --dit)
@@ -263,7 +264,11 @@ def load_dit(arch, cfg: Config) -> WanModel:
     except ValueError as e:
         hint = "a checkpoint of `train_rcm.py toy`" if cfg.toy else f"a {cfg.model} checkpoint (else set --model)"
         raise ValueError(f"{e}\nIs --dit-path {hint}?") from None
-    return net.to(cfg.device).eval().requires_grad_(False)
+    net = net.to(cfg.device).eval().requires_grad_(False)
+    if cfg.compile:
+        for block in net.blocks:
+            block.compile()
+    return net
 
 
 def embed_texts(cfg: Config, prompts: list[str]):
