@@ -2,6 +2,9 @@
 
     v = model(x, t, context)                              x [B,C,F,H,W]; t [B] or per-frame [B,F] (= 1000·σ)
     v, tv = model(x, t, context, tangent=(tx, tt))        tv = directional derivative of v along (tx, tt)
+    v = model(x, t, context, chunks=(3, 3, 3))            block-causal: chunk c sees the frames of chunks ≤ c
+    v = model(torch.cat([x0, xs], 2), t, context, chunks=c, teacher_forcing=True)   [clean | noisy] packed
+    v = model(x_chunk, t, context, kv_cache=cache)        streaming: one chunk against the cached past chunks
 
 The velocity is v = ε − x0 for x_σ = (1−σ)·x0 + σ·ε. The tangent path is forward-mode differentiation written
 layer by layer: every helper below maps a primal and its tangent, (h, th), to (out, tout), with th = None when no
@@ -11,12 +14,18 @@ call the tangent forward under `torch.no_grad()`. Attention and its JVP go throu
 Precision follows the official mixed-precision recipe whatever the weights' dtype: the time embedding, the
 modulation, the gates, the residual stream, the norms and the head run in fp32; the block matmuls and attention run
 in the dtype of the block weights (fp32 reproduces the official outputs; bf16 is the training/sampling mode).
+
+The causal mode (Causal-rCM, causal_rcm.md) changes only which keys a query sees and which frame index RoPE gives
+a token: a clip is cut into chunks of latent frames, attention is masked at chunk granularity (attention_jvp's
+ChunkMask, in the forward, the tangent and the with-grad passes), and at inference a KVCache holds the keys and
+values of the chunks already generated, so each new chunk costs a forward over its own tokens only.
 """
 import functools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -24,7 +33,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
-from attention_jvp import attention
+from attention_jvp import attention, block_causal, teacher_forcing
 from parallel import gather_tokens, shard_tokens, token_layout, ulysses_attention
 
 
@@ -183,6 +192,160 @@ def rope(h, freqs):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The causal mode: chunks of latent frames and a KV cache of the past chunks.
+# ----------------------------------------------------------------------------------------------------------------
+
+def chunk_frames(num_frames: int, first_chunk_t: int, chunk_t: int) -> tuple[int, ...]:
+    """Latent frames per chunk, (first_chunk_t, chunk_t, ..., remainder), summing to num_frames.
+    E.g. 21 frames: (3, 3) -> seven chunks of 3 (chunk-wise), (1, 1) -> 21 of 1 (frame-wise), (1, 4) -> 1 + 5·4."""
+    if min(num_frames, first_chunk_t, chunk_t) < 1:
+        raise ValueError(f"frames and chunk sizes must be positive, got {num_frames} frames, chunks "
+                         f"first_chunk_t={first_chunk_t}, chunk_t={chunk_t}")
+    first = min(first_chunk_t, num_frames)
+    rest = num_frames - first
+    return (first,) + (chunk_t,) * (rest // chunk_t) + ((rest % chunk_t,) if rest % chunk_t else ())
+
+
+def quantize(x, kind: str, scale_by: str, frame_tokens: int):
+    """x [B,L,H,D] -> (codes, scale) with x ≈ codes·scale. kind "int8" (round(x/s), s = amax/127) or "fp8" (e4m3,
+    s = amax/448). scale_by "token": one scale per token and head (amax over D) -> scale [B,L,H,1]; "channel": one
+    per channel over each frame's tokens (outlier channels of keys get their own range) -> scale [B,L/frame_tokens,H,D]."""
+    x = x.float()
+    if scale_by == "token":
+        amax = x.abs().amax(-1, keepdim=True)
+    else:
+        amax = x.unflatten(1, (-1, frame_tokens)).abs().amax(2)
+    top = 127.0 if kind == "int8" else 448.0
+    scale = amax.clamp(min=1e-12) / top
+    y = x / (scale if scale_by == "token" else scale.repeat_interleave(frame_tokens, 1))
+    codes = y.round().clamp(-127, 127).to(torch.int8) if kind == "int8" else y.to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def dequantize(codes, scale, frame_tokens: int, dtype):
+    """The inverse of `quantize`, in `dtype`."""
+    if scale.shape[-1] == 1:  # per token
+        return (codes.float() * scale).to(dtype)
+    return (codes.float().unflatten(1, (-1, frame_tokens)) * scale[:, :, None]).flatten(1, 2).to(dtype)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What a KVCache keeps and how. Frames are latent frames; chunks are evicted whole, oldest first."""
+    max_frames: int  # frames kept: beyond this the oldest non-sink chunks are evicted (a sliding window)
+    sink_chunks: int = 0  # the first chunks are never evicted (attention sinks)
+    rope: Literal["after", "before"] = "after"  # cache keys after RoPE (absolute positions) or before it (positions
+    #   re-indexed contiguously at every read, so they stay below max_frames + one chunk: within the trained range)
+    quant: Literal["none", "int8", "fp8"] = "none"  # store keys and values as int8 or fp8 e4m3 codes with scales
+    scale: Literal["token", "channel"] = "token"  # quantisation scale per token, or per channel over each frame
+
+
+class KVCache:
+    """Keys and values of the past chunks for every block, preallocated: [B, capacity tokens, H, D] per block,
+    capacity = max_frames + max_chunk_t frames (the chunk being appended lands behind the kept frames, then the
+    window slides). Under Ulysses context parallelism each rank holds its head shard (H/P heads, all tokens).
+
+    State: `chunks` (frames of each cached chunk, oldest first), `frames` (their sum), `position` (the RoPE frame
+    index the next chunk gets: frames appended so far with keys after RoPE, `frames` with keys before RoPE).
+    """
+
+    def __init__(self, net: "WanModel", batch: int, frame_tokens: int, cfg: CacheConfig, max_chunk_t: int,
+                 device=None, dtype=None):
+        if cfg.max_frames < 1 or max_chunk_t < 1 or cfg.sink_chunks < 0:
+            raise ValueError(f"a KV cache needs max_frames ≥ 1, max_chunk_t ≥ 1 and sink_chunks ≥ 0, got {cfg}, "
+                             f"max_chunk_t={max_chunk_t}")
+        weight = net.blocks[0].self_attn.q.weight
+        device = weight.device if device is None else device
+        self.dtype = weight.dtype if dtype is None else dtype  # what the cached keys are read back as
+        self.cfg, self.frame_tokens, self.max_chunk_t = cfg, frame_tokens, max_chunk_t
+        P = 1 if net.cp_group is None else net.cp_group.size()
+        heads, head_dim = net.cfg.num_heads // P, net.cfg.dim // net.cfg.num_heads
+        capacity = cfg.max_frames + max_chunk_t
+        shape = (batch, capacity * frame_tokens, heads, head_dim)
+        store = {"none": self.dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[cfg.quant]
+        self.k, self.v = ([torch.empty(shape, dtype=store, device=device) for _ in net.blocks] for _ in range(2))
+        self.k_scale = self.v_scale = None
+        if cfg.quant != "none":
+            scale_shape = (batch, capacity * frame_tokens, heads, 1) if cfg.scale == "token" else \
+                (batch, capacity, heads, head_dim)
+            self.k_scale, self.v_scale = ([torch.empty(scale_shape, device=device) for _ in net.blocks]
+                                          for _ in range(2))
+        self.rope_tables = None  # set by WanModel.forward for each call: RoPE of [kept frames | this chunk]
+        self.reset()
+
+    def reset(self):
+        """Forget every chunk (the buffers are reused)."""
+        self.chunks, self.appended = [], 0
+
+    @property
+    def frames(self) -> int:
+        return sum(self.chunks)
+
+    @property
+    def position(self) -> int:
+        return self.appended if self.cfg.rope == "after" else self.frames
+
+    def nbytes(self) -> int:
+        bufs = self.k + self.v + (self.k_scale + self.v_scale if self.k_scale is not None else [])
+        return sum(b.numel() * b.element_size() for b in bufs)
+
+    def _read(self, store, scale, n):
+        if scale is None:
+            return store[:, :n]
+        return dequantize(store[:, :n], scale[:, :n if self.cfg.scale == "token" else n // self.frame_tokens],
+                          self.frame_tokens, self.dtype)
+
+    def _write(self, store, scale, n, x):
+        if scale is None:
+            store[:, n:n + x.shape[1]] = x
+            return
+        codes, s = quantize(x, self.cfg.quant, self.cfg.scale, self.frame_tokens)
+        store[:, n:n + x.shape[1]] = codes
+        f = self.frame_tokens if self.cfg.scale == "channel" else 1
+        scale[:, n // f:(n + x.shape[1]) // f] = s
+
+    def extend(self, block: int, k, v, append: bool):
+        """Keys/values of a chunk, k (before RoPE) and v [B,Lc,H,D], -> those of [cached frames | chunk] with RoPE
+        applied, in the cache dtype. append: also store the chunk's (detached) in this block's buffers."""
+        n, Lc = self.frames * self.frame_tokens, k.shape[1]
+        freqs = self.rope_tables  # [n + Lc, 1, D/2] with keys before RoPE, [Lc, 1, D/2] after
+        k_new = rope(k, freqs[-Lc:]).to(self.dtype)
+        k_past = self._read(self.k[block], None if self.k_scale is None else self.k_scale[block], n)
+        if self.cfg.rope == "before":
+            k_past = rope(k_past, freqs[:n]).to(self.dtype)
+        v_past = self._read(self.v[block], None if self.v_scale is None else self.v_scale[block], n)
+        if append:
+            self._write(self.k[block], None if self.k_scale is None else self.k_scale[block], n,
+                        (k if self.cfg.rope == "before" else k_new).detach())
+            self._write(self.v[block], None if self.v_scale is None else self.v_scale[block], n, v.detach())
+        return torch.cat([k_past, k_new], 1), torch.cat([v_past, v.to(self.dtype)], 1)
+
+    def commit(self, chunk_t: int):
+        """After an appending forward: the chunk written by every block joins the cache; then the window slides,
+        evicting the oldest chunks after the sinks until at most max_frames frames remain."""
+        self.chunks.append(chunk_t)
+        self.appended += chunk_t
+        first = self.cfg.sink_chunks
+        drop = 0
+        while self.frames - sum(self.chunks[first:first + drop]) > self.cfg.max_frames:
+            drop += 1
+            if first + drop >= len(self.chunks):
+                raise ValueError(f"the KV cache cannot keep {self.cfg.sink_chunks} sink chunk(s) and the newest chunk "
+                                 f"within max_frames={self.cfg.max_frames} (chunks {self.chunks}): raise max_frames")
+        if drop == 0:
+            return
+        ft = self.frame_tokens
+        start, end = sum(self.chunks[:first]), sum(self.chunks[:first + drop])
+        kept = self.frames - end
+        for bufs, per_frame in ((self.k, False), (self.v, False), (self.k_scale, self.cfg.scale == "channel"),
+                                (self.v_scale, self.cfg.scale == "channel")):
+            f = 1 if per_frame else ft
+            for b in bufs or []:  # move the newer frames down over the evicted ones (clone: the ranges overlap)
+                b[:, start * f:(start + kept) * f] = b[:, end * f:(end + kept) * f].clone()
+        del self.chunks[first:first + drop]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Modules. They hold the parameters under the official names; the math is in the helpers above.
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -206,20 +369,29 @@ class SelfAttention(nn.Module):
     def heads(self, h):
         return None if h is None else h.unflatten(-1, (self.num_heads, -1))
 
-    def forward(self, h, th, freqs, cp=None):
+    def forward(self, h, th, freqs, cp=None, mask=None, kv=None):
         """h [B,L,dim] (fp32) -> [B,L,dim]. RoPE on q and k, softmax attention with scale 1/√head_dim.
-        With context parallelism (cp, a parallel.TokenLayout) h holds this rank's tokens and attention is Ulysses'."""
+        With context parallelism (cp, a parallel.TokenLayout) h holds this rank's tokens and attention is Ulysses'.
+        mask: an attention_jvp.ChunkMask over the whole sequence (causal mode). kv: with a KV cache, a function
+        (chunk keys before RoPE, values) -> keys and values of [cached frames | chunk] (KVCache.extend of this
+        block); the keys are rotated there, since with keys cached before RoPE the past is rotated at every read."""
         attend = attention if cp is None else functools.partial(ulysses_attention, cp=cp)
         dtype = self.q.weight.dtype
         h, th = h.to(dtype), None if th is None else th.to(dtype)  # cast once for q, k and v
         q, tq = self.qk_norm(*linear(h, th, self.q), self.norm_q)
         k, tk = self.qk_norm(*linear(h, th, self.k), self.norm_k)
         v, tv = linear(h, th, self.v)
-        q, tq, k, tk = (rope(self.heads(a), freqs) for a in (q, tq, k, tk))
-        q, k, v = q.to(dtype), k.to(dtype), self.heads(v)
+        q, tq, v = rope(self.heads(q), freqs), rope(self.heads(tq), freqs), self.heads(v)
+        if kv is not None:  # queries of this chunk against [cache | chunk]: a dense rectangle, no mask
+            with_past = lambda q, k, v, *no_tangents: attention(q, *kv(k, v))
+            o = with_past(q.to(dtype), self.heads(k), v) if cp is None else \
+                ulysses_attention(q.to(dtype), self.heads(k), v, cp=cp, attend=with_past)
+            return linear(o.flatten(2), None, self.o)
+        k, tk = rope(self.heads(k), freqs), rope(self.heads(tk), freqs)
+        q, k = q.to(dtype), k.to(dtype)
         if th is None:
-            return linear(attend(q, k, v).flatten(2), None, self.o)
-        o, to = attend(q, k, v, tq.to(dtype), tk.to(dtype), self.heads(tv))
+            return linear(attend(q, k, v, mask=mask).flatten(2), None, self.o)
+        o, to = attend(q, k, v, tq.to(dtype), tk.to(dtype), self.heads(tv), mask=mask)
         return linear(o.flatten(2), to.flatten(2), self.o)
 
 
@@ -261,14 +433,15 @@ class WanAttentionBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, tx, e0, te0, freqs, context, context_img, cp=None):
-        """x [B,L,dim] fp32 residual stream; e0 [B,Fe,6,dim] fp32 time projection (per frame when Fe = F)."""
+    def forward(self, x, tx, e0, te0, freqs, context, context_img, cp=None, mask=None, kv=None):
+        """x [B,L,dim] fp32 residual stream; e0 [B,Fe,6,dim] fp32 time projection (per frame when Fe = F);
+        cp, mask, kv: see SelfAttention.forward."""
         m = self.modulation.float() + e0
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = m.unbind(2)
         tm = (None,) * 6 if te0 is None else te0.unbind(2)
 
         h, th = modulate(*layer_norm(x, tx, self.eps), shift_sa, tm[0], scale_sa, tm[1])
-        y, ty = self.self_attn(h, th, freqs, cp)
+        y, ty = self.self_attn(h, th, freqs, cp, mask, kv)
         x, tx = gate(x, tx, y, ty, gate_sa, tm[2])
 
         h, th = (x, tx) if self.norm3 is None else layer_norm(x, tx, self.eps, self.norm3.weight, self.norm3.bias)
@@ -378,19 +551,32 @@ class WanModel(nn.Module):
         unflat = lambda a: None if a is None else a.unflatten(-1, (6, self.cfg.dim))
         return e, te, unflat(e0), unflat(te0)
 
-    def rope(self, grid, device):
-        key = (tuple(grid), str(device))
+    def rope(self, frames, hw, device, frame_offset=0):
+        """RoPE tables [frames·H'·W', 1, head_dim/2] of frames from index `frame_offset`, memoised (a few at a time:
+        streaming with keys cached after RoPE moves the offset with every chunk)."""
+        key = (frames, tuple(hw), str(device), frame_offset)
         if key not in self._rope_cache:
-            self._rope_cache[key] = rope_tables(grid, self.cfg.dim // self.cfg.num_heads, device)
+            if len(self._rope_cache) >= 64:
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope_tables((frames, *hw), self.cfg.dim // self.cfg.num_heads, device, frame_offset)
         return self._rope_cache[key]
 
     # --- forward ------------------------------------------------------------------------------------------------
 
-    def forward(self, x, t, context, *, y=None, clip_fea=None, tangent=None):
+    def forward(self, x, t, context, *, y=None, clip_fea=None, tangent=None, chunks=None, teacher_forcing=False,
+                kv_cache=None, kv_append=False, frame_offset=0):
         """Velocity v [B,out_dim,F,H,W] (fp32), or (v, tv) when tangent=(tx, tt) is given.
 
         x [B,in_dim(−20 for I2V),F,H,W]; t [B] or [B,F] timesteps 1000·σ; context: see `embed_context`;
         y [B,20,F,H,W] and clip_fea [B,257,1280] for I2V. tx has x's shape, tt has t's shape.
+        The causal mode (causal_rcm.md; with no causal argument attention is bidirectional):
+        - chunks: latent frames per chunk (e.g. chunk_frames(F, 3, 3)): block-causal attention over the clip.
+        - teacher_forcing (with chunks): x = torch.cat([clean, noisy], 2) packs two copies of a sum(chunks)-frame
+          clip; noisy chunk c sees the clean chunks < c and itself, clean chunk c sees the clean chunks ≤ c; both
+          copies of a frame get its RoPE frame index. For the sCM tangent pass zero tx, tt on the clean half.
+        - kv_cache (a KVCache): x is the next chunk; it attends [cached frames | itself] from RoPE frame
+          kv_cache.position. kv_append: the chunk's keys and values then join the cache (it may slide). No tangent.
+        - frame_offset: the RoPE frame index of x's first frame (without kv_cache).
         """
         cfg = self.cfg
         tx, tt = (None, None) if tangent is None else tangent
@@ -403,6 +589,8 @@ class WanModel(nn.Module):
         grid = (T // pt, H // ph, W // pw)
         if t.ndim == 2 and t.shape[1] != grid[0]:
             raise ValueError(f"per-frame t has {t.shape[1]} entries but the clip has {grid[0]} latent frames")
+        mask, freqs = self.causal_layout(grid, x.device, chunks, teacher_forcing, kv_cache, kv_append, frame_offset,
+                                         B, tangent is not None)
 
         if y is not None:
             x = torch.cat([x, y], dim=1)
@@ -421,18 +609,54 @@ class WanModel(nn.Module):
             both = torch.cat([self.embed_clip(clip_fea), context], dim=1)
             n_img = both.shape[1] - 512  # Python slicing, as the official code, also when this is negative
             context_img, context = both[:, :n_img], both[:, n_img:]
-        freqs = self.rope(grid, x.device)
         cp = None if self.cp_group is None else token_layout(self.cp_group, grid[0], grid[1] * grid[2], x.device)
         if cp is not None:  # this rank keeps its slice of every frame's tokens (see parallel.py)
             x, tx, freqs = shard_tokens(x, cp), shard_tokens(tx, cp), shard_tokens(freqs, cp, dim=0)
-        for block in self.blocks:
-            x, tx = block(x, tx, e0, te0, freqs, context, context_img, cp)
+        for i, block in enumerate(self.blocks):
+            kv = None if kv_cache is None else functools.partial(kv_cache.extend, i, append=kv_append)
+            x, tx = block(x, tx, e0, te0, freqs, context, context_img, cp, mask, kv)
+        if kv_append:
+            kv_cache.commit(grid[0])
 
         h, th = self.head(x, tx, e, te)
         if cp is not None:
             h, th = gather_tokens(h, cp), gather_tokens(th, cp)
         v = self.unpatchify(h, grid)
         return v if tangent is None else (v, self.unpatchify(th, grid))
+
+    def causal_layout(self, grid, device, chunks, tf, kv_cache, kv_append, frame_offset, batch, tangent):
+        """The attention mask (None or a ChunkMask) and the RoPE tables of the queries for forward's causal
+        arguments, each checked; with a KV cache also the tables of its keys (kv_cache.rope_tables)."""
+        frames, hw = grid[0], grid[1:]
+        frame_tokens = hw[0] * hw[1]
+        if kv_cache is None:
+            if kv_append:
+                raise ValueError("kv_append=True needs a kv_cache to append to")
+            if chunks is None:
+                if tf:
+                    raise ValueError("teacher_forcing=True needs chunks=(frames per chunk, ...) of the clip")
+                return None, self.rope(frames, hw, device, frame_offset)
+            clip = frames // 2 if tf else frames
+            if sum(chunks) != clip or (tf and frames % 2):
+                raise ValueError(f"chunks {tuple(chunks)} cover {sum(chunks)} latent frames, but x holds {frames}"
+                                 + (" = [clean | noisy] copies of the clip" if tf else "")
+                                 + f": the chunks must add up to {'half of ' if tf else ''}the frames")
+            tokens = [c * frame_tokens for c in chunks]
+            if not tf:
+                return block_causal(tokens), self.rope(frames, hw, device, frame_offset)
+            copy = self.rope(clip, hw, device, frame_offset)  # a frame's clean and noisy copies share its index
+            return teacher_forcing(tokens), torch.cat([copy, copy])
+        if chunks is not None or tf or tangent or frame_offset:
+            raise ValueError("with a kv_cache x is one chunk: pass no chunks, teacher_forcing, tangent or "
+                             "frame_offset (the cache decides the RoPE position)")
+        if (kv_cache.frame_tokens, kv_cache.k[0].shape[0]) != (frame_tokens, batch) or frames > kv_cache.max_chunk_t:
+            raise ValueError(f"the KV cache was built for batch {kv_cache.k[0].shape[0]}, {kv_cache.frame_tokens} "
+                             f"tokens per frame and chunks of ≤ {kv_cache.max_chunk_t} frames; this chunk has batch "
+                             f"{batch}, {frame_tokens} tokens per frame, {frames} frames: build a KVCache to match")
+        freqs = self.rope(frames, hw, device, kv_cache.position)
+        kv_cache.rope_tables = freqs if kv_cache.cfg.rope == "after" else \
+            self.rope(kv_cache.frames + frames, hw, device)
+        return None, freqs
 
 
 # ----------------------------------------------------------------------------------------------------------------
