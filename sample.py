@@ -3,6 +3,7 @@
     python sample.py --dit-path rCM_Wan2.1_T2V_1.3B_480p.pt --prompt "a corgi surfing a wave at sunset"
     python sample.py --mode teacher --dit-path Wan2.1-T2V-1.3B --prompts-file prompts.txt --shard-dir my_latents/
     python sample.py --toy --dit-path runs/toy/ema.safetensors --num-samples 8
+    python sample.py --causal --dit-path causal_student.safetensors --prompt "..." --steps-per-chunk 2
 
 In the order it runs: the prompts (and, for the teacher, the negative prompt) go through umT5 once and the encoder is
 freed; for each video, noise ε drawn from seed + index becomes latents through the DiT (rCM: the few-step consistency
@@ -10,6 +11,10 @@ sampler of losses.py, no CFG; teacher: UniPC or Euler on Wan's shifted flow-matc
 them to pixels, written as an mp4 at 16 fps. `generate_latents` and `decode` are the core: they take modules and
 tensors, no files, so bench.py times them with random weights. With --shard-dir the latents, text embeddings and
 prompts are also written as webdataset shards in the format data.py reads: a synthetic training set.
+
+With --causal (a Causal-rCM student) the video is streamed: chunk by chunk of latent frames, each denoised in a few
+steps against a KV cache of the chunks before it (`stream_latents`), and decoded by the causal VAE as soon as it is
+done, with a report of the first-chunk latency, the per-chunk latency and FPS = frames / (DiT time + VAE time).
 """
 import math
 import time
@@ -24,7 +29,7 @@ from tqdm import tqdm
 
 from data import write_shards
 from losses import denoise, euler_sample, rcm_sample, sampling_times, shift_time
-from model import CONFIGS, WanConfig, WanModel, load_checkpoint
+from model import CONFIGS, CacheConfig, KVCache, WanConfig, WanModel, chunk_frames, load_checkpoint
 from text_encoder import UMT5Config, encode_prompts, load_tokenizer, load_umt5
 from toy import TOY_DIT, ToyConfig, make_world, metrics, save_grid
 from vae import VAEConfig, load_vae
@@ -51,6 +56,23 @@ class Sampler:
     guidance: float = 5.0                    # teacher: CFG weight w, v = v_neg + w·(v_cond − v_neg); 1 turns CFG off
 
 
+@dataclass(frozen=True)
+class Streaming:
+    """--causal: chunk-by-chunk generation with a KV cache (causal_rcm.md, "Streaming inference")."""
+    first_chunk_t: int = 3  # latent frames of the first chunk (1 with chunk_t 1: frame-wise)
+    chunk_t: int = 3  # latent frames of every later chunk
+    steps_per_chunk: tuple[int, ...] = (2,)  # steps of chunk i: the i-th entry, the last one repeating (e.g. 4 2)
+    s0: float = 1600 / 1601  # first rectified-flow time of each chunk (σ_max = 1600)
+    mid_s: tuple[float, ...] = (15 / 16, 5 / 6, 5 / 8)  # times of the later steps: an n-step chunk uses mid_s[:n − 1]
+    noisy_context: bool = False  # the last step's noisy input appends its K/V, instead of a clean pass at s = 0
+    window_frames: int | None = None  # KV cache: keep at most this many latent frames (sliding window); default all
+    sink_chunks: int = 1  # KV cache: with a window, the first chunks are never evicted
+    kv_rope: Literal["after", "before"] = "after"  # cache keys after RoPE, or before it (a window then re-indexes
+    #   the kept frames contiguously, so positions stay within window + chunk frames: the trained range)
+    kv_quant: Literal["none", "int8", "fp8"] = "none"  # store the KV cache as int8 or fp8 e4m3 codes with scales
+    kv_scale: Literal["token", "channel"] = "token"  # quantisation scale per token, or per channel over each frame
+
+
 @dataclass
 class Config:
     """Sample videos from a Wan2.1 T2V DiT (the rCM student or the teacher), or from a toy-world checkpoint (--toy)."""
@@ -74,6 +96,8 @@ class Config:
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # DiT weights (the T5 runs in bf16 and the VAE in fp32, as Wan's)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the DiT, T5 and VAE run
     compile: bool = False  # torch.compile each DiT block (fuses the fp32 norm/modulation glue; the first video compiles)
+    causal: bool = False  # stream a Causal-rCM student chunk by chunk with a KV cache (see --first-chunk-t ...)
+    streaming: Annotated[Streaming, tyro.conf.OmitArgPrefixes] = Streaming()
     toy: bool = False  # sample the toy world of `train_rcm.py toy` instead: its prompts, no T5/VAE, a grid mp4
     world: ToyConfig = field(default_factory=ToyConfig)  # --toy: the world the checkpoint was trained on
     toy_dit: WanConfig = TOY_DIT  # --toy: the DiT architecture of the checkpoint (train_rcm.py's --dit)
@@ -175,10 +199,87 @@ def generate_latents(net, context, neg_context, shape: tuple[int, int, int, int]
 
 
 @torch.no_grad()
-def decode(vae, z: torch.Tensor) -> torch.Tensor:
-    """Latents [B, 16, T, h, w] -> video frames uint8 [B, 1 + 4(T − 1), 8h, 8w, 3]."""
-    video = vae.decode(z).clamp(-1, 1)
+def decode(vae, z: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    """Latents [B, 16, T, h, w] -> video frames uint8 [B, 1 + 4(T − 1), 8h, 8w, 3]. Streaming: pass one `cache` dict
+    to the calls on consecutive latent chunks of a clip (the clip's first latent frame gives 1 frame, later ones 4)."""
+    video = vae.decode(z, cache).clamp(-1, 1)
     return ((video + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+
+# ----------------------------------------------------------------------------------------- causal streaming
+def chunk_times(st: Streaming, num_chunks: int) -> list[list[float]]:
+    """The rectified-flow times [s_0, s_1, ..., s_{n−1}] of each chunk's steps (the last step goes to s = 0)."""
+    steps = [st.steps_per_chunk[min(i, len(st.steps_per_chunk) - 1)] for i in range(num_chunks)]
+    return [[st.s0, *st.mid_s[:n - 1]] for n in steps]
+
+
+def stream_cache(net, batch: int, shape: tuple[int, int, int, int], st: Streaming) -> KVCache:
+    """A KV cache for streaming clips of latent shape (C, T, H, W): the whole clip's past, or --window-frames."""
+    chunks = chunk_frames(shape[1], st.first_chunk_t, st.chunk_t)
+    max_frames = shape[1] - chunks[-1] if st.window_frames is None else st.window_frames
+    ph, pw = net.cfg.patch_size[1:]
+    cfg = CacheConfig(max(1, max_frames), st.sink_chunks if st.window_frames else 0, st.kv_rope, st.kv_quant,
+                      st.kv_scale)
+    return KVCache(net, batch, (shape[2] // ph) * (shape[3] // pw), cfg, max(chunks))
+
+
+@torch.no_grad()
+def stream_latents(net, context, shape: tuple[int, int, int, int], chunks, times, cache: KVCache,
+                   generator: torch.Generator, noisy_context: bool = False):
+    """Causal-rCM streaming: yields each chunk's latents [B, C, Tc, H, W] (fp32) as soon as it is denoised.
+
+    For chunk i with times s = times[i]: x = s_0·ε; each step v = net(x, 1000·s_k) reading the cache, x̂0 = x − s_k·v,
+    x = (1 − s_{k+1})·x̂0 + s_{k+1}·ε_k with fresh noise (s_n = 0 ends the chunk at x̂0). Then the chunk's K/V join the
+    cache: a clean pass on x̂0 at s = 0, run when the next chunk is asked for (so decoding this one need not wait), or,
+    with noisy_context, the last step's own pass on its noisy input (one forward less per chunk).
+    """
+    C, _, H, W = shape
+    B, device = len(context), generator.device
+    cache.reset()
+    for i, (Tc, s) in enumerate(zip(chunks, times)):
+        x = s[0] * torch.randn((B, C, Tc, H, W), generator=generator, device=device)
+        for k, s_k in enumerate(s):
+            last = k == len(s) - 1
+            v = net(x, torch.full((B,), 1000 * s_k, device=device), context, kv_cache=cache,
+                    kv_append=noisy_context and last)
+            x0 = x - s_k * v.float()
+            if not last:
+                x = (1 - s[k + 1]) * x0 + s[k + 1] * torch.randn(x0.shape, generator=generator, device=device)
+        yield x0
+        if not noisy_context and i < len(chunks) - 1:
+            net(x0, torch.zeros(B, device=device), context, kv_cache=cache, kv_append=True)
+
+
+def stream_video(net, vae, context, shape: tuple[int, int, int, int], st: Streaming, generator: torch.Generator,
+                 cache: KVCache | None = None):
+    """Stream B videos (B = len(context)): each chunk's latents are decoded as soon as they exist.
+    Returns latents [B, C, T, H, W], frames uint8 [B, F, 8H, 8W, 3] (None without a vae) and, per chunk, the seconds
+    (DiT, VAE) it waited for (the clean pass of chunk i counts in chunk i + 1's DiT time)."""
+    chunks = chunk_frames(shape[1], st.first_chunk_t, st.chunk_t)
+    cache = stream_cache(net, len(context), shape, st) if cache is None else cache
+    stream = stream_latents(net, context, shape, chunks, chunk_times(st, len(chunks)), cache, generator,
+                            st.noisy_context)
+    device = generator.device
+    zs, videos, seconds, vae_cache = [], [], [], {}
+    t0 = now(device)
+    for z in stream:
+        t1 = now(device)
+        if vae is not None:
+            videos.append(decode(vae, z, vae_cache))
+        t2 = now(device)
+        zs.append(z)
+        seconds.append((t1 - t0, t2 - t1))
+        t0 = t2
+    return torch.cat(zs, 2), torch.cat(videos, 1) if videos else None, seconds
+
+
+def stream_report(seconds: list[tuple[float, float]], frames: int) -> str:
+    """First-chunk latency, mean latency of the later chunks, and FPS = frames / (DiT + VAE seconds)."""
+    dit, vae = sum(s[0] for s in seconds), sum(s[1] for s in seconds)
+    later = [sum(s) for s in seconds[1:]]
+    per_chunk = f", later chunks {sum(later) / len(later):.3f} s each" if later else ""
+    return (f"first chunk {sum(seconds[0]):.3f} s (DiT {seconds[0][0]:.3f} + VAE {seconds[0][1]:.3f}){per_chunk}; "
+            f"DiT {dit:.2f} s + VAE {vae:.2f} s for {frames} frames = {frames / (dit + vae):.1f} FPS")
 
 
 def write_mp4(frames: torch.Tensor, path: Path):
@@ -224,6 +325,15 @@ def check(cfg: Config):
                          f", got --steps {steps}: lower --steps, or give one more --mid-t time per extra step")
     if cfg.num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {cfg.num_samples}")
+    if cfg.causal:
+        st = cfg.streaming
+        if s.mode != "rcm":
+            raise ValueError("--causal streams a distilled Causal-rCM student: drop --mode teacher")
+        if not st.steps_per_chunk or not all(1 <= n <= len(st.mid_s) + 1 for n in st.steps_per_chunk):
+            raise ValueError(f"--steps-per-chunk {' '.join(map(str, st.steps_per_chunk))}: each must be 1..."
+                             f"{len(st.mid_s) + 1} (one --mid-s time per step after the first)")
+        if min(st.first_chunk_t, st.chunk_t) < 1 or (st.window_frames is not None and st.window_frames < 1):
+            raise ValueError("--first-chunk-t, --chunk-t and --window-frames must be positive latent frame counts")
     files = [("--dit-path", cfg.dit_path, "the DiT weights")]
     if cfg.prompts_file is not None:
         files.append(("--prompts-file", cfg.prompts_file, "one prompt per line"))
@@ -315,10 +425,15 @@ def sample_wan(cfg: Config):
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(cfg.num_samples)]
     s = cfg.sampler
     calls_per_video = num_steps(s) * (2 if s.mode == "teacher" and s.guidance != 1 else 1)
+    if cfg.causal:
+        chunks = chunk_frames(shape[1], cfg.streaming.first_chunk_t, cfg.streaming.chunk_t)
+        calls_per_video = (sum(map(len, chunk_times(cfg.streaming, len(chunks))))
+                           + (0 if cfg.streaming.noisy_context else len(chunks) - 1))
     bar = tqdm(total=len(jobs) * calls_per_video, unit="DiT call")
+    cache = stream_cache(net, 1, shape, cfg.streaming) if cfg.causal else None  # preallocated once, reset per video
 
-    def dit(x, timestep, context):
-        v = net(x, timestep, context)
+    def dit(x, timestep, context, **causal):
+        v = net(x, timestep, context, **causal)
         bar.update()
         return v
 
@@ -326,12 +441,19 @@ def sample_wan(cfg: Config):
         for k, (i, prompt) in enumerate(jobs):
             t0 = now(cfg.device)
             generator = torch.Generator(cfg.device).manual_seed(cfg.seed + k)
-            z = generate_latents(dit, [embeds[i]], None if neg is None else [neg], shape, s, generator)
-            t1 = now(cfg.device)
-            line = f"video {k}: text encoder {t5_seconds[i]:.2f} s, DiT {t1 - t0:.2f} s"
+            line = f"video {k}: text encoder {t5_seconds[i]:.2f} s, "
+            if cfg.causal:
+                z, frames, seconds = stream_video(dit, vae, [embeds[i]], shape, cfg.streaming, generator, cache)
+                line += stream_report(seconds, cfg.num_frames)
+            else:
+                z = generate_latents(dit, [embeds[i]], None if neg is None else [neg], shape, s, generator)
+                t1 = now(cfg.device)
+                line += f"DiT {t1 - t0:.2f} s"
+                if vae is not None:
+                    frames = decode(vae, z)
+                    line += f", VAE {now(cfg.device) - t1:.2f} s"
             if vae is not None:
-                frames = decode(vae, z)[0]
-                line += f", VAE {now(cfg.device) - t1:.2f} s"
+                frames = frames[0]
                 path = cfg.save_path / f"{k:04d}_{slug(prompt)}_seed{cfg.seed + k}.mp4"
                 write_mp4(frames, path)
                 line += f" -> {path}"
@@ -358,9 +480,14 @@ def sample_toy(cfg: Config):
     neg_context = world.negative.expand(len(prompt), -1, -1).to(cfg.device)
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
     t0 = now(cfg.device)
-    x = generate_latents(net, context, neg_context, world.cfg.shape, cfg.sampler, generator).cpu()
+    if cfg.causal:
+        x = stream_video(net, None, context, world.cfg.shape, cfg.streaming, generator)[0].cpu()
+        name = "causal" + "-".join(map(str, cfg.streaming.steps_per_chunk))
+    else:
+        x = generate_latents(net, context, neg_context, world.cfg.shape, cfg.sampler, generator).cpu()
+        name = f"{cfg.sampler.mode}{num_steps(cfg.sampler)}"
     print(f"DiT {now(cfg.device) - t0:.2f} s; " + ", ".join(f"{k} {v:.3f}" for k, v in metrics(world, x, prompt).items()))
-    path = cfg.save_path / f"toy_{cfg.sampler.mode}{num_steps(cfg.sampler)}_seed{cfg.seed}.mp4"
+    path = cfg.save_path / f"toy_{name}_seed{cfg.seed}.mp4"
     save_grid(world, x, rows=cfg.world.prompts, path=path)
     print(f"grid (rows = prompts) -> {path}")
 

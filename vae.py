@@ -262,13 +262,17 @@ class WanVAE(nn.Module):
         return (mu - mean) / std
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalised latents [B, 16, 1+k, h, w] -> video [B, 3, 1+4k, 8h, 8w], fp32, NOT clamped to [-1, 1]."""
+    def decode(self, z: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """Normalised latents [B, 16, 1+k, h, w] -> video [B, 3, 1+4k, 8h, 8w], fp32, NOT clamped to [-1, 1].
+
+        Streaming: pass the same `cache` dict (start with {}) to successive calls on consecutive latent chunks of one
+        clip; the first latent frame of the clip gives 1 frame, every later one 4, and the concatenated results equal
+        one call on the whole clip."""
         if z.ndim != 5 or z.shape[1] != self.cfg.z_dim:
             raise ValueError(f"decode expects latents [B, {self.cfg.z_dim}, T, h, w]; got {tuple(z.shape)}")
         mean, std = self._latent_stats(z.device)
         x = self.conv2((z.float() * std + mean).to(self.conv2.weight.dtype))
-        cache = {}
+        cache = {} if cache is None else cache
         frames = [self.decoder(x[:, :, i:i + 1], cache).float() for i in range(x.shape[2])]
         return torch.cat(frames, dim=2)
 
