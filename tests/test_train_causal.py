@@ -1,0 +1,206 @@
+"""train_causal.py: the teacher-forcing loss (weights, only the noisy half), the TF-sCM tangent against torch.func.jvp,
+the self-forcing rollout's graph (only each chunk's last step), and tiny toy runs of every stage that resume exactly."""
+import dataclasses
+import functools
+import json
+import math
+
+import pytest
+import torch
+
+import attention_jvp
+import model as wan
+import toy
+import train_causal
+from model import WanConfig, WanModel, chunk_frames, load_checkpoint
+
+TINY_DIT = WanConfig(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=32, ffn_dim=64, freq_dim=32,
+                     text_dim=32, out_dim=16, num_heads=2, num_layers=1, qk_norm=True, cross_attn_norm=True, eps=1e-6)
+TINY_WORLD = toy.ToyConfig(shape=(16, 3, 4, 4))
+
+
+def tiny_net(seed=0):
+    torch.manual_seed(seed)
+    net = WanModel(TINY_DIT)
+    with torch.no_grad():  # the official init zeroes the head: give it weights so outputs depend on the input
+        net.head.head.weight.normal_(std=0.1)
+    return net
+
+
+def test_tf_loss_weights_frames_and_ignores_the_clean_half():
+    """100·Σ_frames w(s)·mean(v̂ − (ε − x0))², the clean half's outputs never enter (NaN there changes nothing) and
+    the clean half gets time 0 and the noisy half 1000·s."""
+    B, C, T, H, W = 3, 16, 3, 4, 4
+    x0 = torch.randn(B, C, T, H, W)
+    seen = {}
+    out = torch.randn(B, C, 2 * T, H, W, requires_grad=True)
+
+    def net(x, t, context, chunks, teacher_forcing):
+        seen.update(x=x, t=t, chunks=chunks, tf=teacher_forcing)
+        return torch.where(torch.arange(2 * T)[None, None, :, None, None] < T, math.nan, out)
+    loss = train_causal.tf_loss(net, x0, None, (1, 2), train_causal.TFConfig())
+    assert seen["tf"] and seen["chunks"] == (1, 2)
+    torch.testing.assert_close(seen["x"][:, :, :T], x0)
+    assert (seen["t"][:, :T] == 0).all() and (seen["t"][:, T:] == seen["t"][:, T:T + 1]).all()
+    s = seen["t"][:, T].double() / 1000
+    eps = (seen["x"][:, :, T:] - (1 - s.float())[:, None, None, None, None] * x0) / s.float()[:, None, None, None, None]
+    w = torch.exp(-2 * (s - 0.5) ** 2) - math.exp(-0.5)
+    expected = 100 * (w[:, None] * (out[:, :, T:] - (eps - x0)).pow(2).mean(dim=(1, 3, 4))).sum(1)
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-4, atol=1e-4)
+    loss.sum().backward()
+    assert (out.grad[:, :, :T] == 0).all() and (out.grad[:, :, T:] != 0).any()
+    assert train_causal.tf_weight(torch.tensor([0.0, 1.0])).abs().max() < 1e-7   # no weight at the ends
+
+
+def test_diffusion_forcing_draws_one_time_per_chunk():
+    seen = {}
+
+    def net(x, t, context, chunks):
+        seen.update(t=t, chunks=chunks)
+        return torch.zeros_like(x)
+    cfg = train_causal.TFConfig(forcing="diffusion")
+    loss = train_causal.tf_loss(net, torch.randn(4, 16, 5, 4, 4), None, (1, 2, 2), cfg)
+    t = seen["t"]
+    assert t.shape == (4, 5) and seen["chunks"] == (1, 2, 2) and loss.shape == (4,)
+    assert (t[:, 1] == t[:, 2]).all() and (t[:, 3] == t[:, 4]).all() and (t[:, 0] != t[:, 1]).any()
+
+
+def test_tf_scm_tangent_is_the_jvp_with_a_constant_clean_half(monkeypatch):
+    """(v, dv/ds) of the teacher-forced student along (v_T on the noisy half, 1 on its time) equals torch.func.jvp of
+    the packed forward's noisy half as a function of (x_s, s) alone, i.e. with a zero tangent on the clean half."""
+    monkeypatch.setattr(wan, "attention", functools.partial(attention_jvp.attention, backend="reference"))
+    net, chunks = tiny_net(), (1, 1, 1)
+    B, T = 2, 3
+    x0, x_s, v_T = (torch.randn(B, 16, T, 4, 4) for _ in range(3))
+    context, s = torch.randn(B, 8, 32), torch.tensor([0.3, 0.8])
+    f = train_causal.teacher_forced(net, x0, chunks)
+    with torch.no_grad():
+        v, dv = f(x_s, 1000 * s, context, tangent=(v_T, torch.full((B,), 1000.0)))
+    v_ref, dv_ref = torch.func.jvp(lambda x, s_: f(x, 1000 * s_, context), (x_s, s), (v_T, torch.ones(B)))
+    torch.testing.assert_close(v, v_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dv, dv_ref, rtol=1e-3, atol=1e-4)
+    # a clean half that mattered would change the tangent: the chunk-0 noisy frame sees no clean frame, the others do
+    other = train_causal.teacher_forced(net, x0 + 1, chunks)
+    with torch.no_grad():
+        _, dv_other = other(x_s, 1000 * s, context, tangent=(v_T, torch.full((B,), 1000.0)))
+    torch.testing.assert_close(dv_other[:, :, 0], dv[:, :, 0], rtol=1e-4, atol=1e-5)
+    assert (dv_other[:, :, 1:] - dv[:, :, 1:]).abs().max() > 1e-4
+
+
+def test_tf_scm_loss_pulls_v_along_the_normalised_tangent():
+    net, chunks = tiny_net(), (1, 2)
+    x0, context = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 8, 32)
+    v_teacher = lambda x, timestep: torch.zeros_like(x)
+    loss, n_nan = train_causal.tf_scm_loss(net, v_teacher, x0, context, chunks, train_causal.CMConfig(), r=1.0)
+    assert loss.shape == (2,) and n_nan == 0
+    # L = 100·‖v − sg(v) − g‖² = 100·‖g‖² at the current weights, and ‖g‖ < 1 after the normalisation
+    assert ((loss > 0) & (loss < 100)).all()
+    loss.sum().backward()
+    assert net.head.head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("noisy_context", [False, True])
+def test_rollout_keeps_the_graph_only_at_each_chunks_last_step(noisy_context):
+    net, chunks = tiny_net(), chunk_frames(3, 1, 1)
+    calls = []
+    net.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((torch.is_grad_enabled(), kwargs.get("kv_append", False),
+                                              float(args[1][0]) / 1000)), with_kwargs=True)
+    eps, context = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 8, 32)
+    times = train_causal.chunk_times((3,) * 3, 1.0, (15 / 16, 5 / 6, 5 / 8))
+    video = train_causal.rollout(net, context, eps, chunks, times, grad_last=True, noisy_context=noisy_context)
+    assert video.shape == eps.shape and video.requires_grad
+    per_chunk = [(False, False, 1.0), (False, False, 15 / 16), (True, noisy_context, 5 / 6)]
+    if not noisy_context:
+        per_chunk.append((False, True, 0.0))   # the clean pass appends the chunk's K/V
+    assert [(g, a) for g, a, _ in calls] == [(g, a) for g, a, _ in per_chunk] * 3
+    assert [s for *_, s in calls] == pytest.approx([s for *_, s in per_chunk] * 3)
+    video.square().sum().backward()
+    assert net.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
+
+
+def test_rollout_chunk_sees_the_cached_past():
+    """Chunk 1 of a rollout depends on chunk 0 through the cache (not on the noise of later chunks)."""
+    net, chunks = tiny_net(), (1, 1, 1)
+    eps, context = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 8, 32)
+    times = train_causal.chunk_times((1, 1, 1), 1.0, ())
+    with torch.no_grad():
+        a = train_causal.rollout(net, context, eps, chunks, times)
+        eps_b = eps.clone()
+        eps_b[:, :, 0] += 1
+        b = train_causal.rollout(net, context, eps_b, chunks, times)
+        eps_c = eps.clone()
+        eps_c[:, :, 2] += 1
+        c = train_causal.rollout(net, context, eps_c, chunks, times)
+    assert (a[:, :, 1] - b[:, :, 1]).abs().max() > 1e-5
+    torch.testing.assert_close(a[:, :, :2], c[:, :, :2])
+
+
+def test_rollout_steps_cycle_and_fixed_steps_per_chunk():
+    sf = train_causal.SFConfig()
+    assert [train_causal.rollout_steps(sf, 2, k) for k in range(5)] == [(1, 1), (2, 2), (3, 3), (4, 4), (1, 1)]
+    assert train_causal.rollout_steps(dataclasses.replace(sf, steps_per_chunk=(4, 2)), 3, 0) == (4, 2, 2)
+    assert train_causal.chunk_times((2,), 0.5, (0.4, 0.2)) == [[0.5, 0.4, 0.0]]
+    with pytest.raises(ValueError, match="steps per chunk"):
+        train_causal.chunk_times((5,), 1.0, (0.9,))
+
+
+def tiny_config(tmp_path, teacher, **kw):
+    base = train_causal.PRESETS["toy"][1]
+    small = dict(iterations=6, lr_warmup=2)
+    return dataclasses.replace(
+        base, dit=TINY_DIT, world=TINY_WORLD, teacher_ckpt=teacher, device="cpu", batch=2, log_every=1,
+        ckpt_every=3, eval_per_prompt=2, eval_teacher_steps=3,
+        tf=dataclasses.replace(base.tf, **small), cm=dataclasses.replace(base.cm, tangent_warmup=2, **small),
+        sf=dataclasses.replace(base.sf, student_update_freq=2, **small), **kw)
+
+
+def test_stages_run_and_an_interrupted_run_resumes_with_the_same_losses(tmp_path, monkeypatch):
+    teacher = tmp_path / "teacher.safetensors"
+    toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=3, batch=4), TINY_DIT, teacher,
+                      log=lambda s: None)
+    full = train_causal.train(tiny_config(tmp_path, teacher, out_dir=tmp_path / "full"))
+
+    # Kill the second run at sf_dmd's 3rd critic iteration (iteration 5, after the checkpoint at 3), then rerun it.
+    calls = {"n": 0}
+    critic_loss = train_causal.critic_loss
+
+    def dying_critic_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return critic_loss(*args, **kwargs)
+    run = tiny_config(tmp_path, teacher, out_dir=tmp_path / "run")
+    monkeypatch.setattr(train_causal, "critic_loss", dying_critic_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train_causal.train(run)
+    monkeypatch.setattr(train_causal, "critic_loss", critic_loss)
+    resumed = train_causal.train(run)
+
+    drop_time = lambda path: [{k: v for k, v in json.loads(ln).items() if k != "time_s"}
+                              for ln in path.read_text().splitlines()]
+    for stage in ("tf", "tf_scm", "sf_dmd"):
+        a, b = drop_time(tmp_path / "full" / stage / "metrics.jsonl"), drop_time(tmp_path / "run" / stage / "metrics.jsonl")
+        assert [r["iteration"] for r in b] == list(range(6))
+        assert json.dumps(a) == json.dumps(b)       # (as text: NaN metrics compare equal)
+    log = drop_time(tmp_path / "full" / "sf_dmd" / "metrics.jsonl")
+    assert any("loss/dmd" in r for r in log) and any("loss/critic" in r for r in log)
+    assert json.dumps(resumed) == json.dumps(full)
+    assert set(full) == {"exact", "teacher-3", "causal-teacher-3", *(f"{s}-{n}" for s in ("tf_scm", "sf_dmd")
+                                                                     for n in (1, 2, 4))}
+    load_checkpoint(WanModel(TINY_DIT), tmp_path / "run" / "sf_dmd" / "ema.safetensors")   # official key names
+
+
+def test_tf_dcm_and_diffusion_forcing_stages_run(tmp_path):
+    teacher = tmp_path / "teacher.safetensors"
+    toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=2, batch=4), TINY_DIT, teacher,
+                      log=lambda s: None)
+    cfg = tiny_config(tmp_path, teacher, out_dir=tmp_path / "dcm", stages=("tf", "tf_dcm"))
+    cfg = dataclasses.replace(cfg, tf=dataclasses.replace(cfg.tf, forcing="diffusion", iterations=2),
+                              cm=dataclasses.replace(cfg.cm, iterations=2))
+    out = train_causal.train(cfg)
+    assert {"causal-teacher-3", "tf_dcm-1", "tf_dcm-4"} <= set(out)
+    log = [json.loads(ln) for ln in (tmp_path / "dcm" / "tf_dcm" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss/dcm"]) for r in log)
+    with pytest.raises(ValueError, match="causal-teacher-ckpt"):
+        train_causal.train(dataclasses.replace(cfg, stages=("tf_scm",), out_dir=tmp_path / "x"))
