@@ -19,6 +19,7 @@ gathered sequence is also put back in its original order, so masks and results a
 """
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -57,11 +58,13 @@ class Dist:
         return self.mesh["cp"].get_group()
 
 
-def init_distributed(cp_size: int = 1) -> Dist:
+def init_distributed(cp_size: int = 1, device: str | None = None) -> Dist:
     """Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR in the environment), or a one-process
-    group when run as plain `python` (an already initialised group, e.g. a test's, is used as it is)."""
+    group when run as plain `python` (an already initialised group, e.g. a test's, is used as it is). device "cuda"
+    (one GPU per process, NCCL) or "cpu" (gloo); by default CUDA when there is a GPU."""
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        backend = "nccl" if device == "cuda" else "gloo"
         if "RANK" in os.environ:
             dist.init_process_group(backend)
         else:
@@ -80,9 +83,12 @@ def init_distributed(cp_size: int = 1) -> Dist:
     return Dist(mesh, fsdp_mesh, device, rank, rank // cp_size, world // cp_size, cp_size)
 
 
-def seed_everything(seed: int, d: Dist):
-    """One seed per data-parallel rank: the ranks of a CP group draw identical noise and times."""
-    torch.manual_seed(seed + d.dp_rank)
+def seed_everything(seed: int, d: Dist, step: int = 0, micro: int = 0, accumulation: int = 1):
+    """Seed torch's RNGs (CPU and CUDA) for micro-batch `micro` of step `step`. The stream depends only on (seed,
+    step, global micro-batch index dp_rank·accumulation + micro): the ranks of a CP group draw identical noise and
+    times, a resumed run redraws what the interrupted one drew, and N data-parallel ranks × A accumulation steps
+    draw what one rank × N·A accumulation steps draws. (Python hashes tuples of ints the same in every process.)"""
+    torch.manual_seed(hash((seed, step, d.dp_rank * accumulation + micro)) % 2**63)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,6 +100,8 @@ def shard_model(net, mesh: DeviceMesh, compute_dtype=torch.bfloat16):
     `compute_dtype`, and gradients are reduced in fp32. Inputs are not cast: model.py keeps the residual stream,
     time embedding and modulation in fp32 itself."""
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    # A block returns a view of its residual stream; model.py never updates it in place, which is what FSDP warns of.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for block in net.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(net, mesh=mesh, mp_policy=mp)
@@ -103,7 +111,10 @@ def shard_model(net, mesh: DeviceMesh, compute_dtype=torch.bfloat16):
 def load_full_state_dict(net, state_dict: dict):
     """Fill a sharded net (built on the meta device, sharded, then `net.to_empty(device=...)`) from a full state
     dict that only rank 0 holds (e.g. `model.read_state_dict(path)`; {} on the other ranks). Rank 0 reads the file
-    once and each rank receives only its shards."""
+    once and each rank receives only its shards, converted to the net's dtypes (e.g. an fp32 file into a bf16
+    teacher)."""
+    dtypes = {k: v.dtype for k, v in net.state_dict().items()}
+    state_dict = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in state_dict.items()}
     set_model_state_dict(net, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 

@@ -6,51 +6,93 @@ fake-score critic), in one training loop that follows rcm.md.
     python train_rcm.py toy --no-fake-score                     # pure sCM
     python train_rcm.py toy --loss-scale 0 --dmd-fix-timesteps  # pure DMD
     python train_rcm.py toy --dcm-iterations 100                # dCM warm-up, then sCM (+ DMD)
+    torchrun --nproc_per_node=8 train_rcm.py wan1.3b --teacher-ckpt Wan2.1-T2V-1.3B --data shards/ \
+        --neg-embed umT5_wan_negative_emb.pt                    # the real thing (14B: wan14b, --cp-size 8)
 
 Four networks: the frozen teacher (with CFG), the student (trained), the fake score (trained on the student's
 samples) and the EMA of the student (the one that is saved and evaluated). Iterations alternate between the
-student and the critic; the "effective iteration" counts student iterations only. A run folder holds metrics.jsonl,
-state.pt (everything needed to resume exactly: rerun the same command), ema.safetensors (official key names),
-previews/ and, for the toy world, eval.json.
+student and the critic; the "effective iteration" counts student iterations only.
+
+Scale-out (parallel.py): the processes form a (data-parallel × context-parallel) mesh; all four nets are built on
+the meta device, sharded by FSDP2 over every rank and filled from rank 0's copy of the checkpoint; with --cp-size P
+each clip's tokens are split over P ranks (Ulysses), which see the same clip, noise and times. Every random draw of
+micro-batch m of iteration i comes from a stream seeded by (seed, i, global micro-batch index), so N ranks equal one
+process with N-fold gradient accumulation, and a resumed run redraws exactly what the interrupted one drew.
+
+A run folder holds metrics.jsonl, state/ (a torch.distributed.checkpoint folder per checkpoint with everything a
+resume needs, and latest.json naming the newest: rerun the same command, on as many processes), ema.safetensors
+(the EMA student, official key names), previews/ and, for the toy world, eval.json.
 """
 import functools
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+import torch.distributed as dist
 import tyro
+from safetensors.torch import load_file
 from tqdm import tqdm
 
+import parallel
 import toy
+from data import DataConfig, make_loader, write_shards
 from losses import (TimeDist, critic_loss, dcm_loss, denoise, dmd_loss, guided_denoise, rcm_sample, sampling_times,
                     scm_loss, simulation_times)
-from model import WanConfig, WanModel, load_checkpoint, save_checkpoint
+from model import CONFIGS, WanConfig, WanModel, check_state_dict, read_state_dict, save_checkpoint
 
 
 @dataclass
 class RCMConfig:
     """rCM distillation (defaults: the Wan2.1 T2V 1.3B recipe of rcm.md; presets below)."""
     out_dir: Path = Path("runs/rcm")
-    """run folder: metrics.jsonl, state.pt (resume), ema.safetensors, previews/, eval.json"""
+    """run folder: metrics.jsonl, state/ (resume), ema.safetensors, previews/, eval.json"""
     teacher_ckpt: Path | None = None
-    """teacher weights in official key names; toy: trained on the toy world and cached under checkpoints/ if unset"""
+    """teacher weights, official key names (Wan2.1 folder, .safetensors, .index.json, .pt); toy: cached if unset"""
     student_ckpt: Path | None = None
     """initialise the student from these weights instead of the teacher (e.g. the EMA of a dCM warm-up run)"""
     dit: WanConfig = field(default_factory=WanConfig)
     """network config of teacher, student and fake score"""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """torch device"""
+    device: Literal["cuda", "cpu"] = "cuda" if torch.cuda.is_available() else "cpu"
+    """cuda: one GPU per process (NCCL); cpu: gloo"""
     seed: int = 0
-    """seed of the global RNG (time draws, noise, data); its state is saved, so a resumed run repeats its losses"""
+    """seed of every random draw (data of the toy world, noise, times, data order)"""
+
+    # data
+    task: Literal["toy", "wan"] = "toy"
+    """toy: the toy world (exact data, toy teacher, exact eval); wan: --data, --teacher-ckpt, --neg-embed needed"""
+    data: Path | None = None
+    """folder of shard*.tar (latent.pt [16,T,H,W], embed.pt [L,4096], prompt.txt); toy: unset = fresh exact draws"""
+    toy_data_clips: int = 0
+    """toy: write this many clips of the world as shards to --data (if it holds none), then train on them"""
+    neg_embed: Path | None = None
+    """negative-prompt umT5 embedding [L,4096] (.safetensors or .pt): the teacher's unconditional input (wan)"""
+    num_workers: int = 2
+    """data reader processes per rank"""
+    shuffle_buffer: int = 64
+    """samples held for shuffling inside a data reader"""
+
+    # scale-out
+    precision: Literal["bf16", "fp32"] = "fp32"
+    """bf16: fp32 masters, bf16 compute, fp32 grad reduction, bf16 teacher (Wan); fp32: all fp32 (toy)"""
+    cp_size: int = 1
+    """context-parallel (Ulysses) ranks per clip; must divide the number of processes and the head count"""
+    checkpointing: Literal["none", "block", "matmul"] = "none"
+    """activation checkpointing of student and fake score: block (keep block inputs), matmul (keep matmul outputs)"""
+    compile: bool = False
+    """torch.compile every transformer block (the attention kernel launch stays eager)"""
 
     # optimisation
     iterations: int = 10000
     """total iterations (student and critic)"""
     batch: int = 1
-    """clips per iteration"""
+    """clips per iteration on each data-parallel rank"""
+    grad_accum: int = 1
+    """split each rank's batch into this many micro-batches, their gradients accumulated (less activation memory)"""
     lr: float = 2e-6
     """student AdamW learning rate"""
     lr_fake: float = 4e-7
@@ -102,13 +144,13 @@ class RCMConfig:
 
     # logging
     log_every: int = 10
-    """iterations between lines of metrics.jsonl"""
+    """iterations between lines of metrics.jsonl (losses averaged over the ranks)"""
     preview_every: int = 500
-    """iterations between sample previews of the EMA student at 1, 2 and 4 steps (toy: with exact metrics)"""
+    """toy: iterations between sample previews of the EMA student at 1, 2 and 4 steps, with exact metrics"""
     ckpt_every: int = 500
-    """iterations between checkpoints (state.pt and ema.safetensors)"""
+    """iterations between checkpoints (state/ and ema.safetensors)"""
 
-    # the toy world (the only data source wired in this file)
+    # the toy world
     world: toy.ToyConfig = field(default_factory=toy.ToyConfig)
     """the toy data distribution"""
     teacher_train: toy.TeacherConfig = field(default_factory=toy.TeacherConfig)
@@ -123,6 +165,15 @@ PRESETS = {
         lr_warmup=20, tangent_warmup=200, student_update_freq=3, teacher_guidance=3.0,
         log_every=10, preview_every=200, ckpt_every=100, eval_per_prompt=128,
         teacher_train=toy.TeacherConfig(steps=1500, batch=32, lr=2e-3))),
+    # rcm.md's defaults, the 14B values from NVlabs/rcm's wan2pt1_t2v experiment config
+    "wan1.3b": ("rCM of Wan2.1 T2V 1.3B at 480p (torchrun, 1+ GPUs; needs --teacher-ckpt, --data, --neg-embed)",
+                RCMConfig(out_dir=Path("runs/wan1.3b"), dit=CONFIGS["t2v-1.3B"], task="wan", precision="bf16",
+                          checkpointing="block")),
+    "wan14b": ("rCM of Wan2.1 T2V 14B at 480p (torchrun, 8+ GPUs; needs --teacher-ckpt, --data, --neg-embed)",
+               RCMConfig(out_dir=Path("runs/wan14b"), dit=CONFIGS["t2v-14B"], task="wan", precision="bf16",
+                         checkpointing="matmul", cp_size=8, lr=1e-6, lr_fake=1e-7, tangent_warmup=0,
+                         student_update_freq=10, sigma_max=200.0, p_G=TimeDist("lognormal", p_mean=1.5, p_std=1.6),
+                         ckpt_every=250)),
 }
 
 
@@ -153,41 +204,261 @@ def ema_gamma(sigma_rel: float) -> float:
 
 @torch.no_grad()
 def ema_update(ema: WanModel, net: WanModel, n: int, gamma: float):
-    """θ_ema ← β·θ_ema + (1 − β)·θ with β = (1 − 1/(n + 1))^(γ + 1) at effective iteration n (n = 0 copies)."""
+    """θ_ema ← β·θ_ema + (1 − β)·θ with β = (1 − 1/(n + 1))^(γ + 1) at effective iteration n (n = 0 copies).
+    Works shard by shard on FSDP nets (the EMA is sharded as the student)."""
     beta = (1 - 1 / (n + 1)) ** (gamma + 1)
     for p_ema, p in zip(ema.parameters(), net.parameters()):
         p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - beta)
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-def toy_teacher(cfg: RCMConfig, world: toy.World) -> Path:
-    """The cached toy teacher for this world, DiT and training config (trained on first use)."""
-    if cfg.teacher_ckpt is not None:
-        return cfg.teacher_ckpt
+def check_config(cfg: RCMConfig):
+    """Every user mistake that can be seen before loading anything, as one clear message."""
+    if cfg.batch % cfg.grad_accum:
+        raise ValueError(f"--batch {cfg.batch} is not divisible by --grad-accum {cfg.grad_accum}: each rank splits "
+                         f"its batch into grad_accum equal micro-batches")
+    if cfg.dit.num_heads % cfg.cp_size:
+        raise ValueError(f"the model has {cfg.dit.num_heads} attention heads, not divisible by --cp-size "
+                         f"{cfg.cp_size}: pick a divisor of {cfg.dit.num_heads}")
+    if cfg.task == "wan":
+        for flag, path in (("--teacher-ckpt", cfg.teacher_ckpt), ("--data", cfg.data), ("--neg-embed", cfg.neg_embed)):
+            if path is None:
+                raise ValueError(f"a Wan run needs {flag} (see --help)")
+    if cfg.toy_data_clips and cfg.data is None:
+        raise ValueError("--toy-data-clips writes shards to --data: pass --data DIR")
+    for flag, path in (("--teacher-ckpt", cfg.teacher_ckpt), ("--student-ckpt", cfg.student_ckpt),
+                       ("--neg-embed", cfg.neg_embed), ("--data", None if cfg.toy_data_clips else cfg.data)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+
+
+def toy_teacher_path(cfg: RCMConfig) -> Path:
+    """The cached toy teacher for this world, DiT and training config."""
     key = hashlib.sha1(repr((cfg.world, cfg.dit, cfg.teacher_train)).encode()).hexdigest()[:10]
-    path = Path("checkpoints") / f"toy_teacher_{key}.safetensors"
-    if not path.exists():
-        tqdm.write(f"no cached toy teacher: training one ({cfg.teacher_train.steps} steps) -> {path}")
-        toy.train_teacher(world, cfg.teacher_train, cfg.dit, path, cfg.device, log=tqdm.write)
-    return path
+    return Path("checkpoints") / f"toy_teacher_{key}.safetensors"
 
 
-def build_nets(cfg: RCMConfig, teacher_path: Path):
-    """Teacher (frozen), student, fake score (None when off) and EMA student, all initialised from the teacher."""
-    def load(path, trainable):
-        net = load_checkpoint(WanModel(cfg.dit), path).to(cfg.device)
-        return net.requires_grad_(trainable).train(trainable)
-    teacher = load(teacher_path, False)
-    student = load(cfg.student_ckpt or teacher_path, True)
-    fake = load(teacher_path, True) if cfg.fake_score else None
-    ema = load(cfg.student_ckpt or teacher_path, False)
-    return teacher, student, fake, ema
+def read_weights(d: parallel.Dist, path, dit: WanConfig) -> dict:
+    """Rank 0 reads a checkpoint (official key names) and checks it against the config; the other ranks get {}.
+    A bad file raises on every rank (rank 0 with the message), never leaving the others waiting."""
+    state_dict, error = {}, None
+    if d.is_main:
+        try:
+            state_dict = read_state_dict(path, patch_size=dit.patch_size)
+            with torch.device("meta"):
+                check_state_dict(WanModel(dit), state_dict, f"checkpoint {path} does not match --dit:")
+        except (OSError, ValueError) as e:
+            error = e
+    failed = torch.tensor(float(error is not None), device=d.device)
+    dist.all_reduce(failed)
+    if failed.item():
+        raise error or RuntimeError(f"rank 0 could not load {path} (its message says why)")
+    return state_dict
+
+
+def build_net(cfg: RCMConfig, d: parallel.Dist, state_dict: dict, role: Literal["teacher", "trained", "ema"]):
+    """One net, built on the meta device (nothing allocated), wrapped, sharded by FSDP2 over all ranks, then filled
+    from rank 0's full state dict. trained (student, fake score): fp32 masters, checkpointed activations; teacher:
+    frozen, stored in bf16 under bf16 precision; ema: fp32, never differentiated."""
+    bf16 = cfg.precision == "bf16"
+    with torch.device("meta"):
+        net = WanModel(cfg.dit)
+    if role == "teacher" and bf16:
+        net.to(torch.bfloat16)
+    net.requires_grad_(role == "trained").train(role == "trained")
+    if role == "trained":
+        parallel.checkpoint_activations(net, cfg.checkpointing)
+    if cfg.cp_size > 1:
+        parallel.context_parallel(net, d.cp_group)
+    if cfg.compile and role != "ema":  # the EMA only samples previews, at other batch sizes
+        for block in net.blocks:
+            block.compile()
+    # a bf16-stored teacher computes in its own dtype; fp32 masters are gathered in bf16 under bf16 precision
+    parallel.shard_model(net, d.fsdp_mesh, compute_dtype=torch.bfloat16 if bf16 and role != "teacher" else None)
+    net.to_empty(device=d.device)
+    parallel.load_full_state_dict(net, state_dict)
+    return net
+
+
+@dataclass
+class Nets:
+    """The four networks of rCM and the optimisers and LR schedules of the two that train (fake: None when off)."""
+    teacher: WanModel
+    student: WanModel
+    fake: WanModel | None
+    ema: WanModel
+    opt_student: torch.optim.Optimizer
+    sched_student: torch.optim.lr_scheduler.LRScheduler
+    opt_fake: torch.optim.Optimizer | None
+    sched_fake: torch.optim.lr_scheduler.LRScheduler | None
 
 
 def adamw(cfg: RCMConfig, net: WanModel, lr: float):
-    """AdamW with a linear warm-up to lr, then constant."""
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    """AdamW (fused on CUDA) with a linear warm-up to lr, then constant."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            fused=True if cfg.device == "cuda" else None)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / cfg.lr_warmup))
+
+
+def build_nets(cfg: RCMConfig, d: parallel.Dist, teacher_sd: dict, student_sd: dict) -> Nets:
+    """Teacher, student, fake score (from the teacher's weights) and EMA (from the student's); state dicts on rank 0."""
+    teacher = build_net(cfg, d, teacher_sd, "teacher")
+    student = build_net(cfg, d, student_sd, "trained")
+    fake = build_net(cfg, d, teacher_sd, "trained") if cfg.fake_score else None
+    ema = build_net(cfg, d, student_sd, "ema")
+    opt_s, sched_s = adamw(cfg, student, cfg.lr)
+    opt_f, sched_f = adamw(cfg, fake, cfg.lr_fake) if fake is not None else (None, None)
+    return Nets(teacher, student, fake, ema, opt_s, sched_s, opt_f, sched_f)
+
+
+def read_negative_embedding(path: Path, text_dim: int) -> torch.Tensor:
+    """The negative-prompt embedding [L, text_dim] from a .safetensors file holding one tensor, or a .pt/.pth file
+    holding a tensor (or a dict with one), read with weights_only=True."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        content = load_file(path)
+    elif path.suffix in (".pt", ".pth"):
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"--neg-embed {path}: use a .safetensors or .pt file")
+    if isinstance(content, dict):
+        if len(content) != 1:
+            raise ValueError(f"--neg-embed {path} holds {len(content)} tensors ({', '.join(content)}); expected one")
+        content = next(iter(content.values()))
+    emb = content.float()
+    while emb.ndim > 2 and emb.shape[0] == 1:
+        emb = emb[0]
+    if emb.ndim != 2 or emb.shape[1] != text_dim:
+        raise ValueError(f"--neg-embed {path} has shape {tuple(content.shape)}; expected [L, {text_dim}]")
+    return emb
+
+
+def data_stream(cfg: RCMConfig, d: parallel.Dist, world: toy.World | None, start_batch: int):
+    """(draw, skipped): draw() -> one micro-batch (x0 [b,C,T,H,W], cond [b,L,D], uncond [b,L',D]) on the device,
+    b = batch/grad_accum; skipped counts the corrupt samples and shards the loader passed over (the caller clears
+    it). Shards are split by data-parallel rank and resume after `start_batch` micro-batches; the toy world without
+    --data draws fresh clips from the global RNG (seeded per micro-batch)."""
+    micro, skipped = cfg.batch // cfg.grad_accum, {"data/bad_samples": 0, "data/bad_shards": 0}
+    if world is not None:
+        negative = world.negative
+    else:
+        negative = read_negative_embedding(cfg.neg_embed, cfg.dit.text_dim)
+    uncond = negative.to(d.device).expand(micro, -1, -1)
+    if cfg.data is None:
+        def draw():
+            x0, cond, _ = toy.sample_data(world, micro)
+            return x0.to(d.device), cond.to(d.device), uncond
+        return draw, skipped
+
+    loader = make_loader(DataConfig(path=str(cfg.data), batch_size=micro, num_workers=cfg.num_workers,
+                                    shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed),
+                         rank=d.dp_rank, world=d.dp_size, start_batch=start_batch)
+
+    def draw():
+        b = next(loader)
+        skipped["data/bad_samples"] += b["bad_samples"]
+        skipped["data/bad_shards"] += b["bad_shards"]
+        x0, cond = b["latent"], b["embed"]
+        if x0.shape[1] != cfg.dit.in_dim or cond.shape[-1] != cfg.dit.text_dim:
+            raise ValueError(f"--data latents have {x0.shape[1]} channels and embeddings width {cond.shape[-1]}; "
+                             f"the model takes {cfg.dit.in_dim} and {cfg.dit.text_dim}")
+        return x0.to(d.device), cond.to(d.device), uncond
+    return draw, skipped
+
+
+def write_toy_shards(cfg: RCMConfig, world: toy.World):
+    """--toy-data-clips clips of the toy world (drawn from a generator seeded by --seed) as shards in --data."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x0, cond, prompt = toy.sample_data(world, cfg.toy_data_clips, generator=gen)
+    samples = ((x0[k], cond[k], f"toy prompt {prompt[k].item()}") for k in range(cfg.toy_data_clips))
+    write_shards(samples, cfg.data, samples_per_shard=-(-cfg.toy_data_clips // 16))
+
+
+# ------------------------------------------------------------------------------------------------- one iteration
+def micro_batches(cfg: RCMConfig, d: parallel.Dist, i: int, draw):
+    """The grad_accum micro-batches of iteration i. The RNG is seeded right before each is drawn (a generator runs
+    on demand), so its data, noise and times depend only on (seed, i, global micro-batch index)."""
+    for m in range(cfg.grad_accum):
+        parallel.seed_everything(cfg.seed, d, i, m, cfg.grad_accum)
+        yield draw()
+
+
+def _accumulate(metrics: dict, record: dict, n: int):
+    """Average a micro-batch's metrics into `metrics` (counts add up)."""
+    for k, v in record.items():
+        metrics[k] = metrics.get(k, 0.0) + (v if k in COUNTS else v / n)
+
+
+COUNTS = ("scm/nan_samples", "data/bad_samples", "data/bad_shards")
+
+
+def student_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
+    """One student iteration: on each micro-batch (x0, cond, uncond) of `batches`, the sCM (or dCM) loss and, after
+    the tangent warm-up, the DMD loss through a backward simulation of 1..max_simulation_steps student steps; their
+    gradients accumulate into one AdamW step, then the EMA follows. Returns the metrics (micro-batch means)."""
+    n_eff = effective_iteration(cfg, i)
+    nets.opt_student.zero_grad(set_to_none=True)
+    metrics = {}
+    for x0, cond, uncond in batches:
+        f_student = lambda x, t: denoise(nets.student, x, t, cond)[0]
+        record = {}
+        loss = torch.zeros((), device=x0.device, dtype=torch.float64)
+        if cfg.loss_scale > 0:
+            F_teacher = lambda x, t: guided_denoise(nets.teacher, x, t, cond, uncond, cfg.teacher_guidance)[1]
+            if i < cfg.dcm_iterations:
+                l_cm = dcm_loss(nets.student, cond, F_teacher, x0, cfg.dcm_total_steps, cfg.dcm_skip, cfg.dcm_shift,
+                                cfg.loss_scale)
+                record["loss/dcm"] = l_cm.mean().item()
+            else:
+                r = 1.0 if cfg.tangent_warmup == 0 else min(1.0, i / cfg.tangent_warmup)
+                l_cm, n_nan = scm_loss(nets.student, cond, F_teacher, x0, cfg.p_G, r, cfg.loss_scale)
+                record.update({"loss/scm": l_cm.mean().item(), "scm/nan_samples": n_nan, "scm/r": r})
+            loss = loss + l_cm.mean()
+        if cfg.fake_score and i >= cfg.tangent_warmup:
+            n_sim = n_eff % cfg.max_simulation_steps + 1
+            fixed = cfg.backward_timesteps if cfg.dmd_fix_timesteps else None
+            G = rcm_sample(f_student, torch.randn_like(x0), simulation_times(n_sim, len(x0), cfg.p_D, fixed),
+                           grad_last=True)
+            l_dmd = dmd_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0],
+                             lambda x, t: guided_denoise(nets.teacher, x, t, cond, uncond, cfg.teacher_guidance)[0],
+                             cfg.p_D, cfg.loss_scale_dmd)
+            record.update({"loss/dmd": l_dmd.mean().item(), "dmd/steps": n_sim})
+            loss = loss + l_dmd.mean()
+        if loss.requires_grad:  # (pure DMD has no student loss during the tangent warm-up)
+            (loss / cfg.grad_accum).backward()
+        _accumulate(metrics, record, cfg.grad_accum)
+    nets.opt_student.step()
+    nets.sched_student.step()
+    ema_update(nets.ema, nets.student, n_eff, ema_gamma(cfg.ema_sigma_rel))
+    return {**metrics, "lr": nets.sched_student.get_last_lr()[0]}
+
+
+def critic_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
+    """One critic iteration: on each micro-batch, a no-grad backward simulation of the student, then the fake
+    score's denoising loss on its samples; one AdamW step. Returns the metrics (micro-batch means)."""
+    n_sim = (i - effective_iteration(cfg, i) - 1) % cfg.max_simulation_steps + 1  # cycles over the critic's iterations
+    fixed = cfg.backward_timesteps if cfg.dmd_fix_timesteps else None
+    nets.opt_fake.zero_grad(set_to_none=True)
+    metrics = {}
+    for x0, cond, _ in batches:
+        f_student = lambda x, t: denoise(nets.student, x, t, cond)[0]
+        G = rcm_sample(f_student, torch.randn_like(x0), simulation_times(n_sim, len(x0), cfg.p_D, fixed))
+        l_fake = critic_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0], cfg.p_D).mean()
+        (l_fake / cfg.grad_accum).backward()
+        _accumulate(metrics, {"loss/critic": l_fake.item(), "critic/steps": n_sim}, cfg.grad_accum)
+    nets.opt_fake.step()
+    nets.sched_fake.step()
+    return {**metrics, "lr_fake": nets.sched_fake.get_last_lr()[0]}
+
+
+def reduce_metrics(record: dict, d: parallel.Dist) -> dict:
+    """Average the training metrics over the data-parallel ranks (counts add up; a CP group counts its clip once)."""
+    keys = [k for k in record if k != "iteration"]
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=d.device)
+    dist.all_reduce(values)
+    world = d.dp_size * d.cp_size
+    return {"iteration": record["iteration"], **{k: v / (d.cp_size if k in COUNTS else world)
+                                                 for k, v in zip(keys, values.tolist())}}
 
 
 # ------------------------------------------------------------------------------------------------- sampling
@@ -200,34 +471,35 @@ def student_sample(net: WanModel, context, n_steps: int, shape, sigma_max: float
 
 
 @torch.no_grad()
-def preview(cfg: RCMConfig, world: toy.World, ema: WanModel, i: int) -> dict:
+def preview(cfg: RCMConfig, world: toy.World, ema: WanModel, i: int, device, save_grids: bool) -> dict:
     """Previews of the EMA student at 1, 2 and 4 steps: gif grids (rows = prompts) and exact toy metrics."""
     prompt, context = toy.eval_prompts(world, 64)
     out = {}
     for n in (1, 2, 4):
-        x = student_sample(ema, context.to(cfg.device), n, world.cfg.shape, cfg.sigma_max, cfg.backward_timesteps,
-                           seed=1, device=cfg.device).cpu()
+        x = student_sample(ema, context.to(device), n, world.cfg.shape, cfg.sigma_max, cfg.backward_timesteps,
+                           seed=1, device=device).cpu()
         m = toy.metrics(world, x, prompt)
         out.update({f"preview/{n}step/{k}": v for k, v in m.items()})
-        grid = x.view(world.cfg.prompts, 64, *x.shape[1:])[:, :8].flatten(0, 1)
-        toy.save_grid(world, grid, world.cfg.prompts, cfg.out_dir / "previews" / f"{i:06d}_{n}step.gif")
+        if save_grids:
+            grid = x.view(world.cfg.prompts, 64, *x.shape[1:])[:, :8].flatten(0, 1)
+            toy.save_grid(world, grid, world.cfg.prompts, cfg.out_dir / "previews" / f"{i:06d}_{n}step.gif")
     return out
 
 
 @torch.no_grad()
-def evaluate(cfg: RCMConfig, world: toy.World, teacher: WanModel, ema: WanModel) -> dict:
+def evaluate(cfg: RCMConfig, world: toy.World, teacher: WanModel, ema: WanModel, device) -> dict:
     """Exact metrics of the exact-velocity sampler (ground truth, 200 Euler steps, no CFG), the 50-step CFG
     teacher and the EMA student at 1, 2 and 4 steps, on eval_per_prompt samples per prompt."""
     prompt, context = toy.eval_prompts(world, cfg.eval_per_prompt)
     exact = functools.partial(toy.exact_velocity, world)
     samples = {
-        "exact": toy.teacher_sample(exact, world, prompt, 1.0, 200, 1.0, seed=2, device=cfg.device),
+        "exact": toy.teacher_sample(exact, world, prompt, 1.0, 200, 1.0, seed=2, device=device),
         "teacher-50": toy.teacher_sample(teacher, world, prompt, cfg.teacher_guidance, 50, 5.0, seed=2,
-                                         device=cfg.device),
+                                         device=device),
     }
     for n in (1, 2, 4):
-        samples[f"student-{n}"] = student_sample(ema, context.to(cfg.device), n, world.cfg.shape, cfg.sigma_max,
-                                                 cfg.backward_timesteps, seed=2, device=cfg.device).cpu()
+        samples[f"student-{n}"] = student_sample(ema, context.to(device), n, world.cfg.shape, cfg.sigma_max,
+                                                 cfg.backward_timesteps, seed=2, device=device).cpu()
     return {name: toy.metrics(world, x, prompt) for name, x in samples.items()}
 
 
@@ -237,112 +509,122 @@ def print_table(results: dict):
         print(f"{name:<12}{m['precision']:>10.3f}{m['wrong_prompt']:>8.3f}{m['mode_tv']:>9.3f}{m['mean_rho']:>8.3f}")
 
 
+# ------------------------------------------------------------------------------------------ checkpoints (resume)
+def training_state(nets: Nets) -> dict:
+    """What parallel.save_training_state / load_training_state keep, besides the counters and RNG states."""
+    trained = {"student": (nets.opt_student, nets.sched_student)}
+    if nets.fake is not None:
+        trained["fake"] = (nets.opt_fake, nets.sched_fake)
+    return dict(nets={"ema": nets.ema, **{name: getattr(nets, name) for name in trained}},
+                optimizers={name: opt for name, (opt, _) in trained.items()},
+                schedulers={name: sched for name, (_, sched) in trained.items()})
+
+
+def save_state(cfg: RCMConfig, d: parallel.Dist, nets: Nets, iteration: int, data_batches: int):
+    """state/{iteration}/ (every rank writes its shards), then state/latest.json names it (written atomically, so a
+    run killed mid-save resumes from the previous one) and older folders go; the EMA student is gathered to rank 0
+    and exported as ema.safetensors (official key names)."""
+    folder = cfg.out_dir / "state" / f"{iteration:09d}"
+    parallel.save_training_state(folder, **training_state(nets),
+                                 counters={"iteration": iteration, "data_batches": data_batches})
+    ema = parallel.full_state_dict(nets.ema)
+    if d.is_main:
+        latest = cfg.out_dir / "state" / "latest.json"
+        tmp = latest.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"folder": folder.name, "iteration": iteration, "processes": dist.get_world_size()}))
+        tmp.replace(latest)
+        for old in (cfg.out_dir / "state").iterdir():
+            if old.is_dir() and old.name != folder.name:
+                shutil.rmtree(old)
+        save_checkpoint(ema, cfg.out_dir / "ema.safetensors.tmp")
+        (cfg.out_dir / "ema.safetensors.tmp").replace(cfg.out_dir / "ema.safetensors")
+    dist.barrier()
+
+
+def load_state(cfg: RCMConfig, nets: Nets) -> tuple[int, int]:
+    """Restore the newest checkpoint of the run folder, if any. Returns (iteration, data micro-batches consumed)."""
+    latest = cfg.out_dir / "state" / "latest.json"
+    if not latest.exists():
+        return 0, 0
+    info = json.loads(latest.read_text())
+    if info["processes"] != dist.get_world_size():
+        raise ValueError(f"{cfg.out_dir} was checkpointed by {info['processes']} processes; resume it on as many "
+                         f"(this run has {dist.get_world_size()}) or pick another --out-dir")
+    counters = parallel.load_training_state(cfg.out_dir / "state" / info["folder"], **training_state(nets),
+                                            counters={"iteration": 0, "data_batches": 0})
+    return counters["iteration"], counters["data_batches"]
+
+
 # ---------------------------------------------------------------------------------------------------- training
 def train(cfg: RCMConfig) -> dict:
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    world = toy.make_world(cfg.world)
-    teacher, student, fake, ema = build_nets(cfg, toy_teacher(cfg, world))
-    opt_s, sched_s = adamw(cfg, student, cfg.lr)
-    opt_f, sched_f = adamw(cfg, fake, cfg.lr_fake) if fake is not None else (None, None)
-    gamma = ema_gamma(cfg.ema_sigma_rel)
-    torch.manual_seed(cfg.seed)
+    """Run (or resume) the distillation; returns the toy evaluation ({} for Wan runs). Joins torchrun's process group,
+    or makes a one-process one for the run (an existing group, e.g. a test's, is used and left as it is)."""
+    check_config(cfg)
+    own_group = not dist.is_initialized()
+    try:
+        return run(cfg, parallel.init_distributed(cfg.cp_size, cfg.device))
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
 
-    # Resume: every piece of state, the RNG included, so the continued run repeats the losses it would have had.
-    state_path, log_path, start = cfg.out_dir / "state.pt", cfg.out_dir / "metrics.jsonl", 0
-    if state_path.exists():
-        state = torch.load(state_path, map_location=cfg.device, weights_only=True)
-        for obj, key in ((student, "student"), (fake, "fake"), (ema, "ema"), (opt_s, "opt_student"),
-                         (opt_f, "opt_fake"), (sched_s, "sched_student"), (sched_f, "sched_fake")):
-            if obj is not None:
-                obj.load_state_dict(state[key])
-        torch.set_rng_state(state["rng"].cpu())
-        if "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
-        start = state["iteration"]
+
+def run(cfg: RCMConfig, d: parallel.Dist) -> dict:
+    world = toy.make_world(cfg.world) if cfg.task == "toy" else None
+    teacher_path = cfg.teacher_ckpt
+    if cfg.task == "toy" and teacher_path is None:
+        teacher_path = toy_teacher_path(cfg)
+        if d.is_main and not teacher_path.exists():
+            tqdm.write(f"no cached toy teacher: training one ({cfg.teacher_train.steps} steps) -> {teacher_path}")
+            toy.train_teacher(world, cfg.teacher_train, cfg.dit, teacher_path, d.device, log=tqdm.write)
+    if d.is_main and cfg.toy_data_clips and not any(Path(cfg.data).glob("shard*.tar")):
+        write_toy_shards(cfg, world)
+    dist.barrier()
+
+    teacher_sd = read_weights(d, teacher_path, cfg.dit)
+    student_sd = teacher_sd if cfg.student_ckpt is None else read_weights(d, cfg.student_ckpt, cfg.dit)
+    nets = build_nets(cfg, d, teacher_sd, student_sd)
+    del teacher_sd, student_sd
+
+    # Resume: weights, optimisers, schedules, counters; the random draws are seeded per iteration, the data stream
+    # skips what the interrupted run consumed, so the continued run repeats the losses it would have had.
+    start, start_batches = load_state(cfg, nets)
+    log_path = cfg.out_dir / "metrics.jsonl"
+    if d.is_main:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        if start:
+            tqdm.write(f"resumed from {cfg.out_dir / 'state'} at iteration {start}")
         if log_path.exists():  # drop log lines written after the checkpoint by the interrupted run
             lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["iteration"] < start]
             log_path.write_text("".join(ln + "\n" for ln in lines))
-        tqdm.write(f"resumed from {state_path} at iteration {start}")
+    draw, skipped = data_stream(cfg, d, world, start_batches)
 
-    uncond = world.negative.expand(cfg.batch, -1, -1).to(cfg.device)
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="rCM")
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="rCM", disable=not d.is_main)
     t0 = time.time()
     for i in bar:
-        x0, cond, _ = toy.sample_data(world, cfg.batch)
-        x0, cond = x0.to(cfg.device), cond.to(cfg.device)
-        n_eff = effective_iteration(cfg, i)
-        f_student = lambda x, t: denoise(student, x, t, cond)[0]
-        record = {"iteration": i}
+        step = student_step if is_student_iteration(cfg, i) else critic_step
+        record = {"iteration": i, **step(cfg, nets, micro_batches(cfg, d, i, draw), i), **skipped}
+        skipped.update({k: 0 for k in skipped})
 
-        if is_student_iteration(cfg, i):
-            loss = torch.zeros((), device=cfg.device, dtype=torch.float64)
-            if cfg.loss_scale > 0:
-                F_teacher = lambda x, t: guided_denoise(teacher, x, t, cond, uncond, cfg.teacher_guidance)[1]
-                if i < cfg.dcm_iterations:
-                    l_cm = dcm_loss(student, cond, F_teacher, x0, cfg.dcm_total_steps, cfg.dcm_skip, cfg.dcm_shift,
-                                    cfg.loss_scale)
-                    record["loss/dcm"] = l_cm.mean().item()
-                else:
-                    r = 1.0 if cfg.tangent_warmup == 0 else min(1.0, i / cfg.tangent_warmup)
-                    l_cm, n_nan = scm_loss(student, cond, F_teacher, x0, cfg.p_G, r, cfg.loss_scale)
-                    record.update({"loss/scm": l_cm.mean().item(), "scm/nan_samples": n_nan, "scm/r": r})
-                loss = loss + l_cm.mean()
-            if cfg.fake_score and i >= cfg.tangent_warmup:
-                n_sim = n_eff % cfg.max_simulation_steps + 1
-                fixed = cfg.backward_timesteps if cfg.dmd_fix_timesteps else None
-                G = rcm_sample(f_student, torch.randn_like(x0), simulation_times(n_sim, cfg.batch, cfg.p_D, fixed),
-                               grad_last=True)
-                l_dmd = dmd_loss(G, lambda x, t: denoise(fake, x, t, cond)[0],
-                                 lambda x, t: guided_denoise(teacher, x, t, cond, uncond, cfg.teacher_guidance)[0],
-                                 cfg.p_D, cfg.loss_scale_dmd)
-                record.update({"loss/dmd": l_dmd.mean().item(), "dmd/steps": n_sim})
-                loss = loss + l_dmd.mean()
-            opt_s.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_s.step()
-            sched_s.step()
-            ema_update(ema, student, n_eff, gamma)
-            record["lr"] = sched_s.get_last_lr()[0]
-        else:
-            n_sim = (i - n_eff - 1) % cfg.max_simulation_steps + 1   # cycles over the critic's own iterations
-            fixed = cfg.backward_timesteps if cfg.dmd_fix_timesteps else None
-            G = rcm_sample(f_student, torch.randn_like(x0), simulation_times(n_sim, cfg.batch, cfg.p_D, fixed))
-            l_fake = critic_loss(G, lambda x, t: denoise(fake, x, t, cond)[0], cfg.p_D).mean()
-            opt_f.zero_grad(set_to_none=True)
-            l_fake.backward()
-            opt_f.step()
-            sched_f.step()
-            record.update({"loss/critic": l_fake.item(), "critic/steps": n_sim, "lr_fake": sched_f.get_last_lr()[0]})
-
-        previewing = (i + 1) % cfg.preview_every == 0 or i + 1 == cfg.iterations
-        if previewing:
-            record.update(preview(cfg, world, ema, i + 1))
+        previewing = cfg.task == "toy" and ((i + 1) % cfg.preview_every == 0 or i + 1 == cfg.iterations)
         if i % cfg.log_every == 0 or previewing:
+            record = reduce_metrics(record, d)
+            if previewing:
+                record.update(preview(cfg, world, nets.ema, i + 1, d.device, save_grids=d.is_main))
             record["time_s"] = round(time.time() - t0, 2)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")})
+            if d.is_main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")})
         if (i + 1) % cfg.ckpt_every == 0 or i + 1 == cfg.iterations:
-            save_state(cfg, i + 1, student, fake, ema, opt_s, opt_f, sched_s, sched_f)
+            save_state(cfg, d, nets, i + 1, start_batches + (i + 1 - start) * cfg.grad_accum)
 
-    results = evaluate(cfg, world, teacher, ema)
-    (cfg.out_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    print_table(results)
+    if cfg.task == "wan":
+        return {}
+    results = evaluate(cfg, world, nets.teacher, nets.ema, d.device)
+    if d.is_main:
+        (cfg.out_dir / "eval.json").write_text(json.dumps(results, indent=2))
+        print_table(results)
     return results
-
-
-def save_state(cfg, iteration, student, fake, ema, opt_s, opt_f, sched_s, sched_f):
-    """state.pt (loads with weights_only=True) and the EMA student in official key names, written atomically."""
-    state = {"iteration": iteration, "student": student.state_dict(), "ema": ema.state_dict(),
-             "opt_student": opt_s.state_dict(), "sched_student": sched_s.state_dict(), "rng": torch.get_rng_state()}
-    if fake is not None:
-        state.update(fake=fake.state_dict(), opt_fake=opt_f.state_dict(), sched_fake=sched_f.state_dict())
-    if torch.cuda.is_available():
-        state["rng_cuda"] = torch.cuda.get_rng_state()
-    tmp = cfg.out_dir / "state.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(cfg.out_dir / "state.pt")
-    save_checkpoint(ema, cfg.out_dir / "ema.safetensors")
 
 
 if __name__ == "__main__":

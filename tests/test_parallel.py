@@ -1,6 +1,7 @@
 """parallel.py: Ulysses CP = one device (forward, tangent, gradients), FSDP2 (+CP, +activation checkpointing) training
 = one process, distributed checkpoint resume, EMA export, sharded bf16 teacher. Two CPU processes with gloo."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -189,7 +190,7 @@ def _fsdp_equals_one_process(rank, tmp):
                 _, tv = ref(x, t, context, tangent=(tx, tt))
             noise = []
             for r, a in enumerate(x.chunk(d.dp_size)):  # data-parallel rank r's draw
-                torch.manual_seed(step + r)
+                parallel.seed_everything(step, dataclasses.replace(d, dp_rank=r))
                 noise.append(torch.randn_like(a))
             noise = torch.cat(noise)
             loss_ref = (ref(x, t, context) * tv).mean() + (ref(x + noise, t * 0.5, context) - x).square().mean()
