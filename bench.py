@@ -1,4 +1,4 @@
-"""Speed benchmarks, one table per entry: `python bench.py {attn,model,sample} [--help]`.
+"""Speed benchmarks, one table per entry: `python bench.py {attn,model,sample,causal} [--help]`.
 
 attn: the attention forward+JVP kernel at Wan2.1 480p self-attention shapes against PyTorch SDPA's forward (the
 floor: the JVP pass does 3x its matrix work) and, when given, NVlabs/rcm's flash_attention_jvp_triton.py timed in the
@@ -368,8 +368,69 @@ def bench_sample(cfg: SampleBench):
           f"{teacher_s / rcm_s:.1f}x; end to end with the VAE: {(teacher_s + vae_s) / (rcm_s + vae_s):.1f}x")
 
 
-BENCHES = {AttnBench: bench_attn, ModelBench: bench_model, SampleBench: bench_sample}
+# ---------------------------------------------------------------------------------------------- causal streaming
+@dataclass
+class CausalBench:
+    """Causal-rCM streaming with random weights (sample.py's stream_video): FPS = frames / (DiT + VAE decode time),
+    first-chunk latency (its DiT steps + its VAE decode), the later chunks' latency, peak memory, and the KV cache
+    quantised (memory, speed, and the latents' relative deviation from the unquantised cache, same seed)."""
+    preset: str = "t2v-1.3B"
+    resolution: Literal["480p", "720p"] = "480p"
+    frames: int = 81
+    runs: tuple[str, ...] = ("3,3,2", "3,3,2,noisy", "1,1,1", "1,1,1,noisy")  # first_chunk_t,chunk_t,steps[,noisy]
+    quant: tuple[str, ...] = ("int8", "fp8")  # quantised caches timed on the first run's layout (per-token scales)
+    vae_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    repeats: int = 3  # timed videos per row after one warm-up (median reported)
+
+
+def bench_causal(cfg: CausalBench):
+    from model import CONFIGS
+    from sample import Streaming, stream_cache, stream_report, stream_video
+    from vae import VAEConfig, WanVAE
+    dit = CONFIGS[cfg.preset]
+    shape = (16, 1 + (cfg.frames - 1) // 4, *LATENT[cfg.resolution])
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {cfg.preset}, {cfg.resolution}, "
+          f"{cfg.frames} frames, batch 1, bf16 DiT, {cfg.vae_dtype} VAE, {time.strftime('%Y-%m-%d')}", flush=True)
+    net = random_dit(dit)
+    with torch.device("cuda"):
+        vae = WanVAE(VAEConfig()).to(getattr(torch, cfg.vae_dtype)).eval()
+    context = [torch.randn(30, dit.text_dim, device="cuda", generator=torch.Generator("cuda").manual_seed(0))]
+    rows, reference = [], {}
+
+    def run(name, st):
+        cache = stream_cache(net, 1, shape, st)
+        video = lambda: stream_video(net, vae, context, shape, st, torch.Generator("cuda").manual_seed(1), cache)
+        video()  # warm-up
+        torch.cuda.reset_peak_memory_stats()
+        results = sorted((video() for _ in range(cfg.repeats)), key=lambda r: sum(map(sum, r[2])))
+        z, frames, seconds = results[len(results) // 2]
+        dev = "" if st.kv_quant == "none" else f"{((z - reference[name]).norm() / reference[name].norm()).item():.1e}"
+        reference.setdefault(name, z)
+        total = sum(map(sum, seconds))
+        later = [sum(s) for s in seconds[1:]]
+        rows.append((f"{name} kv {st.kv_quant}", frames.shape[1] / total, sum(seconds[0]), sum(later) / len(later),
+                     sum(s[0] for s in seconds), sum(s[1] for s in seconds), cache.nbytes() / 2**30,
+                     torch.cuda.max_memory_allocated() / 2**30, dev))
+        print(f"{rows[-1][0]}: {stream_report(seconds, frames.shape[1])}", flush=True)
+
+    for spec in cfg.runs:
+        first, chunk, steps, *noisy = spec.split(",")
+        st = Streaming(int(first), int(chunk), (int(steps),), noisy_context=bool(noisy))
+        name = f"c{first}-{chunk} {steps}-step" + (" noisy ctx" if noisy else "")
+        run(name, st)
+        if spec == cfg.runs[0]:
+            for q in cfg.quant:
+                run(name, Streaming(int(first), int(chunk), (int(steps),), noisy_context=bool(noisy), kv_quant=q))
+    print("\n| run | FPS | first chunk s | later chunk s | DiT s | VAE s | KV cache GiB | peak GiB | latents rel. dev. |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, fps, first, later, dit_s, vae_s, cache_gib, peak, dev in rows:
+        print(f"| {name} | {fps:.1f} | {first:.3f} | {later:.3f} | {dit_s:.2f} | {vae_s:.2f} | {cache_gib:.2f} | "
+              f"{peak:.1f} | {dev} |")
+
+
+BENCHES = {AttnBench: bench_attn, ModelBench: bench_model, SampleBench: bench_sample, CausalBench: bench_causal}
 
 if __name__ == "__main__":
-    cfg = tyro.extras.subcommand_cli_from_dict({"attn": AttnBench, "model": ModelBench, "sample": SampleBench})
+    cfg = tyro.extras.subcommand_cli_from_dict({"attn": AttnBench, "model": ModelBench, "sample": SampleBench,
+                                                "causal": CausalBench})
     BENCHES[type(cfg)](cfg)
