@@ -256,13 +256,13 @@ class KVCache:
                              f"max_chunk_t={max_chunk_t}")
         weight = net.blocks[0].self_attn.q.weight
         device = weight.device if device is None else device
-        self.dtype = weight.dtype if dtype is None else dtype  # what the cached keys are read back as
+        dtype = weight.dtype if dtype is None else dtype  # unquantised storage (bf16 halves an fp32 master's cache)
         self.cfg, self.frame_tokens, self.max_chunk_t = cfg, frame_tokens, max_chunk_t
         P = 1 if net.cp_group is None else net.cp_group.size()
         heads, head_dim = net.cfg.num_heads // P, net.cfg.dim // net.cfg.num_heads
         capacity = cfg.max_frames + max_chunk_t
         shape = (batch, capacity * frame_tokens, heads, head_dim)
-        store = {"none": self.dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[cfg.quant]
+        store = {"none": dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[cfg.quant]
         self.k, self.v = ([torch.empty(shape, dtype=store, device=device) for _ in net.blocks] for _ in range(2))
         self.k_scale = self.v_scale = None
         if cfg.quant != "none":
@@ -289,11 +289,11 @@ class KVCache:
         bufs = self.k + self.v + (self.k_scale + self.v_scale if self.k_scale is not None else [])
         return sum(b.numel() * b.element_size() for b in bufs)
 
-    def _read(self, store, scale, n):
+    def _read(self, store, scale, n, dtype):
         if scale is None:
-            return store[:, :n]
+            return store[:, :n].to(dtype)
         return dequantize(store[:, :n], scale[:, :n if self.cfg.scale == "token" else n // self.frame_tokens],
-                          self.frame_tokens, self.dtype)
+                          self.frame_tokens, dtype)
 
     def _write(self, store, scale, n, x):
         if scale is None:
@@ -306,19 +306,19 @@ class KVCache:
 
     def extend(self, block: int, k, v, append: bool):
         """Keys/values of a chunk, k (before RoPE) and v [B,Lc,H,D], -> those of [cached frames | chunk] with RoPE
-        applied, in the cache dtype. append: also store the chunk's (detached) in this block's buffers."""
-        n, Lc = self.frames * self.frame_tokens, k.shape[1]
+        applied, in v's (the attention's) dtype. append: also store the chunk's (detached) in this block's buffers."""
+        n, Lc, dtype = self.frames * self.frame_tokens, k.shape[1], v.dtype
         freqs = self.rope_tables  # [n + Lc, 1, D/2] with keys before RoPE, [Lc, 1, D/2] after
-        k_new = rope(k, freqs[-Lc:]).to(self.dtype)
-        k_past = self._read(self.k[block], None if self.k_scale is None else self.k_scale[block], n)
+        k_new = rope(k, freqs[-Lc:]).to(dtype)
+        k_past = self._read(self.k[block], None if self.k_scale is None else self.k_scale[block], n, dtype)
         if self.cfg.rope == "before":
-            k_past = rope(k_past, freqs[:n]).to(self.dtype)
-        v_past = self._read(self.v[block], None if self.v_scale is None else self.v_scale[block], n)
+            k_past = rope(k_past, freqs[:n]).to(dtype)
+        v_past = self._read(self.v[block], None if self.v_scale is None else self.v_scale[block], n, dtype)
         if append:
             self._write(self.k[block], None if self.k_scale is None else self.k_scale[block], n,
                         (k if self.cfg.rope == "before" else k_new).detach())
             self._write(self.v[block], None if self.v_scale is None else self.v_scale[block], n, v.detach())
-        return torch.cat([k_past, k_new], 1), torch.cat([v_past, v.to(self.dtype)], 1)
+        return torch.cat([k_past, k_new], 1), torch.cat([v_past, v], 1)
 
     def commit(self, chunk_t: int):
         """After an appending forward: the chunk written by every block joins the cache; then the window slides,

@@ -222,3 +222,56 @@ def test_sample_causal_writes_streamed_mp4(files, tmp_path):  # noqa: F811
         other = stream_video(dit, None, context, (16, 3, 4, 4), st, torch.Generator().manual_seed(1))[0]
         assert torch.equal(other[:, :, :1], z[:, :, :1]) == st.noisy_context  # chunk 0 has no context to differ by
         assert rel(other, z) > 1e-4
+
+
+def test_cache_storage_dtype_differs_from_compute(net, inputs):
+    """A cache stored in fp32 (e.g. built from an FSDP net's fp32 master weights) serves bf16 attention."""
+    x, t, context = inputs
+    half = WanModel(CONFIGS["t2v-tiny"]).to(torch.bfloat16)
+    half.load_state_dict(net.state_dict())
+    chunks = chunk_frames(T, 1, 2)
+    with torch.no_grad():
+        outs = [torch.cat([half(x[:, :, f:f + c], t[:, f:f + c], context, kv_cache=cache, kv_append=True)
+                           for f, c in zip((0, 1, 3), chunks)], 2)
+                for cache in (KVCache(half, B, FRAME_TOKENS, CacheConfig(max_frames=T), 2, dtype=dtype)
+                              for dtype in (torch.float32, torch.bfloat16))]
+        v = net(x, t, context, chunks=chunks)
+    assert rel(outs[0], outs[1]) < 1e-2 and rel(outs[0], v) < 3e-2
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_causal_modes(net, inputs):
+    """On CUDA in bf16: the block-causal clip (FlexAttention) equals streaming through the KV cache (SDPA with
+    Lq < Lk); the teacher-forcing tangent (Triton kernel) and the with-grad teacher-forcing gradient (FlexAttention
+    backward) agree with the fp32 reference path on the CPU."""
+    x, t, context = inputs
+    g = torch.Generator().manual_seed(7)
+    chunks = chunk_frames(T, 1, 2)
+    x_tf = torch.cat([torch.randn(x.shape, generator=g), x], 2)
+    t_tf = torch.cat([torch.zeros(B, T), t], 1)
+    tx = torch.cat([torch.zeros(x.shape), torch.randn(x.shape, generator=g)], 2)
+    tt = torch.cat([torch.zeros(B, T), torch.randn(B, T, generator=g) * 100], 1)
+    with torch.no_grad():
+        v_ref = net(x, t, context, chunks=chunks)
+        tf_ref, ttf_ref = net(x_tf, t_tf, context, tangent=(tx, tt), chunks=chunks, teacher_forcing=True)
+    gpu = WanModel(CONFIGS["t2v-tiny"]).cuda().to(torch.bfloat16)
+    gpu.load_state_dict(net.state_dict())
+    x, t, x_tf, t_tf, tx, tt = (a.cuda() for a in (x, t, x_tf, t_tf, tx, tt))
+    context = [c.cuda() for c in context]
+    with torch.no_grad():
+        v = gpu(x, t, context, chunks=chunks)
+        cache = KVCache(gpu, B, FRAME_TOKENS, CacheConfig(max_frames=T), max(chunks))
+        v_stream = torch.cat([gpu(x[:, :, f:f + c], t[:, f:f + c], context, kv_cache=cache, kv_append=True)
+                              for f, c in zip((0, 1, 3), chunks)], 2)
+        tf, ttf = gpu(x_tf, t_tf, context, tangent=(tx, tt), chunks=chunks, teacher_forcing=True)
+    assert rel(v.cpu(), v_ref) < 2e-2 and rel(v_stream.cpu(), v_ref) < 2e-2
+    assert rel(tf.cpu(), tf_ref) < 2e-2 and rel(ttf.cpu(), ttf_ref) < 3e-2
+
+    def grads(model, device):
+        model.zero_grad()
+        out = model(x_tf.to(device), t_tf.to(device), [c.to(device) for c in context], chunks=chunks,
+                    teacher_forcing=True)
+        out[:, :, T:].float().square().mean().backward()
+        return model.blocks[0].self_attn.q.weight.grad.float().cpu()
+
+    assert rel(grads(gpu, "cuda"), grads(net, "cpu")) < 5e-2
