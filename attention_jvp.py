@@ -98,7 +98,7 @@ def _dense_mask(ranges, rows, Lk):
 @triton.jit
 def _tile(q, tq, desc_k, desc_tk, desc_v, desc_tv, off_b, off_hd, start_n, Lk, a, b, e, offs_n, m_i, l_i, mu_i,
           acc_o, acc_t, scale_log2, scale, BLOCK_N: tl.constexpr, D: tl.constexpr, EDGE: tl.constexpr,
-          MASKED: tl.constexpr, PRECISION: tl.constexpr):
+          MASKED: tl.constexpr, PRECISION: tl.constexpr, LAZY: tl.constexpr):
     """One key tile [start_n, start_n + BLOCK_N) folded into the running statistics of a query tile. Loads are bulk
     tensor copies (TMA on Hopper) that zero-fill past the sequence end."""
     k = desc_k.load([off_b, start_n, off_hd]).reshape(BLOCK_N, D)
@@ -115,29 +115,41 @@ def _tile(q, tq, desc_k, desc_tk, desc_v, desc_tv, off_b, off_hd, start_n, Lk, a
         s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row may see nothing yet: keep exp2 finite
+        p = tl.math.exp2(s * scale_log2 - m_use[:, None])  # log2(e) folded into the scale: one FMA and exp2
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha
+        mu_i = mu_i * alpha
+        acc_o = acc_o * alpha[:, None]
+        acc_t = acc_t * alpha[:, None]
+        m_i = m_new
     else:
+        # Lazy rescaling: the reference max m_i moves only when some row's max grew by more than 2^LAZY (then
+        # exp2 stays below 2^LAZY, harmless in fp32 sums and bf16 P), which after the first tiles is rare.
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
-        m_use = m_new
-    p = tl.math.exp2(s * scale_log2 - m_use[:, None])  # log2(e) folded into the scale: one FMA and exp2
-    alpha = tl.math.exp2(m_i - m_use)
+        if tl.max(m_new - m_i, 0) > LAZY:
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            mu_i = mu_i * alpha
+            acc_o = acc_o * alpha[:, None]
+            acc_t = acc_t * alpha[:, None]
+            m_i = m_new
+        p = tl.math.exp2(s * scale_log2 - m_i[:, None])
     h = p * (ts * scale)  # P∘tS (unnormalised)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    mu_i = mu_i * alpha + tl.sum(h, 1)
-    acc_o = acc_o * alpha[:, None]
-    acc_t = acc_t * alpha[:, None]
+    l_i = l_i + tl.sum(p, 1)
+    mu_i = mu_i + tl.sum(h, 1)
     v = desc_v.load([off_b, start_n, off_hd]).reshape(BLOCK_N, D)
     tv = desc_tv.load([off_b, start_n, off_hd]).reshape(BLOCK_N, D)
     p = p.to(v.dtype)
     acc_o = tl.dot(p, v, acc_o, input_precision=PRECISION)
     acc_t = tl.dot(p, tv, acc_t, input_precision=PRECISION)
     acc_t = tl.dot(h.to(v.dtype), v, acc_t, input_precision=PRECISION)  # P·tV + (P∘tS)·V in one accumulator
-    return m_new, l_i, mu_i, acc_o, acc_t
+    return m_i, l_i, mu_i, acc_o, acc_t
 
 
 @triton.jit(do_not_specialize=["Lq", "Lk"])
 def _attention_jvp_kernel(desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv, desc_o, desc_to, LSE, RANGES,
                           scale_log2, scale, Lq, Lk, H, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+                          BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, LAZY: tl.constexpr):
     """Tensor descriptors over [B, L, H·D] views of the [B, L, H, D] inputs and outputs (tiles [1, BLOCK, D]);
     LSE: [B, H, Lq] fp32 (natural log); RANGES: int32 [3, Lq] per-row key ranges (a, b, e) when MASKED.
     Grid: (query tiles, B·H)."""
@@ -176,12 +188,12 @@ def _attention_jvp_kernel(desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv, des
     for start_n in range(0, full, BLOCK_N):
         m_i, l_i, mu_i, acc_o, acc_t = _tile(q, tq, desc_k, desc_tk, desc_v, desc_tv, off_b, off_hd, start_n, Lk,
                                              a, b, e, offs_n, m_i, l_i, mu_i, acc_o, acc_t, scale_log2, scale,
-                                             BLOCK_N, D, False, MASKED, PRECISION)
+                                             BLOCK_N, D, False, MASKED, PRECISION, LAZY)
     for i in range(0, n_edge):
         start_n = tl.where(i < n_first, full + i * BLOCK_N, b_lo + (i - n_first) * BLOCK_N)
         m_i, l_i, mu_i, acc_o, acc_t = _tile(q, tq, desc_k, desc_tk, desc_v, desc_tv, off_b, off_hd, start_n, Lk,
                                              a, b, e, offs_n, m_i, l_i, mu_i, acc_o, acc_t, scale_log2, scale,
-                                             BLOCK_N, D, True, MASKED, PRECISION)
+                                             BLOCK_N, D, True, MASKED, PRECISION, LAZY)
 
     o = acc_o / l_i[:, None]
     to = acc_t / l_i[:, None] - (mu_i / l_i)[:, None] * o
@@ -198,6 +210,7 @@ CONFIGS = {
     ("sm90", 64, 2): (128, 64, 8, 2),
     ("sm90", 128, 2): (128, 64, 8, 2),
 }
+LAZY_RESCALE = 8.0  # log2 headroom of the lazy rescaling (0: rescale whenever a row max grows)
 FALLBACK_CONFIG = (64, 32, 4, 2)  # other GPUs, head dims and fp32: small enough to fit in shared memory everywhere
 INTERPRETER_CONFIG = (32, 32, 4, 1)  # CPU tests: small tiles exercise the edge-tile logic at small shapes
 
@@ -228,7 +241,8 @@ def _attention_triton(q, k, v, tq, tk, tv, scale, mask):
         desc(q, block_m), desc(tq, block_m), desc(k, block_n), desc(tk, block_n), desc(v, block_n), desc(tv, block_n),
         desc(o, block_m), desc(to, block_m), lse, None if mask is None else kv_ranges(mask, q.device),
         scale * LOG2E, scale, Lq, Lk, H, D=D, BLOCK_M=block_m, BLOCK_N=block_n, MASKED=mask is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", LAZY=LAZY_RESCALE, num_warps=num_warps,
+        num_stages=num_stages)
     return o, to, lse
 
 
