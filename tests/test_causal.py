@@ -275,3 +275,45 @@ def test_gpu_bf16_causal_modes(net, inputs):
         return model.blocks[0].self_attn.q.weight.grad.float().cpu()
 
     assert rel(grads(gpu, "cuda"), grads(net, "cpu")) < 5e-2
+
+
+def _causal_cp_equals_one_device(rank, tmp):
+    import copy
+    import inspect
+    import parallel
+    d = parallel.init_distributed(cp_size=2)
+    torch.manual_seed(0)
+    ref = WanModel(CONFIGS["t2v-tiny"])
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    net = parallel.context_parallel(copy.deepcopy(ref), d.cp_group)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 6, 6, 2, generator=g)  # 3 tokens per frame: the padded CP layout
+    t = torch.rand(1, 6, generator=g) * 1000
+    context = torch.randn(1, 5, 48, generator=g)
+    tx = torch.cat([torch.zeros(1, 16, 3, 6, 2), torch.randn(1, 16, 3, 6, 2, generator=g)], 2)
+    tt = torch.cat([torch.zeros(1, 3), torch.randn(1, 3, generator=g)], 1)
+    tf = dict(chunks=(1, 2), teacher_forcing=True)
+    with torch.no_grad():
+        v_ref, tv_ref = ref(x, t, context, tangent=(tx, tt), **tf)
+        v, tv = net(x, t, context, tangent=(tx, tt), **tf)
+    assert rel(v, v_ref) < 1e-5 and rel(tv, tv_ref) < 1e-4
+    if "attend" not in inspect.signature(parallel.ulysses_attention).parameters:
+        return  # the cache under CP needs parallel.ulysses_attention(..., attend=...)
+    for cfg in (CacheConfig(max_frames=6), CacheConfig(max_frames=3, sink_chunks=1, rope="before", quant="int8")):
+        outs = []
+        for m in (ref, net):  # one-frame chunks; the window slides from the fourth on
+            cache = KVCache(m, 1, 3, cfg, max_chunk_t=1)
+            assert cache.k[0].shape[2] == (2 if m is ref else 1)  # each rank caches its head shard
+            with torch.no_grad():
+                outs.append(torch.cat([m(x[:, :, f:f + 1], t[:, f:f + 1], context, kv_cache=cache, kv_append=True)
+                                       for f in range(6)], 2))
+        assert rel(outs[1], outs[0]) < 1e-5
+
+
+def test_causal_context_parallel_equals_one_device(tmp_path):
+    """Ulysses CP over 2 gloo ranks: the teacher-forcing forward and tangent, and streaming through a KV cache
+    that holds each rank's head shard (full and windowed/int8), equal one process."""
+    from test_parallel import spawn
+    spawn(_causal_cp_equals_one_device, tmp_path)
