@@ -207,9 +207,10 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(grad, *ctx.args), None, None, None
 
 
-def ulysses_attention(q, k, v, tq=None, tk=None, tv=None, *, cp: TokenLayout, **kwargs):
+def ulysses_attention(q, k, v, tq=None, tk=None, tv=None, *, cp: TokenLayout, attend=attention, **kwargs):
     """`attention_jvp.attention` for tokens split over a CP group: q, k, v (and tangents) [B, F·n, H, D] local
-    tokens -> o (or (o, to)) [B, F·n, H, D]. kwargs (scale, mask) are those of the unsplit sequence."""
+    tokens -> o (or (o, to)) [B, F·n, H, D]. kwargs (scale, mask) are those of the unsplit sequence; `attend` runs
+    on the head shards (model.py's KV cache passes one that prepends its cached keys and values)."""
     H, P = q.shape[2], cp.group.size()
     if H % P:
         raise ValueError(f"{H} attention heads are not divisible by the context-parallel size {P}")
@@ -221,7 +222,7 @@ def ulysses_attention(q, k, v, tq=None, tk=None, tv=None, *, cp: TokenLayout, **
         full = o.new_zeros(o.shape[0], P * cp.local.numel(), *o.shape[2:]).index_copy(1, cp.order, o)
         return _AllToAll.apply(full, cp.group, 1, 2)
 
-    out = attention(*(to_heads(a) for a in (q, k, v, tq, tk, tv)), **kwargs)
+    out = attend(*(to_heads(a) for a in (q, k, v, tq, tk, tv)), **kwargs)
     return tuple(map(to_tokens, out)) if isinstance(out, tuple) else to_tokens(out)
 
 
