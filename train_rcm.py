@@ -156,7 +156,7 @@ class RCMConfig:
     teacher_train: toy.TeacherConfig = field(default_factory=toy.TeacherConfig)
     """flow-matching training of the toy teacher when no teacher_ckpt is cached"""
     eval_per_prompt: int = 256
-    """toy evaluation: samples per prompt for each sampler"""
+    """toy evaluation: samples per prompt for each sampler (0: no evaluation)"""
 
 
 PRESETS = {
@@ -557,7 +557,7 @@ def load_state(cfg: RCMConfig, nets: Nets) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------------- training
 def train(cfg: RCMConfig) -> dict:
-    """Run (or resume) the distillation; returns the toy evaluation ({} for Wan runs). Joins torchrun's process group,
+    """Run (or resume) the distillation; returns the toy evaluation ({} without one). Joins torchrun's process group,
     or makes a one-process one for the run (an existing group, e.g. a test's, is used and left as it is)."""
     check_config(cfg)
     own_group = not dist.is_initialized()
@@ -618,7 +618,7 @@ def run(cfg: RCMConfig, d: parallel.Dist) -> dict:
         if (i + 1) % cfg.ckpt_every == 0 or i + 1 == cfg.iterations:
             save_state(cfg, d, nets, i + 1, start_batches + (i + 1 - start) * cfg.grad_accum)
 
-    if cfg.task == "wan":
+    if cfg.task == "wan" or cfg.eval_per_prompt == 0:
         return {}
     results = evaluate(cfg, world, nets.teacher, nets.ema, d.device)
     if d.is_main:

@@ -1,17 +1,53 @@
-"""train_rcm.py: the student/critic bookkeeping, the EMA, and an interrupted toy run that resumes exactly."""
+"""train_rcm.py: the student/critic bookkeeping, the EMA, interrupted toy runs that resume exactly (one process, and
+two processes reading shards), two processes (FSDP, and CP) equal to one, and the user errors."""
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 import toy
 import train_rcm
+from data import write_shards
 from model import WanConfig, WanModel, load_checkpoint
 
 TINY_DIT = WanConfig(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=32, ffn_dim=64, freq_dim=32,
                      text_dim=32, out_dim=16, num_heads=2, num_layers=1, qk_norm=True, cross_attn_norm=True, eps=1e-6)
 TINY_WORLD = toy.ToyConfig(shape=(16, 2, 4, 4))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny nets: threads only contend (for the 2 cores other test runs share), so run on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=3, batch=4), TINY_DIT, path, log=lambda s: None)
+    return path
+
+
+def tiny_run(teacher, out_dir, **kwargs) -> train_rcm.RCMConfig:
+    """6 iterations of the toy preset on a tiny DiT: students at 0, 1 (sCM), 2, 4 (sCM + DMD), critics at 3, 5."""
+    return dataclasses.replace(train_rcm.PRESETS["toy"][1], **{
+        **dict(dit=TINY_DIT, world=TINY_WORLD, teacher_ckpt=teacher, device="cpu", out_dir=out_dir, iterations=6,
+               batch=2, tangent_warmup=2, student_update_freq=2, log_every=1, preview_every=100, ckpt_every=100,
+               eval_per_prompt=2), **kwargs})
+
+
+def logged(out_dir) -> list[dict]:
+    """metrics.jsonl without the wall-clock times."""
+    return [{k: v for k, v in json.loads(ln).items() if k != "time_s"}
+            for ln in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_student_critic_schedule():
@@ -42,13 +78,8 @@ def test_power_ema():
     torch.testing.assert_close(p_ema, beta * before + (1 - beta) * p.detach())
 
 
-def test_interrupted_run_resumes_with_the_same_losses(tmp_path, monkeypatch):
-    teacher = tmp_path / "teacher.safetensors"
-    toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=3, batch=4), TINY_DIT, teacher, log=lambda s: None)
-    base = dataclasses.replace(
-        train_rcm.PRESETS["toy"][1], dit=TINY_DIT, world=TINY_WORLD, teacher_ckpt=teacher, device="cpu",
-        iterations=10, batch=2, tangent_warmup=2, student_update_freq=2, log_every=1, preview_every=100,
-        ckpt_every=3, eval_per_prompt=2)
+def test_interrupted_run_resumes_with_the_same_losses(tmp_path, monkeypatch, teacher):
+    base = tiny_run(teacher, tmp_path, iterations=10, ckpt_every=6)
     full = train_rcm.train(dataclasses.replace(base, out_dir=tmp_path / "full"))
 
     # Kill the second run at its 3rd critic iteration (iteration 7, after the checkpoint at 6), then rerun it.
@@ -68,9 +99,7 @@ def test_interrupted_run_resumes_with_the_same_losses(tmp_path, monkeypatch):
     monkeypatch.setattr(train_rcm, "critic_loss", critic_loss)
     resumed = train_rcm.train(run)
 
-    drop_time = lambda path: [{k: v for k, v in json.loads(ln).items() if k != "time_s"}
-                              for ln in path.read_text().splitlines()]
-    a, b = drop_time(tmp_path / "full" / "metrics.jsonl"), drop_time(tmp_path / "run" / "metrics.jsonl")
+    a, b = logged(tmp_path / "full"), logged(tmp_path / "run")
     assert [r["iteration"] for r in b] == list(range(10))
     assert json.dumps(a) == json.dumps(b)       # (as text: NaN metrics compare equal)
     assert any("loss/dmd" in r for r in a) and any("loss/critic" in r for r in a)
@@ -78,3 +107,131 @@ def test_interrupted_run_resumes_with_the_same_losses(tmp_path, monkeypatch):
     assert set(full) == {"exact", "teacher-50", "student-1", "student-2", "student-4"}
     assert set(full["student-1"]) == {"precision", "wrong_prompt", "mode_tv", "mean_rho"}
     load_checkpoint(WanModel(TINY_DIT), tmp_path / "run" / "ema.safetensors")   # official key names
+
+
+def test_wan_task_trains_on_shards_with_a_negative_embedding(tmp_path, teacher):
+    g = torch.Generator().manual_seed(0)
+    write_shards([(torch.randn(16, 2, 4, 4, generator=g), torch.randn(3 + k % 3, 32, generator=g), f"clip {k}")
+                  for k in range(4)], tmp_path / "shards", samples_per_shard=1)
+    torch.save({"neg": torch.randn(1, 5, 32, generator=g)}, tmp_path / "neg.pt")
+    cfg = tiny_run(teacher, tmp_path / "run", task="wan", data=tmp_path / "shards", neg_embed=tmp_path / "neg.pt",
+                   iterations=4, num_workers=0, checkpointing="block")
+    assert train_rcm.train(cfg) == {}  # no toy evaluation
+    records = logged(tmp_path / "run")
+    assert [r["iteration"] for r in records] == [0, 1, 2, 3] and "loss/critic" in records[3]
+    assert all(math.isfinite(v) for r in records for v in r.values())
+    assert records[0]["data/bad_samples"] == 0
+    load_checkpoint(WanModel(TINY_DIT), tmp_path / "run" / "ema.safetensors")
+
+
+def test_user_errors_are_clear(tmp_path, teacher):
+    def error(match, **kwargs):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            train_rcm.train(tiny_run(teacher, tmp_path / "run", **kwargs))
+    error("--batch 3 is not divisible by --grad-accum 2", batch=3, grad_accum=2)
+    error("2 attention heads, not divisible by --cp-size 4", cp_size=4)
+    error("must divide the number of processes 1", cp_size=2)
+    error("a Wan run needs --data", task="wan", neg_embed=teacher)
+    error("--teacher-ckpt .*nowhere.safetensors does not exist", teacher_ckpt=tmp_path / "nowhere.safetensors")
+    error("--data .*nowhere does not exist", data=tmp_path / "nowhere")
+    error("no shard.*pass --data a folder", data=tmp_path)
+    other = tmp_path / "other.safetensors"
+    toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=1, batch=2), dataclasses.replace(TINY_DIT, dim=64),
+                      other, log=lambda s: None)
+    error("does not match --dit", teacher_ckpt=other)
+    torch.save(torch.zeros(5, 7), tmp_path / "neg.pt")
+    error(r"has shape \(5, 7\); expected \[L, 32\]", task="wan", data=tmp_path, neg_embed=tmp_path / "neg.pt")
+    assert not dist.is_initialized()  # every failed run took its process group down
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two processes (gloo on CPU; NCCL on 2 GPUs for the `gpu` versions)
+
+def spawn(fn, tmp_path, *args, backend="gloo"):
+    mp.spawn(_worker, args=(fn, str(tmp_path), backend, args), nprocs=2, join=True)
+
+
+def _worker(rank, fn, tmp, backend, args):
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12)).item() <= tol
+
+
+def assert_same_training(run, ref, tol):
+    """Same logged losses at every iteration and the same EMA student at the end, within tol."""
+    a, b = logged(run), logged(ref)
+    assert [r["iteration"] for r in a] == [r["iteration"] for r in b] and any("loss/critic" in r for r in a)
+    for ra, rb in zip(a, b):
+        for k in (k for k in rb if k.startswith("loss/")):
+            assert abs(ra[k] - rb[k]) <= tol * abs(rb[k]) + 1e-12, f"iteration {rb['iteration']}: {k} {ra[k]} vs {rb[k]}"
+    ema, ema_ref = load_file(run / "ema.safetensors"), load_file(ref / "ema.safetensors")
+    assert all(close(ema[k], v, tol) for k, v in ema_ref.items())
+
+
+def _two_process_runs(teacher, tmp, device):
+    # FSDP: 2 data-parallel ranks of 2 clips each; CP: both ranks split the tokens of the same 2 clips (with activation
+    # checkpointing, which must not change the math either)
+    train_rcm.train(tiny_run(teacher, tmp / "dp2", device=device, eval_per_prompt=0, checkpointing="block"))
+    train_rcm.train(tiny_run(teacher, tmp / "cp2", device=device, eval_per_prompt=0, cp_size=2, checkpointing="matmul"))
+
+    # toy clips written as shards and read through data.make_loader, split over the 2 data-parallel ranks; a run killed
+    # in iteration 5 (its second critic iteration, after the checkpoint at 4) and restarted
+    run = lambda name: tiny_run(teacher, tmp / name, device=device, iterations=7, ckpt_every=4, data=tmp / "shards",
+                                toy_data_clips=24, num_workers=0, shuffle_buffer=4)
+    train_rcm.train(run("full"))
+    critic_loss, calls = train_rcm.critic_loss, []
+
+    def dying_critic_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return critic_loss(*args, **kwargs)
+    train_rcm.critic_loss = dying_critic_loss
+    try:
+        train_rcm.train(run("run"))
+        raise AssertionError("the run was not killed")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        train_rcm.critic_loss = critic_loss
+    if dist.get_rank() == 0:
+        assert json.loads((tmp / "run" / "state" / "latest.json").read_text())["iteration"] == 4
+    train_rcm.train(run("run"))
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def two_process_runs(request, tmp_path_factory, teacher):
+    """The runs of `_two_process_runs` on 2 processes (gloo on CPU, NCCL on 2 GPUs), and their one-process
+    references: 2 ranks × 2 clips draw what one process × 2 accumulation steps of 2 clips draws."""
+    device, tmp = request.param, tmp_path_factory.mktemp("runs")
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    train_rcm.train(tiny_run(teacher, tmp / "one_accum", device=device, eval_per_prompt=0, batch=4, grad_accum=2))
+    train_rcm.train(tiny_run(teacher, tmp / "one", device=device, eval_per_prompt=0))
+    spawn(_two_process_runs, tmp, teacher, tmp, device, backend="nccl" if device == "cuda" else "gloo")
+    return tmp, 1e-5 if device == "cpu" else 1e-3  # (GPU kernels reduce in other orders)
+
+
+def test_two_ranks_fsdp_and_cp_equal_one_process(two_process_runs):
+    tmp, tol = two_process_runs
+    assert_same_training(tmp / "dp2", tmp / "one_accum", tol)
+    assert_same_training(tmp / "cp2", tmp / "one", tol)
+    assert logged(tmp / "one_accum") != logged(tmp / "one")  # (the comparison can tell runs apart)
+
+
+def test_two_process_run_killed_and_restarted_continues(two_process_runs):
+    tmp, tol = two_process_runs
+    full, run = logged(tmp / "full"), logged(tmp / "run")
+    assert [r["iteration"] for r in run] == list(range(7))
+    if tol < 1e-4:  # on the CPU the restarted run repeats the uninterrupted one bit for bit
+        assert json.dumps(run) == json.dumps(full)
+    assert_same_training(tmp / "run", tmp / "full", tol)
+    assert json.loads((tmp / "run" / "eval.json").read_text()).keys() == {"exact", "teacher-50", "student-1",
+                                                                          "student-2", "student-4"}
