@@ -1,4 +1,4 @@
-"""Speed benchmarks, one table per entry: `python bench.py {attn,model,sample,causal} [--help]`.
+"""Speed benchmarks, one table per entry: `python bench.py {attn,model,sample,causal,iteration} [--help]`.
 
 attn: the attention forward+JVP kernel at Wan2.1 480p self-attention shapes against PyTorch SDPA's forward (the
 floor: the JVP pass does 3x its matrix work) and, when given, NVlabs/rcm's flash_attention_jvp_triton.py timed in the
@@ -428,9 +428,97 @@ def bench_causal(cfg: CausalBench):
               f"{peak:.1f} | {dev} |")
 
 
-BENCHES = {AttnBench: bench_attn, ModelBench: bench_model, SampleBench: bench_sample, CausalBench: bench_causal}
+# ---------------------------------------------------------------------------------------------------- rCM iteration
+@dataclass
+class IterationBench:
+    """train_rcm's own student_step (sCM + DMD) and critic_step on random weights: seconds, peak memory and MFU of an
+    rCM iteration. Under torchrun the nets are FSDP-sharded over all ranks and --cp-size splits each clip's tokens."""
+    preset: str = "wan1.3b"  # a train_rcm preset (its precision, guidance, warm-up and update schedule)
+    resolution: Literal["480p", "720p"] = "480p"
+    frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
+    batch: int = 1  # clips per data-parallel rank
+    cp_size: int = 1  # context-parallel ranks per clip
+    checkpointing: Literal["none", "block", "matmul"] = "block"
+    compile: bool = False  # torch.compile every block
+    iters: int = 4  # timed iterations of each kind after one warm-up: one cycle of 1..4 simulation steps
+    peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H200 SXM)
+
+
+def rcm_iteration_flops(dit, L, n_sim: int) -> tuple[int, int]:
+    """Model FLOPs (no recomputation) of one clip's student iteration (sCM + DMD, CFG teacher) and critic iteration,
+    n_sim backward-simulation steps; a backward costs two forwards.
+    student: teacher CFG 2 + student JVP (tangent) + with-grad student 3 (sCM); n_sim − 1 no-grad student + with-grad
+    student 3 + fake 1 + teacher CFG 2 (DMD). critic: n_sim no-grad student + fake with grad 3."""
+    f, f_jvp = dit_flops(dit, L), dit_flops(dit, L, tangent=True)
+    return f_jvp + (n_sim + 10) * f, (n_sim + 3) * f
+
+
+def bench_iteration(cfg: IterationBench):
+    import dataclasses
+    import torch.distributed as dist
+    import parallel
+    import train_rcm
+    from model import WanModel
+    rcm = dataclasses.replace(train_rcm.PRESETS[cfg.preset][1], device="cuda", batch=cfg.batch, cp_size=cfg.cp_size,
+                              checkpointing=cfg.checkpointing, compile=cfg.compile)
+    d = parallel.init_distributed(rcm.cp_size, "cuda")
+    dit, world = rcm.dit, dist.get_world_size()
+    T, (H, W) = 1 + (cfg.frames - 1) // 4, LATENT[cfg.resolution]
+    L = T * (H // 2) * (W // 2)
+    if d.is_main:
+        print(f"# {torch.cuda.get_device_name()} x{world} (dp {d.dp_size} x cp {d.cp_size}), torch {torch.__version__}, "
+              f"{cfg.preset}, {cfg.resolution}, {cfg.frames} frames ({L} tokens), batch {cfg.batch} per dp rank, "
+              f"SAC {cfg.checkpointing}, compile {cfg.compile}, {time.strftime('%Y-%m-%d')}", flush=True)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in WanModel(dit).state_dict().items()}
+    weights = {k: torch.empty(s, dtype=torch.bfloat16).normal_(0, 0.02) for k, s in shapes.items()} if d.is_main else {}
+    nets = train_rcm.build_nets(rcm, d, weights, weights)
+    del weights
+    g = torch.Generator("cuda").manual_seed(d.dp_rank)  # the ranks of a CP group hold the same clip
+    x0 = torch.randn(cfg.batch, 16, T, H, W, device="cuda", generator=g)
+    cond, uncond = (torch.randn(cfg.batch, 512, dit.text_dim, device="cuda", generator=g) for _ in range(2))
+
+    def timed(step, i):
+        parallel.seed_everything(0, d, i)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        record = step(rcm, nets, [(x0, cond, uncond)], i)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, record
+
+    rows = []
+    # iterations after the tangent warm-up (DMD and critic on): the first of each kind warms up (and compiles)
+    after = range(rcm.tangent_warmup, rcm.tangent_warmup + (cfg.iters + 1) * rcm.student_update_freq * 2)
+    for name, step, offset in (("student (sCM + DMD)", train_rcm.student_step, 0),
+                               ("critic", train_rcm.critic_step, 1)):
+        its = [i for i in after if train_rcm.is_student_iteration(rcm, i) == (offset == 0)][:cfg.iters + 1]
+        timed(step, its[0])
+        torch.cuda.reset_peak_memory_stats()
+        runs = [timed(step, i) for i in its[1:]]
+        peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        for sec, record in runs:
+            n_sim = int(record.get("dmd/steps", record.get("critic/steps")))
+            flops = rcm_iteration_flops(dit, L, n_sim)[offset] * cfg.batch * d.dp_size  # every clip of the world
+            rows.append((name, n_sim, sec, peak.item(), flops / sec / world / 1e12))
+    if d.is_main:
+        print("\n| iteration | sim steps | seconds | peak GiB (max over ranks) | TFLOP/s per GPU | MFU |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, n_sim, sec, peak, tflops in rows:
+            print(f"| {name} | {n_sim} | {sec:.2f} | {peak:.1f} | {tflops:.0f} | {tflops / cfg.peak_tflops:.1%} |")
+        for name in ("student (sCM + DMD)", "critic"):
+            secs = sorted(r[2] for r in rows if r[0] == name)
+            mean_tflops = sum(r[4] * r[2] for r in rows if r[0] == name) / sum(secs)
+            print(f"{name}: median {secs[len(secs) // 2]:.2f} s, mean over the cycle {sum(secs) / len(secs):.2f} s, "
+                  f"MFU {mean_tflops / cfg.peak_tflops:.1%}; clips/s for the world: "
+                  f"{cfg.batch * d.dp_size * len(secs) / sum(secs):.2f}")
+    dist.destroy_process_group()
+
+
+BENCHES = {AttnBench: bench_attn, ModelBench: bench_model, SampleBench: bench_sample, CausalBench: bench_causal,
+           IterationBench: bench_iteration}
 
 if __name__ == "__main__":
     cfg = tyro.extras.subcommand_cli_from_dict({"attn": AttnBench, "model": ModelBench, "sample": SampleBench,
-                                                "causal": CausalBench})
+                                                "causal": CausalBench, "iteration": IterationBench})
     BENCHES[type(cfg)](cfg)
