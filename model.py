@@ -164,11 +164,11 @@ def sinusoid(t, tt, freq_dim):
 
 
 def rope_tables(grid, head_dim, device, frame_offset=0, theta=10000.0):
-    """Rotations (cos, sin) [L, 1, head_dim/2, 2] of Wan's 3D RoPE for a (F, H, W) token grid, frames from `frame_offset`.
+    """Complex rotations [L, 1, head_dim/2] of Wan's 3D RoPE for a (F, H, W) token grid, frames starting at `frame_offset`.
 
     The head's channels form head_dim/2 complex pairs of adjacent channels; with c = head_dim/2 the first
     c − 2·(c//3) pairs rotate with the frame index, the next c//3 with the row, the last c//3 with the column,
-    at frequencies theta^(−2k/d_axis), d_axis = 2·(pairs of that axis). Angles in float64, cos and sin in fp32.
+    at frequencies theta^(−2k/d_axis), d_axis = 2·(pairs of that axis). Angles in float64, rotations complex64.
     """
     c = head_dim // 2
     pairs = (c - 2 * (c // 3), c // 3, c // 3)
@@ -180,18 +180,15 @@ def rope_tables(grid, head_dim, device, frame_offset=0, theta=10000.0):
         shape[axis] = size
         angles.append(torch.outer(pos, omega).view(shape).expand(*grid, n))
     angles = torch.cat(angles, dim=-1).reshape(-1, 1, c)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
 def rope(h, freqs):
-    """Rotate adjacent channel pairs (a, b) = (2i, 2i+1) of h [B,L,H,D] by freqs [L,1,D/2,2] = (cos, sin): the
-    complex product (a + ib)·e^{iθ}, written in real arithmetic so torch.compile fuses it with the qk-norm.
+    """Rotate adjacent channel pairs (2i, 2i+1) of h [B,L,H,D], as complex numbers, by freqs [L,1,D/2] (complex64).
     Linear in h, so the tangent is rotated the same way."""
     if h is None:
         return None
-    a, b = h.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = freqs.unbind(-1)
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    return torch.view_as_real(torch.view_as_complex(h.float().unflatten(-1, (-1, 2))) * freqs).flatten(-2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
