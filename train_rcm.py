@@ -383,13 +383,13 @@ def micro_batches(cfg: RCMConfig, d: parallel.Dist, i: int, draw):
         yield draw()
 
 
+COUNTS = ("scm/nan_samples", "data/bad_samples", "data/bad_shards")  # metrics that add up (the others are means)
+
+
 def _accumulate(metrics: dict, record: dict, n: int):
-    """Average a micro-batch's metrics into `metrics` (counts add up)."""
+    """Add one of n micro-batches' metrics into `metrics`."""
     for k, v in record.items():
         metrics[k] = metrics.get(k, 0.0) + (v if k in COUNTS else v / n)
-
-
-COUNTS = ("scm/nan_samples", "data/bad_samples", "data/bad_shards")
 
 
 def student_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:

@@ -235,3 +235,12 @@ def test_two_process_run_killed_and_restarted_continues(two_process_runs):
     assert_same_training(tmp / "run", tmp / "full", tol)
     assert json.loads((tmp / "run" / "eval.json").read_text()).keys() == {"exact", "teacher-50", "student-1",
                                                                           "student-2", "student-4"}
+
+
+@pytest.mark.gpu
+def test_compiled_blocks_train_as_eager_ones(tmp_path, teacher):
+    runs = {c: tiny_run(teacher, tmp_path / str(c), device="cuda", eval_per_prompt=0, checkpointing="matmul", compile=c)
+            for c in (False, True)}
+    for cfg in runs.values():
+        train_rcm.train(cfg)
+    assert_same_training(tmp_path / "True", tmp_path / "False", 1e-3)
