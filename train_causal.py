@@ -24,7 +24,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +37,8 @@ import train_rcm
 from losses import (TimeDist, critic_loss, dcm_loss, denoise, dmd_loss, euler_sample, guided_denoise, sample_time,
                     scm_objective, trig_to_rf)
 from model import CacheConfig, KVCache, WanConfig, WanModel, chunk_frames, load_checkpoint, save_checkpoint
-from train_rcm import adamw, ema_gamma, ema_update
+from sample import stream_latents
+from train_rcm import ema_gamma, ema_update
 
 Stage = Literal["tf", "tf_dcm", "tf_scm", "sf_dmd"]
 
@@ -150,7 +151,7 @@ class CausalConfig:
     log_every: int = 10
     """iterations between lines of metrics.jsonl"""
     preview_every: int = 500
-    """iterations between streamed previews of the EMA net (toy: with exact metrics)"""
+    """iterations between streamed previews of the EMA net, with exact toy metrics (0: none)"""
     ckpt_every: int = 500
     """iterations between checkpoints (state.pt and ema.safetensors)"""
 
@@ -169,7 +170,7 @@ _RCM_TOY = train_rcm.PRESETS["toy"][1]
 PRESETS = {
     "toy": ("Causal-rCM on the toy video world (CPU, minutes): tf -> tf_scm -> sf_dmd, frame-wise chunks", CausalConfig(
         out_dir=Path("runs/causal_toy"), dit=_RCM_TOY.dit, world=_RCM_TOY.world, teacher_train=_RCM_TOY.teacher_train,
-        batch=16, log_every=10, preview_every=10**9, ckpt_every=100, eval_per_prompt=128,
+        batch=16, log_every=10, preview_every=0, ckpt_every=100, eval_per_prompt=128,
         tf=TFConfig(iterations=300, lr=1e-4, lr_warmup=20),
         cm=CMConfig(iterations=300, lr=1e-4, lr_warmup=20, tangent_warmup=100),
         sf=SFConfig(iterations=300, lr=1e-4, lr_fake=1e-4, lr_warmup=20, student_update_freq=3, teacher_guidance=3.0))),
@@ -261,32 +262,38 @@ def tf_scm_loss(student: WanModel, v_teacher, x0: torch.Tensor, context, chunks,
 
 
 # ----------------------------------------------------------------------------------- stage sf_dmd: self forcing
-def rollout(net: WanModel, context, eps: torch.Tensor, chunks: tuple[int, ...], times: list[list[float]],
-            grad_last: bool = False, noisy_context: bool = False, generator=None) -> torch.Tensor:
-    """The student generates a video chunk by chunk through its KV cache (self forcing; also streaming inference).
-
-    eps [B, C, T, H, W]: the starting noise of every chunk; times[i]: chunk i's rectified-flow times
-    [s_0, ..., s_{n−1}, 0]. Per chunk: x = s_0·ε; each step v = net(x, s_k | cache), x̂0 = x − s_k·v, then
-    x = (1 − s_{k+1})·x̂0 + s_{k+1}·ε' with fresh noise ε'. Only the LAST step of each chunk may keep its graph
-    (grad_last); the cache holds constants, so no gradient crosses chunks. Then the chunk's clean x̂0 runs once at
-    s = 0 (no grad) to append its K/V, or, with noisy_context, the last step itself appends its noisy input's K/V.
-    Returns the video of x̂0s [B, C, T, H, W].
-    """
-    B, C, T, H, W = eps.shape
+def kv_cache(net: WanModel, batch: int, shape, chunks: tuple[int, ...], device) -> KVCache:
+    """A KV cache that holds whole clips of `shape` [C, T, H, W] cut into `chunks` (nothing is evicted)."""
+    _, T, H, W = shape
     ph, pw = net.cfg.patch_size[1:]
-    cache = KVCache(net, B, (H // ph) * (W // pw), CacheConfig(max_frames=T), max(chunks), device=eps.device)
+    return KVCache(net, batch, (H // ph) * (W // pw), CacheConfig(max_frames=T), max(chunks), device=device)
+
+
+def rollout(net: WanModel, context, eps: torch.Tensor, chunks: tuple[int, ...], times: list[list[float]],
+            grad_last: bool = False, noisy_context: bool = False) -> torch.Tensor:
+    """Self forcing: the student generates whole videos chunk by chunk through its KV cache, as streaming inference
+    does (sample.stream_latents), keeping the graph of each chunk's LAST step only.
+
+    eps [B, C, T, H, W]: each chunk's starting noise; times[i]: chunk i's rectified-flow times [s_0, ..., s_{n−1}].
+    Per chunk: x = s_0·ε; each step v = net(x, s_k | cache), x̂0 = x − s_k·v, then, but after the last step,
+    x = (1 − s_{k+1})·x̂0 + s_{k+1}·ε' with fresh noise ε'. The cache holds constants, so no gradient crosses chunks.
+    Then the chunk's K/V join the cache: a clean pass of x̂0 at s = 0 (no grad; none after the last chunk), or, with
+    noisy_context, the last step's own pass on its noisy input. Returns the video of x̂0s [B, C, T, H, W].
+    """
+    B = eps.shape[0]
+    cache = kv_cache(net, B, eps.shape[1:], chunks, eps.device)
     video, f0 = [], 0
-    for Tc, s in zip(chunks, times):
+    for i, (Tc, s) in enumerate(zip(chunks, times)):
         x = s[0] * eps[:, :, f0:f0 + Tc]
-        for k in range(len(s) - 1):
-            last = k == len(s) - 2
+        for k, s_k in enumerate(s):
+            last = k == len(s) - 1
             with torch.set_grad_enabled(grad_last and last):
-                v = net(x, torch.full((B,), 1000 * s[k], device=x.device), context, kv_cache=cache,
+                v = net(x, torch.full((B,), 1000 * s_k, device=x.device), context, kv_cache=cache,
                         kv_append=noisy_context and last)
-                x0_hat = x - s[k] * v
+                x0_hat = x - s_k * v
             if not last:
-                x = (1 - s[k + 1]) * x0_hat + s[k + 1] * torch.randn(x.shape, generator=generator, device=x.device)
-        if not noisy_context:
+                x = (1 - s[k + 1]) * x0_hat + s[k + 1] * torch.randn_like(x)
+        if not noisy_context and i < len(chunks) - 1:
             with torch.no_grad():
                 net(x0_hat.detach(), torch.zeros(B, device=x.device), context, kv_cache=cache, kv_append=True)
         video.append(x0_hat)
@@ -295,11 +302,11 @@ def rollout(net: WanModel, context, eps: torch.Tensor, chunks: tuple[int, ...], 
 
 
 def chunk_times(n_steps: tuple[int, ...], s0: float, backward_times: tuple[float, ...]) -> list[list[float]]:
-    """Per chunk, the few-step times [s0, *backward_times[:n − 1], 0] for its number of steps n."""
+    """Per chunk, the few-step times [s0, *backward_times[:n − 1]] for its number of steps n."""
     if max(n_steps) > len(backward_times) + 1 or min(n_steps) < 1:
         raise ValueError(f"steps per chunk must lie in 1..{len(backward_times) + 1} with backward_times="
                          f"{backward_times}, got {n_steps}")
-    return [[s0, *backward_times[: n - 1], 0.0] for n in n_steps]
+    return [[s0, *backward_times[: n - 1]] for n in n_steps]
 
 
 def rollout_steps(cfg: SFConfig, n_chunks: int, cycle: int) -> tuple[int, ...]:
@@ -311,21 +318,21 @@ def rollout_steps(cfg: SFConfig, n_chunks: int, cycle: int) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------------------ streamed evaluation
 def student_stream(net: WanModel, context, n_steps: int, shape, chunks, cfg: CausalConfig, seed: int):
-    """Streaming samples of a few-step causal student, n_steps per chunk, from s_0 = σ_max/(1 + σ_max), seeded."""
+    """Samples of a few-step student from sample.py's streaming sampler: n_steps per chunk starting at
+    s_0 = σ_max/(1 + σ_max), then the backward times; seeded."""
     gen = torch.Generator(cfg.device).manual_seed(seed)
-    eps = torch.randn((len(context), *shape), generator=gen, device=cfg.device)
     times = chunk_times((n_steps,) * len(chunks), cfg.sigma_max / (1 + cfg.sigma_max), cfg.backward_times)
-    return rollout(net, context.to(cfg.device), eps, chunks, times, generator=gen).cpu()
+    cache = kv_cache(net, len(context), shape, chunks, cfg.device)
+    return torch.cat(list(stream_latents(net, context.to(cfg.device), shape, chunks, times, cache, gen)), 2).cpu()
 
 
 def teacher_stream(net: WanModel, context, uncond, shape, chunks, w: float, steps: int, seed: int, device):
     """Streaming samples of the causal teacher: per chunk, `steps` Euler steps with CFG w (cond and uncond halves of
     one batch, so one KV cache serves both), then a clean pass at s = 0 appends the chunk's K/V. Seeded."""
-    B, (C, T, H, W) = len(context), shape
+    B = len(context)
     eps = torch.randn((B, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
     both = torch.cat([context, uncond]).to(device)
-    ph, pw = net.cfg.patch_size[1:]
-    cache = KVCache(net, 2 * B, (H // ph) * (W // pw), CacheConfig(max_frames=T), max(chunks), device=device)
+    cache = kv_cache(net, 2 * B, shape, chunks, device)
     video, f0 = [], 0
     for Tc in chunks:
         def velocity(x, timestep):
@@ -362,6 +369,13 @@ def preview(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanModel, fo
 
 
 # ---------------------------------------------------------------------------------------------------- training
+def adamw(cfg: Optim, net: WanModel, lr: float, device: str):
+    """AdamW (fused on CUDA) with a linear warm-up to lr, then constant."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            fused=True if device == "cuda" else None)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / cfg.lr_warmup))
+
+
 def load_net(cfg: CausalConfig, path: Path, trainable: bool) -> WanModel:
     net = load_checkpoint(WanModel(cfg.dit), path).to(cfg.device)
     return net.requires_grad_(trainable).train(trainable)
@@ -391,8 +405,8 @@ def train_stage(cfg: CausalConfig, stage: Stage, world: toy.World, bidirectional
     student, ema = load_net(cfg, init, True), load_net(cfg, init, False)
     teacher = load_net(cfg, teacher_path, False) if stage != "tf" else None
     fake = load_net(cfg, bidirectional, True) if stage == "sf_dmd" else None
-    opt_s, sched_s = adamw(scfg, student, scfg.lr)
-    opt_f, sched_f = adamw(scfg, fake, cfg.sf.lr_fake) if fake is not None else (None, None)
+    opt_s, sched_s = adamw(scfg, student, scfg.lr, cfg.device)
+    opt_f, sched_f = adamw(scfg, fake, cfg.sf.lr_fake, cfg.device) if fake is not None else (None, None)
     gamma = ema_gamma(scfg.ema_sigma_rel)
     chunks = chunk_frames(world.cfg.shape[1], cfg.first_chunk_t, cfg.chunk_t)
     torch.manual_seed(cfg.seed)
@@ -473,7 +487,7 @@ def train_stage(cfg: CausalConfig, stage: Stage, world: toy.World, bidirectional
             record.update({"loss/critic": l_fake.item(), "critic/steps": steps[-1],
                            "lr_fake": sched_f.get_last_lr()[0]})
 
-        previewing = (i + 1) % cfg.preview_every == 0
+        previewing = cfg.preview_every > 0 and (i + 1) % cfg.preview_every == 0
         if previewing:
             record.update(preview(cfg, world, stage, ema, folder, i + 1))
         if i % cfg.log_every == 0 or previewing:
@@ -527,12 +541,16 @@ def train(cfg: CausalConfig) -> dict:
     if len(set(cfg.stages)) != len(cfg.stages):
         raise ValueError(f"each stage runs once, got --stages {' '.join(cfg.stages)}")
     world = toy.make_world(cfg.world)
-    rcm_cfg = replace(_RCM_TOY, teacher_ckpt=cfg.teacher_ckpt, dit=cfg.dit, world=cfg.world,
-                      teacher_train=cfg.teacher_train, device=cfg.device)
-    bidirectional = train_rcm.toy_teacher(rcm_cfg, world)
+    bidirectional = cfg.teacher_ckpt or train_rcm.toy_teacher_path(cfg)   # the toy teacher rCM's toy preset caches
+    if not bidirectional.exists():
+        tqdm.write(f"no cached toy teacher: training one ({cfg.teacher_train.steps} steps) -> {bidirectional}")
+        toy.train_teacher(world, cfg.teacher_train, cfg.dit, bidirectional, cfg.device, log=tqdm.write)
     results = {stage: train_stage(cfg, stage, world, bidirectional) for stage in cfg.stages}
     out = evaluate(cfg, world, bidirectional, results)
-    train_rcm.print_table(out)
+    width = max(map(len, out)) + 2
+    print(f"{'sampler':<{width}}{'precision':>10}{'wrong':>8}{'mode TV':>9}{'mean ρ':>8}")
+    for name, m in out.items():
+        print(f"{name:<{width}}{m['precision']:>10.3f}{m['wrong_prompt']:>8.3f}{m['mode_tv']:>9.3f}{m['mean_rho']:>8.3f}")
     return out
 
 
