@@ -153,6 +153,8 @@ def spawn(fn, tmp_path, *args, backend="gloo"):
 
 def _worker(rank, fn, tmp, backend, args):
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank, world_size=2)
     try:
         fn(*args)
