@@ -3,17 +3,19 @@ two processes reading shards), two processes (FSDP, and CP) equal to one, and th
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import tyro
 from safetensors.torch import load_file
 
 import toy
 import train_rcm
 from data import write_shards
-from model import WanConfig, WanModel, load_checkpoint
+from model import CONFIGS, WanConfig, WanModel, load_checkpoint
 
 TINY_DIT = WanConfig(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=32, ffn_dim=64, freq_dim=32,
                      text_dim=32, out_dim=16, num_heads=2, num_layers=1, qk_norm=True, cross_attn_norm=True, eps=1e-6)
@@ -124,6 +126,18 @@ def test_wan_task_trains_on_shards_with_a_negative_embedding(tmp_path, teacher):
     load_checkpoint(WanModel(TINY_DIT), tmp_path / "run" / "ema.safetensors")
 
 
+def test_presets_take_every_knob_as_a_documented_flag(capsys):
+    cfg = tyro.extras.overridable_config_cli(train_rcm.PRESETS, args=["wan14b", "--cp-size", "4", "--grad-accum", "2"])
+    assert (cfg.dit, cfg.cp_size, cfg.grad_accum, cfg.lr, cfg.checkpointing) == (CONFIGS["t2v-14B"], 4, 2, 1e-6, "matmul")
+    with pytest.raises(SystemExit):
+        tyro.extras.overridable_config_cli(train_rcm.PRESETS, args=["wan1.3b", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(train_rcm.RCMConfig):
+        if f.name not in ("dit", "p_G", "p_D", "world", "teacher_train"):  # nested configs: --dit.dim, ...
+            assert re.search(f"--{f.name.replace('_', '-')}[ ,]", text), f.name
+    assert "--p-G.p-mean" in text and "--dit.num-heads" in text
+
+
 def test_user_errors_are_clear(tmp_path, teacher):
     def error(match, **kwargs):
         with pytest.raises((ValueError, FileNotFoundError), match=match):
@@ -177,16 +191,21 @@ def assert_same_training(run, ref, tol):
     assert all(close(ema[k], v, tol) for k, v in ema_ref.items())
 
 
-def _two_process_runs(teacher, tmp, device):
-    # FSDP: 2 data-parallel ranks of 2 clips each; CP: both ranks split the tokens of the same 2 clips (with activation
-    # checkpointing, which must not change the math either)
-    train_rcm.train(tiny_run(teacher, tmp / "dp2", device=device, eval_per_prompt=0, checkpointing="block"))
-    train_rcm.train(tiny_run(teacher, tmp / "cp2", device=device, eval_per_prompt=0, cp_size=2, checkpointing="matmul"))
+def shards(tmp) -> dict:
+    """Train on 24 toy clips written as shards (by the first run) and read through data.make_loader."""
+    return dict(data=tmp / "shards", toy_data_clips=24, num_workers=0, shuffle_buffer=4)
 
-    # toy clips written as shards and read through data.make_loader, split over the 2 data-parallel ranks; a run killed
-    # in iteration 5 (its second critic iteration, after the checkpoint at 4) and restarted
-    run = lambda name: tiny_run(teacher, tmp / name, device=device, iterations=7, ckpt_every=4, data=tmp / "shards",
-                                toy_data_clips=24, num_workers=0, shuffle_buffer=4)
+
+def _two_process_runs(teacher, tmp, device):
+    # FSDP: 2 data-parallel ranks of 2 fresh toy clips each; CP: both ranks split the tokens of the same 2 clips, read
+    # from shards (with activation checkpointing, which must not change the math either)
+    train_rcm.train(tiny_run(teacher, tmp / "dp2", device=device, eval_per_prompt=0, checkpointing="block"))
+    train_rcm.train(tiny_run(teacher, tmp / "cp2", device=device, eval_per_prompt=0, cp_size=2, checkpointing="matmul",
+                             **shards(tmp)))
+
+    # shards split over the 2 data-parallel ranks; a run killed in iteration 5 (its second critic iteration, after the
+    # checkpoint at 4) and restarted
+    run = lambda name: tiny_run(teacher, tmp / name, device=device, iterations=7, ckpt_every=4, **shards(tmp))
     train_rcm.train(run("full"))
     critic_loss, calls = train_rcm.critic_loss, []
 
@@ -216,7 +235,7 @@ def two_process_runs(request, tmp_path_factory, teacher):
     if device == "cuda" and torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     train_rcm.train(tiny_run(teacher, tmp / "one_accum", device=device, eval_per_prompt=0, batch=4, grad_accum=2))
-    train_rcm.train(tiny_run(teacher, tmp / "one", device=device, eval_per_prompt=0))
+    train_rcm.train(tiny_run(teacher, tmp / "one", device=device, eval_per_prompt=0, **shards(tmp)))
     spawn(_two_process_runs, tmp, teacher, tmp, device, backend="nccl" if device == "cuda" else "gloo")
     return tmp, 1e-5 if device == "cpu" else 1e-3  # (GPU kernels reduce in other orders)
 
