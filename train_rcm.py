@@ -569,6 +569,7 @@ def train(cfg: RCMConfig) -> dict:
 
 
 def run(cfg: RCMConfig, d: parallel.Dist) -> dict:
+    """Set up (toy teacher and shards if asked, nets, resume, data), the training loop, the toy evaluation."""
     world = toy.make_world(cfg.world) if cfg.task == "toy" else None
     teacher_path = cfg.teacher_ckpt
     if cfg.task == "toy" and teacher_path is None:
