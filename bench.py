@@ -471,7 +471,8 @@ def bench_iteration(cfg: IterationBench):
               f"SAC {cfg.checkpointing}, compile {cfg.compile}, {time.strftime('%Y-%m-%d')}", flush=True)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in WanModel(dit).state_dict().items()}
-    weights = {k: torch.empty(s, dtype=torch.bfloat16).normal_(0, 0.02) for k, s in shapes.items()} if d.is_main else {}
+    weights = {k: torch.empty(s, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
+               for k, s in shapes.items()} if d.is_main else {}
     nets = train_rcm.build_nets(rcm, d, weights, weights)
     del weights
     g = torch.Generator("cuda").manual_seed(d.dp_rank)  # the ranks of a CP group hold the same clip
