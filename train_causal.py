@@ -29,14 +29,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import tyro
 from tqdm import tqdm
 
+import parallel
 import toy
 import train_rcm
 from losses import (TimeDist, critic_loss, dcm_loss, denoise, dmd_loss, euler_sample, guided_denoise, sample_time,
                     scm_objective, trig_to_rf)
-from model import CacheConfig, KVCache, WanConfig, WanModel, chunk_frames, load_checkpoint, save_checkpoint
+from model import CONFIGS, CacheConfig, KVCache, WanConfig, WanModel, chunk_frames, load_checkpoint
 from sample import stream_latents
 from train_rcm import ema_gamma, ema_update
 
@@ -113,7 +115,8 @@ class SFConfig(Optim):
 
 @dataclass
 class CausalConfig:
-    """Causal-rCM (defaults: the Wan2.1 T2V 1.3B recipe of causal_rcm.md; presets below)."""
+    """Causal-rCM (defaults: the Wan2.1 T2V 1.3B recipe of causal_rcm.md; presets below). The data and scale-out
+    fields are train_rcm.py's, under the same names: its builders (FSDP nets, data stream, checkpoints) serve both."""
     stages: tuple[Stage, ...] = ("tf", "tf_scm", "sf_dmd")
     """stages to run in order, each initialised from the EMA of the one before"""
     out_dir: Path = Path("runs/causal")
@@ -124,18 +127,42 @@ class CausalConfig:
     """the causal teacher, needed by tf_scm / tf_dcm when the stage tf is not run"""
     student_ckpt: Path | None = None
     """initialise the first stage's trained net from these weights (default: its teacher)"""
-    dit: WanConfig = field(default_factory=WanConfig)
+    dit: WanConfig = field(default_factory=lambda: CONFIGS["t2v-1.3B"])
     """network config of every net"""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """torch device"""
+    device: Literal["cuda", "cpu"] = "cuda" if torch.cuda.is_available() else "cpu"
+    """cuda: one GPU per process (NCCL); cpu: gloo"""
     seed: int = 0
-    """seed of the global RNG (times, noise, data); saved with the state, so a resumed stage repeats its losses"""
+    """seed of every random draw (stage k draws from seed + k, per iteration and micro-batch)"""
+
+    # data and scale-out (as train_rcm.py)
+    task: Literal["toy", "wan"] = "wan"
+    """toy: the toy world (exact data, toy teacher, exact eval); wan: --data, --teacher-ckpt, --neg-embed needed"""
+    data: Path | None = None
+    """folder of shard*.tar (latent.pt [16,T,H,W], embed.pt [L,4096], prompt.txt); toy: unset = fresh exact draws"""
+    neg_embed: Path | None = None
+    """negative-prompt umT5 embedding [L,4096] (.safetensors or .pt): the teachers' unconditional input (wan)"""
+    num_workers: int = 2
+    """data reader processes per rank"""
+    shuffle_buffer: int = 64
+    """samples held for shuffling inside a data reader"""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16: fp32 masters, bf16 compute, fp32 grad reduction, bf16 teachers; fp32: all fp32 (toy)"""
+    cp_size: int = 1
+    """context-parallel (Ulysses) ranks per clip; must divide the number of processes and the head count"""
+    checkpointing: Literal["none", "block", "matmul"] = "block"
+    """activation checkpointing of the trained nets: block (keep block inputs), matmul (keep matmul outputs)"""
+    compile: bool = False
+    """torch.compile every transformer block (the attention kernel launch stays eager)"""
     batch: int = 1
-    """clips per iteration"""
-    first_chunk_t: int = 1
+    """clips per iteration on each data-parallel rank"""
+    grad_accum: int = 1
+    """split each rank's batch into this many micro-batches, their gradients accumulated"""
+
+    # chunks and stages
+    first_chunk_t: int = 3
     """latent frames of the first chunk"""
-    chunk_t: int = 1
-    """latent frames of every later chunk (1: frame-wise, 3: chunk-wise)"""
+    chunk_t: int = 3
+    """latent frames of every later chunk (3: chunk-wise, 1: frame-wise)"""
     tf: TFConfig = field(default_factory=TFConfig)
     """stage tf"""
     cm: CMConfig = field(default_factory=CMConfig)
@@ -149,19 +176,19 @@ class CausalConfig:
 
     # logging
     log_every: int = 10
-    """iterations between lines of metrics.jsonl"""
-    preview_every: int = 500
-    """iterations between streamed previews of the EMA net, with exact toy metrics (0: none)"""
+    """iterations between lines of metrics.jsonl (averaged over the ranks)"""
+    preview_every: int = 0
+    """toy: iterations between streamed previews of the EMA net, with exact metrics (0: none)"""
     ckpt_every: int = 500
-    """iterations between checkpoints (state.pt and ema.safetensors)"""
+    """iterations between checkpoints (state/ and ema.safetensors of the stage)"""
 
-    # the toy world (the only data source wired in this file)
+    # the toy world
     world: toy.ToyConfig = field(default_factory=toy.ToyConfig)
     """the toy data distribution"""
     teacher_train: toy.TeacherConfig = field(default_factory=toy.TeacherConfig)
     """flow-matching training of the toy teacher when no teacher_ckpt is cached"""
     eval_per_prompt: int = 256
-    """toy evaluation: samples per prompt for each sampler"""
+    """toy evaluation: samples per prompt for each sampler (0: no evaluation)"""
     eval_teacher_steps: int = 50
     """toy evaluation: Euler steps (per chunk for the causal teacher) of the teachers' samplers"""
 
@@ -169,11 +196,14 @@ class CausalConfig:
 _RCM_TOY = train_rcm.PRESETS["toy"][1]
 PRESETS = {
     "toy": ("Causal-rCM on the toy video world (CPU, minutes): tf -> tf_scm -> sf_dmd, frame-wise chunks", CausalConfig(
-        out_dir=Path("runs/causal_toy"), dit=_RCM_TOY.dit, world=_RCM_TOY.world, teacher_train=_RCM_TOY.teacher_train,
-        batch=16, log_every=10, preview_every=0, ckpt_every=100, eval_per_prompt=128,
+        out_dir=Path("runs/causal_toy"), task="toy", dit=_RCM_TOY.dit, world=_RCM_TOY.world,
+        teacher_train=_RCM_TOY.teacher_train, precision="fp32", checkpointing="none", batch=16, first_chunk_t=1,
+        chunk_t=1, ckpt_every=100, eval_per_prompt=128,
         tf=TFConfig(iterations=300, lr=1e-4, lr_warmup=20),
         cm=CMConfig(iterations=300, lr=1e-4, lr_warmup=20, tangent_warmup=100),
         sf=SFConfig(iterations=300, lr=1e-4, lr_fake=1e-4, lr_warmup=20, student_update_freq=3, teacher_guidance=3.0))),
+    "wan1.3b": ("Causal-rCM of Wan2.1 T2V 1.3B at 480p, chunk-wise (3 latent frames); torchrun, needs --teacher-ckpt, "
+                "--data, --neg-embed", CausalConfig(out_dir=Path("runs/causal_wan1.3b"))),
 }
 
 
@@ -262,26 +292,28 @@ def tf_scm_loss(student: WanModel, v_teacher, x0: torch.Tensor, context, chunks,
 
 
 # ----------------------------------------------------------------------------------- stage sf_dmd: self forcing
-def kv_cache(net: WanModel, batch: int, shape, chunks: tuple[int, ...], device) -> KVCache:
-    """A KV cache that holds whole clips of `shape` [C, T, H, W] cut into `chunks` (nothing is evicted)."""
+def kv_cache(net: WanModel, batch: int, shape, chunks: tuple[int, ...], device, dtype=None) -> KVCache:
+    """A KV cache that holds whole clips of `shape` [C, T, H, W] cut into `chunks` (nothing is evicted), in `dtype`
+    (default: the dtype of the net's weights; bf16 for FSDP nets with fp32 masters that compute in bf16)."""
     _, T, H, W = shape
     ph, pw = net.cfg.patch_size[1:]
-    return KVCache(net, batch, (H // ph) * (W // pw), CacheConfig(max_frames=T), max(chunks), device=device)
+    return KVCache(net, batch, (H // ph) * (W // pw), CacheConfig(max_frames=T), max(chunks), device, dtype)
 
 
 def rollout(net: WanModel, context, eps: torch.Tensor, chunks: tuple[int, ...], times: list[list[float]],
-            grad_last: bool = False, noisy_context: bool = False) -> torch.Tensor:
+            cache: KVCache, grad_last: bool = False, noisy_context: bool = False) -> torch.Tensor:
     """Self forcing: the student generates whole videos chunk by chunk through its KV cache, as streaming inference
     does (sample.stream_latents), keeping the graph of each chunk's LAST step only.
 
-    eps [B, C, T, H, W]: each chunk's starting noise; times[i]: chunk i's rectified-flow times [s_0, ..., s_{n−1}].
+    eps [B, C, T, H, W]: each chunk's starting noise; times[i]: chunk i's rectified-flow times [s_0, ..., s_{n−1}];
+    cache: a KVCache of the net for B whole clips (emptied first).
     Per chunk: x = s_0·ε; each step v = net(x, s_k | cache), x̂0 = x − s_k·v, then, but after the last step,
     x = (1 − s_{k+1})·x̂0 + s_{k+1}·ε' with fresh noise ε'. The cache holds constants, so no gradient crosses chunks.
     Then the chunk's K/V join the cache: a clean pass of x̂0 at s = 0 (no grad; none after the last chunk), or, with
     noisy_context, the last step's own pass on its noisy input. Returns the video of x̂0s [B, C, T, H, W].
     """
     B = eps.shape[0]
-    cache = kv_cache(net, B, eps.shape[1:], chunks, eps.device)
+    cache.reset()
     video, f0 = [], 0
     for i, (Tc, s) in enumerate(zip(chunks, times)):
         x = s[0] * eps[:, :, f0:f0 + Tc]
@@ -357,28 +389,36 @@ def stream_samples(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanMo
     return {f"{stage}-{n}": student_stream(net, context, n, shape, chunks, cfg, seed) for n in (1, 2, 4)}
 
 
-def preview(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanModel, folder: Path, i: int) -> dict:
-    """Streamed previews of the EMA net: gif grids (rows = prompts, 8 clips each) and exact toy metrics."""
+def preview(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanModel, folder: Path, i: int,
+            save_grids: bool) -> dict:
+    """Streamed previews of the EMA net (every rank runs it: the net may be sharded): exact toy metrics and, with
+    save_grids, gif grids (rows = prompts, 8 clips each)."""
     prompt, _ = toy.eval_prompts(world, 64)
     out = {}
     for name, x in stream_samples(cfg, world, stage, net, prompt, seed=1).items():
         out.update({f"preview/{name}/{k}": v for k, v in toy.metrics(world, x, prompt).items()})
-        grid = x.view(world.cfg.prompts, 64, *x.shape[1:])[:, :8].flatten(0, 1)
-        toy.save_grid(world, grid, world.cfg.prompts, folder / "previews" / f"{i:06d}_{name}.gif")
+        if save_grids:
+            grid = x.view(world.cfg.prompts, 64, *x.shape[1:])[:, :8].flatten(0, 1)
+            toy.save_grid(world, grid, world.cfg.prompts, folder / "previews" / f"{i:06d}_{name}.gif")
     return out
 
 
 # ---------------------------------------------------------------------------------------------------- training
+def run_settings(cfg: CausalConfig, folder: Path, seed: int) -> train_rcm.RCMConfig:
+    """The data and scale-out settings as train_rcm's config, for its builders (its rCM loss fields go unused)."""
+    return train_rcm.RCMConfig(
+        out_dir=folder, teacher_ckpt=cfg.teacher_ckpt, student_ckpt=cfg.student_ckpt, dit=cfg.dit, device=cfg.device,
+        seed=seed, task=cfg.task, data=cfg.data, neg_embed=cfg.neg_embed, num_workers=cfg.num_workers,
+        shuffle_buffer=cfg.shuffle_buffer, precision=cfg.precision, cp_size=cfg.cp_size,
+        checkpointing=cfg.checkpointing, compile=cfg.compile, batch=cfg.batch, grad_accum=cfg.grad_accum,
+        world=cfg.world, teacher_train=cfg.teacher_train)
+
+
 def adamw(cfg: Optim, net: WanModel, lr: float, device: str):
     """AdamW (fused on CUDA) with a linear warm-up to lr, then constant."""
     opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                             fused=True if device == "cuda" else None)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / cfg.lr_warmup))
-
-
-def load_net(cfg: CausalConfig, path: Path, trainable: bool) -> WanModel:
-    net = load_checkpoint(WanModel(cfg.dit), path).to(cfg.device)
-    return net.requires_grad_(trainable).train(trainable)
 
 
 def stage_checkpoints(cfg: CausalConfig, stage: Stage, bidirectional: Path) -> tuple[Path, Path]:
@@ -396,122 +436,140 @@ def stage_checkpoints(cfg: CausalConfig, stage: Stage, bidirectional: Path) -> t
     return previous or bidirectional, bidirectional
 
 
-def train_stage(cfg: CausalConfig, stage: Stage, world: toy.World, bidirectional: Path) -> Path:
-    """Run one stage to its last iteration (resuming from its state.pt if there is one); returns its EMA weights."""
-    folder = cfg.out_dir / stage
-    folder.mkdir(parents=True, exist_ok=True)
-    scfg = {"tf": cfg.tf, "tf_scm": cfg.cm, "tf_dcm": cfg.cm, "sf_dmd": cfg.sf}[stage]
-    init, teacher_path = stage_checkpoints(cfg, stage, bidirectional)
-    student, ema = load_net(cfg, init, True), load_net(cfg, init, False)
-    teacher = load_net(cfg, teacher_path, False) if stage != "tf" else None
-    fake = load_net(cfg, bidirectional, True) if stage == "sf_dmd" else None
-    opt_s, sched_s = adamw(scfg, student, scfg.lr, cfg.device)
-    opt_f, sched_f = adamw(scfg, fake, cfg.sf.lr_fake, cfg.device) if fake is not None else (None, None)
-    gamma = ema_gamma(scfg.ema_sigma_rel)
-    chunks = chunk_frames(world.cfg.shape[1], cfg.first_chunk_t, cfg.chunk_t)
-    torch.manual_seed(cfg.seed)
+def cache_dtype(cfg: CausalConfig):
+    return torch.bfloat16 if cfg.precision == "bf16" else None
 
-    # Resume: every piece of state, the RNG included, so the continued stage repeats the losses it would have had.
-    state_path, log_path, start = folder / "state.pt", folder / "metrics.jsonl", 0
-    if state_path.exists():
-        state = torch.load(state_path, map_location=cfg.device, weights_only=True)
-        for obj, key in ((student, "student"), (fake, "fake"), (ema, "ema"), (opt_s, "opt_student"),
-                         (opt_f, "opt_fake"), (sched_s, "sched_student"), (sched_f, "sched_fake")):
-            if obj is not None:
-                obj.load_state_dict(state[key])
-        torch.set_rng_state(state["rng"].cpu())
-        if "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
-        start = state["iteration"]
+
+def student_step(cfg: CausalConfig, stage: Stage, nets: train_rcm.Nets, batches, i: int) -> dict:
+    """One update of the trained net: the stage's loss on each micro-batch (x0, cond, uncond) of `batches`, gradients
+    accumulated into one AdamW step, then the EMA. Returns the metrics (micro-batch means)."""
+    scfg = {"tf": cfg.tf, "tf_scm": cfg.cm, "tf_dcm": cfg.cm, "sf_dmd": cfg.sf}[stage]
+    n_eff = i // cfg.sf.student_update_freq if stage == "sf_dmd" else i   # student updates before this one
+    nets.opt_student.zero_grad(set_to_none=True)
+    metrics = {}
+    for x0, cond, uncond in batches:
+        chunks = chunk_frames(x0.shape[2], cfg.first_chunk_t, cfg.chunk_t)
+        if stage == "tf":
+            loss = tf_loss(nets.student, x0, cond, chunks, cfg.tf).mean()
+            record = {"loss/tf": loss.item()}
+        elif stage == "tf_scm":
+            r = 1.0 if cfg.cm.tangent_warmup == 0 else min(1.0, i / cfg.cm.tangent_warmup)
+            v_T = lambda x, timestep: guided_velocity(teacher_forced(nets.teacher, x0, chunks), x, timestep, cond,
+                                                      uncond, cfg.cm.teacher_guidance)
+            l_cm, n_nan = tf_scm_loss(nets.student, v_T, x0, cond, chunks, cfg.cm, r)
+            loss = l_cm.mean()
+            record = {"loss/scm": loss.item(), "scm/nan_samples": n_nan, "scm/r": r}
+        elif stage == "tf_dcm":
+            # the bidirectional dCM of losses.py on the teacher-forced nets (the same x̂0 = x_s − s·v): one Euler step
+            # of the CFG causal teacher, the target from the same online student
+            F_T = lambda x, t: guided_denoise(teacher_forced(nets.teacher, x0, chunks), x, t, cond, uncond,
+                                              cfg.cm.teacher_guidance)[1]
+            loss = dcm_loss(teacher_forced(nets.student, x0, chunks), cond, F_T, x0, cfg.cm.dcm_total_steps, 1,
+                            cfg.cm.dcm_shift, cfg.cm.loss_scale).mean()
+            record = {"loss/dcm": loss.item()}
+        else:
+            steps = rollout_steps(cfg.sf, len(chunks), n_eff)
+            cache = kv_cache(nets.student, len(x0), x0.shape[1:], chunks, x0.device, cache_dtype(cfg))
+            G = rollout(nets.student, cond, torch.randn_like(x0), chunks, chunk_times(steps, 1.0, cfg.backward_times),
+                        cache, grad_last=True, noisy_context=cfg.sf.noisy_context)
+            loss = dmd_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0],
+                            lambda x, t: guided_denoise(nets.teacher, x, t, cond, uncond, cfg.sf.teacher_guidance)[0],
+                            cfg.sf.p_D, cfg.sf.loss_scale_dmd).mean()
+            record = {"loss/dmd": loss.item(), "dmd/steps": steps[-1]}
+        (loss / cfg.grad_accum).backward()
+        train_rcm._accumulate(metrics, record, cfg.grad_accum)
+    nets.opt_student.step()
+    nets.sched_student.step()
+    ema_update(nets.ema, nets.student, n_eff, ema_gamma(scfg.ema_sigma_rel))
+    return {**metrics, "lr": nets.sched_student.get_last_lr()[0]}
+
+
+def critic_step(cfg: CausalConfig, nets: train_rcm.Nets, batches, i: int) -> dict:
+    """One fake-score update of sf_dmd: on each micro-batch, a no-grad self-forcing rollout of the student, then the
+    fake score's denoising loss on it (as rCM's critic); one AdamW step. Returns the metrics (micro-batch means)."""
+    critic_before = i - i // cfg.sf.student_update_freq - 1   # the cycle of rollout steps runs over critic updates
+    nets.opt_fake.zero_grad(set_to_none=True)
+    metrics = {}
+    for x0, cond, _ in batches:
+        chunks = chunk_frames(x0.shape[2], cfg.first_chunk_t, cfg.chunk_t)
+        steps = rollout_steps(cfg.sf, len(chunks), critic_before)
+        cache = kv_cache(nets.student, len(x0), x0.shape[1:], chunks, x0.device, cache_dtype(cfg))
+        with torch.no_grad():
+            G = rollout(nets.student, cond, torch.randn_like(x0), chunks, chunk_times(steps, 1.0, cfg.backward_times),
+                        cache, noisy_context=cfg.sf.noisy_context)
+        l_fake = critic_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0], cfg.sf.p_D).mean()
+        (l_fake / cfg.grad_accum).backward()
+        train_rcm._accumulate(metrics, {"loss/critic": l_fake.item(), "critic/steps": steps[-1]}, cfg.grad_accum)
+    nets.opt_fake.step()
+    nets.sched_fake.step()
+    return {**metrics, "lr_fake": nets.sched_fake.get_last_lr()[0]}
+
+
+def train_stage(cfg: CausalConfig, d: parallel.Dist, stage: Stage, world: toy.World | None, bidirectional: Path) -> Path:
+    """Run one stage to its last iteration, resuming from its newest checkpoint if there is one (a finished stage is
+    skipped); returns its EMA weights. The nets are FSDP-sharded over all ranks and built from rank 0's files, the
+    checkpoints and the data stream are train_rcm's."""
+    folder, k = cfg.out_dir / stage, cfg.stages.index(stage)
+    scfg = {"tf": cfg.tf, "tf_scm": cfg.cm, "tf_dcm": cfg.cm, "sf_dmd": cfg.sf}[stage]
+    latest = folder / "state" / "latest.json"
+    if latest.exists() and json.loads(latest.read_text())["iteration"] >= scfg.iterations:
+        return folder / "ema.safetensors"
+    run = run_settings(cfg, folder, cfg.seed + k)
+    init, teacher_path = stage_checkpoints(cfg, stage, bidirectional)
+    init_sd = train_rcm.read_weights(d, init, cfg.dit)
+    student, ema = train_rcm.build_net(run, d, init_sd, "trained"), train_rcm.build_net(run, d, init_sd, "ema")
+    del init_sd
+    teacher = None if stage == "tf" else train_rcm.build_net(run, d, train_rcm.read_weights(d, teacher_path, cfg.dit),
+                                                             "teacher")
+    fake = train_rcm.build_net(run, d, train_rcm.read_weights(d, bidirectional, cfg.dit), "trained") \
+        if stage == "sf_dmd" else None
+    opt_s, sched_s = adamw(scfg, student, scfg.lr, cfg.device)
+    opt_f, sched_f = adamw(cfg.sf, fake, cfg.sf.lr_fake, cfg.device) if fake is not None else (None, None)
+    nets = train_rcm.Nets(teacher, student, fake, ema, opt_s, sched_s, opt_f, sched_f)
+
+    # Resume: weights, optimisers, schedules, counters; draws are seeded per (iteration, micro-batch) and the data
+    # stream skips what was consumed, so the continued stage repeats the losses it would have had.
+    start, start_batches = train_rcm.load_state(run, nets)
+    log_path = folder / "metrics.jsonl"
+    if d.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        if start:
+            tqdm.write(f"{stage}: resumed from {folder / 'state'} at iteration {start}")
         if log_path.exists():  # drop log lines written after the checkpoint by the interrupted run
             lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["iteration"] < start]
             log_path.write_text("".join(ln + "\n" for ln in lines))
-        if start < scfg.iterations:
-            tqdm.write(f"{stage}: resumed from {state_path} at iteration {start}")
+    draw, skipped = train_rcm.data_stream(run, d, world, start_batches)
 
-    uncond = world.negative.expand(cfg.batch, -1, -1).to(cfg.device)
-    bar = tqdm(range(start, scfg.iterations), initial=start, total=scfg.iterations, desc=stage)
+    bar = tqdm(range(start, scfg.iterations), initial=start, total=scfg.iterations, desc=stage, disable=not d.is_main)
     t0 = time.time()
     for i in bar:
-        x0, cond, _ = toy.sample_data(world, cfg.batch)
-        x0, cond = x0.to(cfg.device), cond.to(cfg.device)
-        record = {"iteration": i}
-        # sf_dmd alternates one student iteration with student_update_freq − 1 critic iterations; the others only
-        # train the student. n_eff counts student iterations (EMA, cycle of rollout steps).
-        freq = cfg.sf.student_update_freq if stage == "sf_dmd" else 1
-        n_eff = i // freq
-
-        if i % freq == 0:
-            if stage == "tf":
-                loss = tf_loss(student, x0, cond, chunks, cfg.tf).mean()
-                record["loss/tf"] = loss.item()
-            elif stage == "tf_scm":
-                r = 1.0 if cfg.cm.tangent_warmup == 0 else min(1.0, i / cfg.cm.tangent_warmup)
-                v_T = lambda x, timestep: guided_velocity(teacher_forced(teacher, x0, chunks), x, timestep, cond,
-                                                          uncond, cfg.cm.teacher_guidance)
-                l_cm, n_nan = tf_scm_loss(student, v_T, x0, cond, chunks, cfg.cm, r)
-                loss = l_cm.mean()
-                record.update({"loss/scm": loss.item(), "scm/nan_samples": n_nan, "scm/r": r})
-            elif stage == "tf_dcm":
-                # the bidirectional dCM of losses.py on the teacher-forced nets (the same x̂0 = x_s − s·v): one Euler
-                # step of the CFG causal teacher, the target from the same online student
-                F_T = lambda x, t: guided_denoise(teacher_forced(teacher, x0, chunks), x, t, cond, uncond,
-                                                  cfg.cm.teacher_guidance)[1]
-                loss = dcm_loss(teacher_forced(student, x0, chunks), cond, F_T, x0, cfg.cm.dcm_total_steps, 1,
-                                cfg.cm.dcm_shift, cfg.cm.loss_scale).mean()
-                record["loss/dcm"] = loss.item()
-            else:
-                steps = rollout_steps(cfg.sf, len(chunks), n_eff)
-                G = rollout(student, cond, torch.randn_like(x0), chunks, chunk_times(steps, 1.0, cfg.backward_times),
-                            grad_last=True, noisy_context=cfg.sf.noisy_context)
-                loss = dmd_loss(G, lambda x, t: denoise(fake, x, t, cond)[0],
-                                lambda x, t: guided_denoise(teacher, x, t, cond, uncond, cfg.sf.teacher_guidance)[0],
-                                cfg.sf.p_D, cfg.sf.loss_scale_dmd).mean()
-                record.update({"loss/dmd": loss.item(), "dmd/steps": steps[-1]})
-            opt_s.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_s.step()
-            sched_s.step()
-            ema_update(ema, student, n_eff, gamma)
-            record["lr"] = sched_s.get_last_lr()[0]
+        batches = train_rcm.micro_batches(run, d, i, draw)
+        # sf_dmd gives one iteration in student_update_freq to the student, the others to the fake score
+        if stage == "sf_dmd" and i % cfg.sf.student_update_freq:
+            record = critic_step(cfg, nets, batches, i)
         else:
-            steps = rollout_steps(cfg.sf, len(chunks), i - n_eff - 1)   # cycles over the critic's own iterations
-            with torch.no_grad():
-                G = rollout(student, cond, torch.randn_like(x0), chunks, chunk_times(steps, 1.0, cfg.backward_times),
-                            noisy_context=cfg.sf.noisy_context)
-            l_fake = critic_loss(G, lambda x, t: denoise(fake, x, t, cond)[0], cfg.sf.p_D).mean()
-            opt_f.zero_grad(set_to_none=True)
-            l_fake.backward()
-            opt_f.step()
-            sched_f.step()
-            record.update({"loss/critic": l_fake.item(), "critic/steps": steps[-1],
-                           "lr_fake": sched_f.get_last_lr()[0]})
+            record = student_step(cfg, stage, nets, batches, i)
+        record = {"iteration": i, **record, **skipped}
+        skipped.update({key: 0 for key in skipped})
 
-        previewing = cfg.preview_every > 0 and (i + 1) % cfg.preview_every == 0
-        if previewing:
-            record.update(preview(cfg, world, stage, ema, folder, i + 1))
+        previewing = cfg.task == "toy" and cfg.preview_every > 0 and (i + 1) % cfg.preview_every == 0
         if i % cfg.log_every == 0 or previewing:
+            record = train_rcm.reduce_metrics(record, d)
+            if previewing:
+                record.update(preview(cfg, world, stage, nets.ema, folder, i + 1, save_grids=d.is_main))
             record["time_s"] = round(time.time() - t0, 2)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")})
+            if d.is_main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix({key.split("/")[-1]: f"{v:.3g}" for key, v in record.items() if key.startswith("loss/")})
         if (i + 1) % cfg.ckpt_every == 0 or i + 1 == scfg.iterations:
-            save_state(folder, i + 1, student, fake, ema, opt_s, opt_f, sched_s, sched_f)
+            train_rcm.save_state(run, d, nets, i + 1, start_batches + (i + 1 - start) * cfg.grad_accum)
     return folder / "ema.safetensors"
 
 
-def save_state(folder: Path, iteration, student, fake, ema, opt_s, opt_f, sched_s, sched_f):
-    """state.pt (loads with weights_only=True) and the EMA net in official key names, written atomically."""
-    state = {"iteration": iteration, "student": student.state_dict(), "ema": ema.state_dict(),
-             "opt_student": opt_s.state_dict(), "sched_student": sched_s.state_dict(), "rng": torch.get_rng_state()}
-    if fake is not None:
-        state.update(fake=fake.state_dict(), opt_fake=opt_f.state_dict(), sched_fake=sched_f.state_dict())
-    if torch.cuda.is_available():
-        state["rng_cuda"] = torch.cuda.get_rng_state()
-    torch.save(state, folder / "state.pt.tmp")
-    (folder / "state.pt.tmp").replace(folder / "state.pt")
-    save_checkpoint(ema, folder / "ema.tmp.safetensors")
-    (folder / "ema.tmp.safetensors").replace(folder / "ema.safetensors")
+def load_net(cfg: CausalConfig, path: Path) -> WanModel:
+    """A frozen fp32 net on this process's device (toy evaluation)."""
+    return load_checkpoint(WanModel(cfg.dit), path).to(cfg.device).requires_grad_(False).eval()
 
 
 @torch.no_grad()
@@ -524,34 +582,51 @@ def evaluate(cfg: CausalConfig, world: toy.World, bidirectional: Path, results: 
         "exact": toy.teacher_sample(functools.partial(toy.exact_velocity, world), world, prompt, 1.0, 200, 1.0, seed=2,
                                     device=cfg.device),
         f"teacher-{cfg.eval_teacher_steps}": toy.teacher_sample(
-            load_net(cfg, bidirectional, False), world, prompt, cfg.sf.teacher_guidance, cfg.eval_teacher_steps, 5.0,
-            seed=2, device=cfg.device)}
+            load_net(cfg, bidirectional), world, prompt, cfg.sf.teacher_guidance, cfg.eval_teacher_steps, 5.0, seed=2,
+            device=cfg.device)}
     for stage, path in results.items():
-        samples.update(stream_samples(cfg, world, stage, load_net(cfg, path, False), prompt, seed=2))
+        samples.update(stream_samples(cfg, world, stage, load_net(cfg, path), prompt, seed=2))
     out = {name: toy.metrics(world, x, prompt) for name, x in samples.items()}
     (cfg.out_dir / "eval.json").write_text(json.dumps(out, indent=2))
     for name, x in samples.items():
         grid = x.view(world.cfg.prompts, cfg.eval_per_prompt, *x.shape[1:])[:, :8].flatten(0, 1)
         toy.save_grid(world, grid, world.cfg.prompts, cfg.out_dir / "previews" / f"eval_{name}.gif")
-    return out
-
-
-def train(cfg: CausalConfig) -> dict:
-    """Run the stages in order (a finished stage is skipped on a rerun), then the exact toy evaluation."""
-    if len(set(cfg.stages)) != len(cfg.stages):
-        raise ValueError(f"each stage runs once, got --stages {' '.join(cfg.stages)}")
-    world = toy.make_world(cfg.world)
-    bidirectional = cfg.teacher_ckpt or train_rcm.toy_teacher_path(cfg)   # the toy teacher rCM's toy preset caches
-    if not bidirectional.exists():
-        tqdm.write(f"no cached toy teacher: training one ({cfg.teacher_train.steps} steps) -> {bidirectional}")
-        toy.train_teacher(world, cfg.teacher_train, cfg.dit, bidirectional, cfg.device, log=tqdm.write)
-    results = {stage: train_stage(cfg, stage, world, bidirectional) for stage in cfg.stages}
-    out = evaluate(cfg, world, bidirectional, results)
     width = max(map(len, out)) + 2
     print(f"{'sampler':<{width}}{'precision':>10}{'wrong':>8}{'mode TV':>9}{'mean ρ':>8}")
     for name, m in out.items():
         print(f"{name:<{width}}{m['precision']:>10.3f}{m['wrong_prompt']:>8.3f}{m['mode_tv']:>9.3f}{m['mean_rho']:>8.3f}")
     return out
+
+
+def train(cfg: CausalConfig) -> dict:
+    """Run (or resume) the stages in order; returns the toy evaluation ({} for Wan runs). Joins torchrun's process
+    group, or makes a one-process one for the run (an existing group, e.g. a test's, is used and left as it is)."""
+    if len(set(cfg.stages)) != len(cfg.stages):
+        raise ValueError(f"each stage runs once, got --stages {' '.join(cfg.stages)}")
+    train_rcm.check_config(run_settings(cfg, cfg.out_dir, cfg.seed))
+    if cfg.causal_teacher_ckpt is not None and not Path(cfg.causal_teacher_ckpt).exists():
+        raise FileNotFoundError(f"--causal-teacher-ckpt {cfg.causal_teacher_ckpt} does not exist")
+    own_group = not dist.is_initialized()
+    try:
+        return run(cfg, parallel.init_distributed(cfg.cp_size, cfg.device))
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg: CausalConfig, d: parallel.Dist) -> dict:
+    world = toy.make_world(cfg.world) if cfg.task == "toy" else None
+    bidirectional = cfg.teacher_ckpt
+    if cfg.task == "toy" and bidirectional is None:
+        bidirectional = train_rcm.toy_teacher_path(run_settings(cfg, cfg.out_dir, cfg.seed))  # rCM's toy teacher
+        if d.is_main and not bidirectional.exists():
+            tqdm.write(f"no cached toy teacher: training one ({cfg.teacher_train.steps} steps) -> {bidirectional}")
+            toy.train_teacher(world, cfg.teacher_train, cfg.dit, bidirectional, d.device, log=tqdm.write)
+    dist.barrier()
+    results = {stage: train_stage(cfg, d, stage, world, bidirectional) for stage in cfg.stages}
+    if cfg.task == "wan" or cfg.eval_per_prompt == 0 or not d.is_main:
+        return {}
+    return evaluate(cfg, world, bidirectional, results)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ def test_rollout_keeps_the_graph_only_at_each_chunks_last_step(noisy_context):
                                               float(args[1][0]) / 1000)), with_kwargs=True)
     eps, context = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 8, 32)
     times = train_causal.chunk_times((3,) * 3, 1.0, (15 / 16, 5 / 6, 5 / 8))
-    video = train_causal.rollout(net, context, eps, chunks, times, grad_last=True, noisy_context=noisy_context)
+    cache = train_causal.kv_cache(net, 2, eps.shape[1:], chunks, "cpu")
+    video = train_causal.rollout(net, context, eps, chunks, times, cache, grad_last=True, noisy_context=noisy_context)
     assert video.shape == eps.shape and video.requires_grad
     steps = [(False, False, 1.0), (False, False, 15 / 16), (True, noisy_context, 5 / 6)]
     clean_pass = [] if noisy_context else [(False, True, 0.0)]   # appends the chunk's K/V (not after the last chunk)
@@ -135,15 +136,15 @@ def test_rollout_chunk_sees_the_cached_past():
     """Chunk 1 of a rollout depends on chunk 0 through the cache (not on the noise of later chunks)."""
     net, chunks = tiny_net(), (1, 1, 1)
     eps, context = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 8, 32)
-    times = train_causal.chunk_times((1, 1, 1), 1.0, ())
+    times, cache = train_causal.chunk_times((1, 1, 1), 1.0, ()), train_causal.kv_cache(net, 1, (16, 3, 4, 4), chunks, "cpu")
     with torch.no_grad():
-        a = train_causal.rollout(net, context, eps, chunks, times)
+        a = train_causal.rollout(net, context, eps, chunks, times, cache)
         eps_b = eps.clone()
         eps_b[:, :, 0] += 1
-        b = train_causal.rollout(net, context, eps_b, chunks, times)
+        b = train_causal.rollout(net, context, eps_b, chunks, times, cache)
         eps_c = eps.clone()
         eps_c[:, :, 2] += 1
-        c = train_causal.rollout(net, context, eps_c, chunks, times)
+        c = train_causal.rollout(net, context, eps_c, chunks, times, cache)   # (the cache is reused: emptied first)
     assert (a[:, :, 1] - b[:, :, 1]).abs().max() > 1e-5
     torch.testing.assert_close(a[:, :, :2], c[:, :, :2])
 
