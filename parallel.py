@@ -111,11 +111,9 @@ def shard_model(net, mesh: DeviceMesh, compute_dtype=torch.bfloat16):
 def load_full_state_dict(net, state_dict: dict):
     """Fill a sharded net (built on the meta device, sharded, then `net.to_empty(device=...)`) from a full state
     dict that only rank 0 holds (e.g. `model.read_state_dict(path)`; {} on the other ranks). Rank 0 reads the file
-    once and each rank receives only its shards, converted to the net's dtypes (e.g. an fp32 file into a bf16
-    teacher)."""
-    dtypes = {k: v.dtype for k, v in net.state_dict().items()}
-    state_dict = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in state_dict.items()}
-    set_model_state_dict(net, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    once and each rank receives only its shards, copied into the net's dtypes (e.g. an fp32 file into a bf16
+    teacher). The dict itself is left as it is (PyTorch swaps its values), so one read can fill several nets."""
+    set_model_state_dict(net, dict(state_dict), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def full_state_dict(net) -> dict:
