@@ -14,11 +14,14 @@ Three stages, each starting from the EMA of the one before:
     python train_causal.py toy                                   # tf -> tf_scm -> sf_dmd on the toy world, exact eval
     python train_causal.py toy --stages tf tf_dcm sf_dmd         # the JVP-free consistency stage instead
     python train_causal.py toy --sf.steps-per-chunk 4 2          # first chunk 4 steps, the others 2
+    torchrun --nproc_per_node=8 train_causal.py wan1.3b --teacher-ckpt Wan2.1-T2V-1.3B --data shards/ \
+        --neg-embed umT5_wan_negative_emb.pt                     # chunk-wise (3 latent frames), 480p
 
 Everything is in rectified-flow time s (x_s = (1 − s)·x0 + s·ε, v = ε − x0, network timestep 1000·s per frame);
-the bidirectional DMD and critic losses are shared with rCM (losses.py, TrigFlow inside, the same x̂0). A run folder
-holds one sub-folder per stage (metrics.jsonl, state.pt to resume exactly: rerun the same command, ema.safetensors
-in official key names, previews/) and, for the toy world, eval.json with the exact metrics of streamed samples.
+the bidirectional DMD and critic losses are shared with rCM (losses.py, TrigFlow inside, the same x̂0). Data,
+FSDP2 sharding, context parallelism and checkpoints are train_rcm.py's. A run folder holds one sub-folder per stage
+(metrics.jsonl, state/ to resume: rerun the same command, ema.safetensors in official key names, previews/) and,
+for the toy world, eval.json with the exact metrics of samples streamed chunk by chunk, and their gifs.
 """
 import functools
 import json
@@ -201,7 +204,8 @@ PRESETS = {
         chunk_t=1, ckpt_every=100, eval_per_prompt=128,
         tf=TFConfig(iterations=300, lr=1e-4, lr_warmup=20),
         cm=CMConfig(iterations=300, lr=1e-4, lr_warmup=20, tangent_warmup=100),
-        sf=SFConfig(iterations=300, lr=1e-4, lr_fake=1e-4, lr_warmup=20, student_update_freq=3, teacher_guidance=3.0))),
+        sf=SFConfig(iterations=300, lr=1e-4, lr_fake=1e-4, lr_warmup=20, student_update_freq=3,
+                     teacher_guidance=_RCM_TOY.teacher_guidance))),
     "wan1.3b": ("Causal-rCM of Wan2.1 T2V 1.3B at 480p, chunk-wise (3 latent frames); torchrun, needs --teacher-ckpt, "
                 "--data, --neg-embed", CausalConfig(out_dir=Path("runs/causal_wan1.3b"))),
 }
