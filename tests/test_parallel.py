@@ -1,7 +1,8 @@
-"""parallel.py: Ulysses CP = one device (forward, tangent, gradients), activation checkpointing, distributed checkpoint
-resume, EMA export, sharded bf16 teacher from an fp32 file. Two CPU processes with gloo. (FSDP2 + CP + checkpointing
-training equal to one process is tested through train_rcm's steps in test_train_rcm.py.)"""
+"""parallel.py: Ulysses CP = one device (forward, tangent, gradients), FSDP2 (+CP, +activation checkpointing) training
+= one process (SGD: gradient scale errors show, which Adam would hide), distributed checkpoint resume, EMA export,
+sharded bf16 teacher from an fp32 file. Two CPU processes with gloo."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,6 +11,15 @@ import torch.multiprocessing as mp
 
 import parallel
 from model import CONFIGS, WanConfig, WanModel, load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny nets: threads only contend (for the 2 cores other test runs share), so run on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def random_tiny(seed=0):
@@ -142,7 +152,7 @@ def test_context_parallel_equals_one_device_nccl(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Two processes: FSDP2 (its training with CP and activation checkpointing equals one process: see test_train_rcm.py)
+# Two processes: FSDP2 training, with and without CP
 
 def sharded_copy(ref, d, ac="none", compute_dtype=None):
     """The meta-device path: build on meta, shard, allocate, then rank 0's full state dict is scattered."""
@@ -167,6 +177,52 @@ def rcm_like_step(net, opt, x, t, context, tangent):
     loss.backward()
     opt.step()
     return loss.detach()
+
+
+def _fsdp_equals_one_process(rank, tmp):
+    for cp, ac in [(1, "block"), (2, "matmul")]:
+        d = parallel.init_distributed(cp_size=cp)
+        x, t, context, (tx, tt) = inputs(device=d.device)
+        ref = random_tiny().to(d.device)
+        net = sharded_copy(ref, d, ac)
+        # SGD: linear in the gradient, so the comparison is not at the mercy of Adam's sign-like first steps
+        opt_ref, opt = (torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (ref, net))
+        mine = lambda a: a.chunk(d.dp_size)[d.dp_rank]  # data parallel: rank r takes sample r; CP: the whole batch
+        for step in range(2):
+            parallel.seed_everything(step, d)
+            loss = rcm_like_step(net, opt, mine(x), mine(t), mine(context), (mine(tx), mine(tt)))
+            losses = [torch.zeros((), device=d.device) for _ in range(2)]
+            dist.all_gather(losses, loss)
+            if d.cp_size == 2:
+                assert torch.equal(losses[0], losses[1]), "the CP ranks drew different noise"
+            # one process, one batch, the same draws (the loss is a batch mean, FSDP's gradient a mean over ranks)
+            with torch.no_grad():
+                _, tv = ref(x, t, context, tangent=(tx, tt))
+            noise = []
+            for r, a in enumerate(x.chunk(d.dp_size)):  # data-parallel rank r's draw
+                parallel.seed_everything(step, dataclasses.replace(d, dp_rank=r))
+                noise.append(torch.randn_like(a))
+            noise = torch.cat(noise)
+            loss_ref = (ref(x, t, context) * tv).mean() + (ref(x + noise, t * 0.5, context) - x).square().mean()
+            opt_ref.zero_grad()
+            loss_ref.backward()
+            opt_ref.step()
+        full = parallel.full_state_dict(net)
+        if d.is_main:
+            for k, v in ref.state_dict().items():
+                assert close(full[k], v.cpu(), 1e-5), f"cp={cp} ac={ac}: {k} differs after 2 steps"
+        dist.barrier()
+
+
+def test_fsdp_and_cp_training_equals_one_process(tmp_path):
+    spawn(_fsdp_equals_one_process, tmp_path)
+
+
+@pytest.mark.gpu
+def test_fsdp_and_cp_training_equals_one_process_nccl(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    spawn(_fsdp_equals_one_process, tmp_path, "nccl")
 
 
 # ----------------------------------------------------------------------------------------------------------------
