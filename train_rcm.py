@@ -34,6 +34,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 import tyro
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -207,8 +208,9 @@ def ema_update(ema: WanModel, net: WanModel, n: int, gamma: float):
     """θ_ema ← β·θ_ema + (1 − β)·θ with β = (1 − 1/(n + 1))^(γ + 1) at effective iteration n (n = 0 copies).
     Works shard by shard on FSDP nets (the EMA is sharded as the student)."""
     beta = (1 - 1 / (n + 1)) ** (gamma + 1)
+    local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # FSDP: this rank's shards, alike on both nets
     for p_ema, p in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - beta)
+        local(p_ema).lerp_(local(p).to(p_ema.dtype), 1 - beta)
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -294,9 +296,8 @@ class Nets:
 
 
 def adamw(cfg: RCMConfig, net: WanModel, lr: float):
-    """AdamW (fused on CUDA) with a linear warm-up to lr, then constant."""
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                            fused=True if cfg.device == "cuda" else None)
+    """Fused AdamW with a linear warm-up to lr, then constant."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / cfg.lr_warmup))
 
 
