@@ -202,9 +202,9 @@ PRESETS = {
         out_dir=Path("runs/causal_toy"), task="toy", dit=_RCM_TOY.dit, world=_RCM_TOY.world,
         teacher_train=_RCM_TOY.teacher_train, precision="fp32", checkpointing="none", batch=16, first_chunk_t=1,
         chunk_t=1, ckpt_every=100, eval_per_prompt=128,
-        tf=TFConfig(iterations=300, lr=1e-4, lr_warmup=20),
+        tf=TFConfig(iterations=600, lr=3e-4, lr_warmup=20),
         cm=CMConfig(iterations=300, lr=1e-4, lr_warmup=20, tangent_warmup=100),
-        sf=SFConfig(iterations=300, lr=1e-4, lr_fake=1e-4, lr_warmup=20, student_update_freq=3,
+        sf=SFConfig(iterations=600, lr=1e-4, lr_fake=1e-4, lr_warmup=20, student_update_freq=3,
                      teacher_guidance=_RCM_TOY.teacher_guidance))),
     "wan1.3b": ("Causal-rCM of Wan2.1 T2V 1.3B at 480p, chunk-wise (3 latent frames); torchrun, needs --teacher-ckpt, "
                 "--data, --neg-embed", CausalConfig(out_dir=Path("runs/causal_wan1.3b"))),
