@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import attention_jvp
+import losses
 import model as wan
 import toy
 import train_causal
@@ -97,6 +98,33 @@ def test_tf_scm_tangent_is_the_jvp_with_a_constant_clean_half(monkeypatch, devic
     torch.testing.assert_close(dv, dv_ref, **tol)
     torch.testing.assert_close(dv_other[:, :, 0], dv[:, :, 0], **tol)
     assert (dv_other[:, :, 1:] - dv[:, :, 1:]).abs().max() > 1e-3
+
+
+def test_tf_scm_is_the_trigflow_scm_of_losses_py(monkeypatch):
+    """The TF-sCM tangent g = (v_T − v⁻) − s·dv/ds (= df/ds for f = x_s − s·v) equals the tangent of rCM's TrigFlow
+    sCM (losses.scm_g at r = 1, checked by hand there) for the same teacher-forced student and teacher velocity, up
+    to the per-sample factor cos t/(cos t + sin t)² = cos t·ds/dt: after the per-sample normalisation, the same loss."""
+    net = tiny_net().double()
+    B = 3
+    x0, v_T = torch.randn(B, 16, 3, 4, 4, dtype=torch.float64), torch.randn(B, 16, 3, 4, 4, dtype=torch.float64)
+    context = torch.randn(B, 8, 32, dtype=torch.float64)
+    seen = {}
+
+    def v_teacher(x_s, timestep):
+        seen.update(x_s=x_s, s=timestep.double() / 1000)
+        return v_T
+    monkeypatch.setattr(train_causal, "scm_objective", lambda v, g, loss_scale: (seen.update(g=g), (g.sum(), 0))[1])
+    train_causal.tf_scm_loss(net, v_teacher, x0, context, (1, 1, 1), train_causal.CMConfig(), r=1.0)
+
+    t = losses.rf_to_trig(seen["s"])
+    cos, sin = (losses._per_sample(a, x0).double() for a in (torch.cos(t), torch.sin(t)))
+    x_t = seen["x_s"] * (cos + sin)                                      # TrigFlow x_t = (cos t + sin t)·x_s
+    F_T = (cos * x_t - (seen["x_s"] - losses._per_sample(seen["s"], x0).double() * v_T)) / sin  # same x̂0 as v_T
+    f = train_causal.teacher_forced(net, x0, (1, 1, 1))
+    with torch.no_grad():
+        (_, F_minus), (_, dF) = losses.denoise(f, x_t, t, context, tangent=(cos * sin * F_T, torch.cos(t) * torch.sin(t)))
+    g_trig = losses.scm_g(F_minus, dF, F_T, x_t, t, 1.0)
+    torch.testing.assert_close(g_trig, cos / (cos + sin) ** 2 * seen["g"], rtol=1e-3, atol=1e-5)
 
 
 def test_tf_scm_loss_pulls_v_along_the_normalised_tangent():
