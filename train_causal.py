@@ -383,14 +383,16 @@ def teacher_stream(net: WanModel, context, uncond, shape, chunks, w: float, step
 
 @torch.no_grad()
 def stream_samples(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanModel, prompt, seed: int) -> dict:
-    """Streamed samples of a stage's net: the causal teacher (stage tf) or the student at 1, 2 and 4 steps."""
+    """Streamed samples of a stage's net at 1, 2 and 4 steps per chunk, and for the causal teacher (stage tf) also at
+    eval_teacher_steps Euler steps with CFG (its few-step rows are the baseline that distillation has to beat)."""
     context, shape = world.text[prompt], world.cfg.shape
     chunks = chunk_frames(shape[1], cfg.first_chunk_t, cfg.chunk_t)
+    out = {f"{stage}-{n}": student_stream(net, context, n, shape, chunks, cfg, seed) for n in (1, 2, 4)}
     if stage == "tf":
         uncond = world.negative.expand(len(prompt), -1, -1)
-        return {f"causal-teacher-{cfg.eval_teacher_steps}": teacher_stream(
-            net, context, uncond, shape, chunks, cfg.cm.teacher_guidance, cfg.eval_teacher_steps, seed, cfg.device)}
-    return {f"{stage}-{n}": student_stream(net, context, n, shape, chunks, cfg, seed) for n in (1, 2, 4)}
+        out[f"causal-teacher-{cfg.eval_teacher_steps}"] = teacher_stream(
+            net, context, uncond, shape, chunks, cfg.cm.teacher_guidance, cfg.eval_teacher_steps, seed, cfg.device)
+    return out
 
 
 def preview(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanModel, folder: Path, i: int,

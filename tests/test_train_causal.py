@@ -230,7 +230,7 @@ def test_stages_run_and_an_interrupted_run_resumes_with_the_same_losses(tmp_path
     for stage, loss in (("tf", "loss/tf"), ("tf_scm", "loss/scm")):
         assert all(math.isfinite(r[loss]) for r in drop_time(tmp_path / "full" / stage / "metrics.jsonl"))
     assert json.dumps(resumed) == json.dumps(full)
-    assert set(full) == {"exact", "teacher-3", "causal-teacher-3", *(f"{s}-{n}" for s in ("tf_scm", "sf_dmd")
+    assert set(full) == {"exact", "teacher-3", "causal-teacher-3", *(f"{s}-{n}" for s in ("tf", "tf_scm", "sf_dmd")
                                                                      for n in (1, 2, 4))}
     load_checkpoint(WanModel(TINY_DIT), tmp_path / "run" / "sf_dmd" / "ema.safetensors")   # official key names
 
