@@ -202,8 +202,10 @@ PRESETS = {
         out_dir=Path("runs/causal_toy"), task="toy", dit=_RCM_TOY.dit, world=_RCM_TOY.world,
         teacher_train=_RCM_TOY.teacher_train, precision="fp32", checkpointing="none", batch=16, first_chunk_t=1,
         chunk_t=1, ckpt_every=100, eval_per_prompt=128,
+        # rCM's toy few-step times (TrigFlow) in rectified-flow time: where the toy's modes are decided
+        backward_times=tuple(trig_to_rf(torch.tensor(_RCM_TOY.backward_timesteps, dtype=torch.float64)).tolist()),
         tf=TFConfig(iterations=600, lr=3e-4, lr_warmup=20),
-        cm=CMConfig(iterations=300, lr=1e-4, lr_warmup=20, tangent_warmup=100),
+        cm=CMConfig(iterations=300, lr=3e-5, lr_warmup=20, tangent_warmup=100),
         sf=SFConfig(iterations=600, lr=1e-4, lr_fake=1e-4, lr_warmup=20, student_update_freq=3,
                      teacher_guidance=_RCM_TOY.teacher_guidance))),
     "wan1.3b": ("Causal-rCM of Wan2.1 T2V 1.3B at 480p, chunk-wise (3 latent frames); torchrun, needs --teacher-ckpt, "
