@@ -513,7 +513,8 @@ def critic_step(cfg: CausalConfig, nets: train_rcm.Nets, batches, i: int) -> dic
     return {**metrics, "lr_fake": nets.sched_fake.get_last_lr()[0]}
 
 
-def train_stage(cfg: CausalConfig, d: parallel.Dist, stage: Stage, world: toy.World | None, bidirectional: Path) -> Path:
+def train_stage(cfg: CausalConfig, d: parallel.Dist, stage: Stage, world: toy.World | None,
+                bidirectional: Path) -> Path:
     """Run one stage to its last iteration, resuming from its newest checkpoint if there is one (a finished stage is
     skipped); returns its EMA weights. The nets are FSDP-sharded over all ranks and built from rank 0's files, the
     checkpoints and the data stream are train_rcm's."""
@@ -522,22 +523,19 @@ def train_stage(cfg: CausalConfig, d: parallel.Dist, stage: Stage, world: toy.Wo
     latest = folder / "state" / "latest.json"
     if latest.exists() and json.loads(latest.read_text())["iteration"] >= scfg.iterations:
         return folder / "ema.safetensors"
-    run = run_settings(cfg, folder, cfg.seed + k)
+    settings = run_settings(cfg, folder, cfg.seed + k)
     init, teacher_path = stage_checkpoints(cfg, stage, bidirectional)
-    init_sd = train_rcm.read_weights(d, init, cfg.dit)
-    student, ema = train_rcm.build_net(run, d, init_sd, "trained"), train_rcm.build_net(run, d, init_sd, "ema")
-    del init_sd
-    teacher = None if stage == "tf" else train_rcm.build_net(run, d, train_rcm.read_weights(d, teacher_path, cfg.dit),
-                                                             "teacher")
-    fake = train_rcm.build_net(run, d, train_rcm.read_weights(d, bidirectional, cfg.dit), "trained") \
-        if stage == "sf_dmd" else None
+    build = lambda path, role: train_rcm.build_net(settings, d, train_rcm.read_weights(d, path, cfg.dit), role)
+    student, ema = build(init, "trained"), build(init, "ema")
+    teacher = build(teacher_path, "teacher") if stage != "tf" else None
+    fake = build(bidirectional, "trained") if stage == "sf_dmd" else None
     opt_s, sched_s = adamw(scfg, student, scfg.lr, cfg.device)
     opt_f, sched_f = adamw(cfg.sf, fake, cfg.sf.lr_fake, cfg.device) if fake is not None else (None, None)
     nets = train_rcm.Nets(teacher, student, fake, ema, opt_s, sched_s, opt_f, sched_f)
 
     # Resume: weights, optimisers, schedules, counters; draws are seeded per (iteration, micro-batch) and the data
     # stream skips what was consumed, so the continued stage repeats the losses it would have had.
-    start, start_batches = train_rcm.load_state(run, nets)
+    start, start_batches = train_rcm.load_state(settings, nets)
     log_path = folder / "metrics.jsonl"
     if d.is_main:
         folder.mkdir(parents=True, exist_ok=True)
@@ -546,12 +544,12 @@ def train_stage(cfg: CausalConfig, d: parallel.Dist, stage: Stage, world: toy.Wo
         if log_path.exists():  # drop log lines written after the checkpoint by the interrupted run
             lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["iteration"] < start]
             log_path.write_text("".join(ln + "\n" for ln in lines))
-    draw, skipped = train_rcm.data_stream(run, d, world, start_batches)
+    draw, skipped = train_rcm.data_stream(settings, d, world, start_batches)
 
     bar = tqdm(range(start, scfg.iterations), initial=start, total=scfg.iterations, desc=stage, disable=not d.is_main)
     t0 = time.time()
     for i in bar:
-        batches = train_rcm.micro_batches(run, d, i, draw)
+        batches = train_rcm.micro_batches(settings, d, i, draw)
         # sf_dmd gives one iteration in student_update_freq to the student, the others to the fake score
         if stage == "sf_dmd" and i % cfg.sf.student_update_freq:
             record = critic_step(cfg, nets, batches, i)
@@ -569,9 +567,10 @@ def train_stage(cfg: CausalConfig, d: parallel.Dist, stage: Stage, world: toy.Wo
             if d.is_main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.set_postfix({key.split("/")[-1]: f"{v:.3g}" for key, v in record.items() if key.startswith("loss/")})
+                bar.set_postfix({key.split("/")[-1]: f"{v:.3g}" for key, v in record.items()
+                                 if key.startswith("loss/")})
         if (i + 1) % cfg.ckpt_every == 0 or i + 1 == scfg.iterations:
-            train_rcm.save_state(run, d, nets, i + 1, start_batches + (i + 1 - start) * cfg.grad_accum)
+            train_rcm.save_state(settings, d, nets, i + 1, start_batches + (i + 1 - start) * cfg.grad_accum)
     return folder / "ema.safetensors"
 
 
@@ -602,7 +601,8 @@ def evaluate(cfg: CausalConfig, world: toy.World, bidirectional: Path, results: 
     width = max(map(len, out)) + 2
     print(f"{'sampler':<{width}}{'precision':>10}{'wrong':>8}{'mode TV':>9}{'mean ρ':>8}")
     for name, m in out.items():
-        print(f"{name:<{width}}{m['precision']:>10.3f}{m['wrong_prompt']:>8.3f}{m['mode_tv']:>9.3f}{m['mean_rho']:>8.3f}")
+        print(f"{name:<{width}}{m['precision']:>10.3f}{m['wrong_prompt']:>8.3f}{m['mode_tv']:>9.3f}"
+              f"{m['mean_rho']:>8.3f}")
     return out
 
 

@@ -122,7 +122,8 @@ def test_tf_scm_is_the_trigflow_scm_of_losses_py(monkeypatch):
     F_T = (cos * x_t - (seen["x_s"] - losses._per_sample(seen["s"], x0).double() * v_T)) / sin  # same x̂0 as v_T
     f = train_causal.teacher_forced(net, x0, (1, 1, 1))
     with torch.no_grad():
-        (_, F_minus), (_, dF) = losses.denoise(f, x_t, t, context, tangent=(cos * sin * F_T, torch.cos(t) * torch.sin(t)))
+        tangent = (cos * sin * F_T, torch.cos(t) * torch.sin(t))
+        (_, F_minus), (_, dF) = losses.denoise(f, x_t, t, context, tangent=tangent)
     g_trig = losses.scm_g(F_minus, dF, F_T, x_t, t, 1.0)
     torch.testing.assert_close(g_trig, cos / (cos + sin) ** 2 * seen["g"], rtol=1e-3, atol=1e-5)
 
@@ -164,7 +165,8 @@ def test_rollout_chunk_sees_the_cached_past():
     """Chunk 1 of a rollout depends on chunk 0 through the cache (not on the noise of later chunks)."""
     net, chunks = tiny_net(), (1, 1, 1)
     eps, context = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 8, 32)
-    times, cache = train_causal.chunk_times((1, 1, 1), 1.0, ()), train_causal.kv_cache(net, 1, (16, 3, 4, 4), chunks, "cpu")
+    times = train_causal.chunk_times((1, 1, 1), 1.0, ())
+    cache = train_causal.kv_cache(net, 1, (16, 3, 4, 4), chunks, "cpu")
     with torch.no_grad():
         a = train_causal.rollout(net, context, eps, chunks, times, cache)
         eps_b = eps.clone()
@@ -223,7 +225,7 @@ def test_stages_run_and_an_interrupted_run_resumes_with_the_same_losses(tmp_path
 
     drop_time = lambda path: [{k: v for k, v in json.loads(ln).items() if k != "time_s"}
                               for ln in path.read_text().splitlines()]
-    a, b = drop_time(tmp_path / "full" / "sf_dmd" / "metrics.jsonl"), drop_time(tmp_path / "run" / "sf_dmd" / "metrics.jsonl")
+    a, b = (drop_time(tmp_path / name / "sf_dmd" / "metrics.jsonl") for name in ("full", "run"))
     assert [r["iteration"] for r in b] == list(range(6))
     assert json.dumps(a) == json.dumps(b)       # (as text: NaN metrics compare equal)
     assert any("loss/dmd" in r for r in a) and any("loss/critic" in r for r in a)
@@ -257,7 +259,8 @@ def test_every_stage_runs_on_cuda(tmp_path):
     teacher = tmp_path / "teacher.safetensors"
     toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=2, batch=4), TINY_DIT, teacher, "cuda",
                       log=lambda s: None)
-    cfg = tiny_config(tmp_path, teacher, out_dir=tmp_path / "gpu", device="cuda", stages=("tf", "tf_dcm", "tf_scm", "sf_dmd"))
+    cfg = tiny_config(tmp_path, teacher, out_dir=tmp_path / "gpu", device="cuda",
+                      stages=("tf", "tf_dcm", "tf_scm", "sf_dmd"))
     cfg = dataclasses.replace(cfg, sf=dataclasses.replace(cfg.sf, noisy_context=True, steps_per_chunk=(2, 1)))
     out = train_causal.train(cfg)
     assert {"causal-teacher-3", "tf_dcm-1", "tf_scm-2", "sf_dmd-4"} <= set(out)
