@@ -29,9 +29,10 @@ class ToyConfig:
     seed: int = 0
 
 
-# The toy teacher/student: a tiny Wan DiT (same model.py as the 1.3B/14B runs).
+# The toy teacher/student: a tiny Wan DiT (same model.py as the 1.3B/14B runs). Depth over width: after equal teacher
+# steps, 5 layers of 128 err ~20% less at high noise than 3 layers (2 layers of 256: no better than 3 of 128).
 TOY_DIT = WanConfig(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=128, ffn_dim=256, freq_dim=64,
-                    text_dim=32, out_dim=16, num_heads=4, num_layers=3, qk_norm=True, cross_attn_norm=True, eps=1e-6)
+                    text_dim=32, out_dim=16, num_heads=4, num_layers=5, qk_norm=True, cross_attn_norm=True, eps=1e-6)
 
 
 @dataclass
@@ -158,13 +159,16 @@ class TeacherConfig:
     lr: float = 1e-3
     warmup: int = 100
     p_uncond: float = 0.1      # prompt dropout to the negative embedding, so the teacher supports CFG
+    hard_fraction: float = 0.0  # share of the batch drawn at s ~ U(hard_from, 1) instead of U(0, 1) ...
+    hard_from: float = 0.7      # ... where the posterior over modes is decided and the net errs most
 
 
 def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, device="cpu", log=print) -> WanModel:
     """Train the teacher by flow matching and save it (official key names) at path.
 
-    x_s = (1 − s)·x0 + s·ε with s ~ U(0, 1); the regression target is the exact FM minimiser E[ε − x0 | x_s]
-    (the toy world knows it), which trains the same function as the sampled target ε − x0 with far less variance.
+    x_s = (1 − s)·x0 + s·ε with s ~ U(0, 1) (a hard_fraction of the batch at s ~ U(hard_from, 1)); the regression
+    target is the exact FM minimiser E[ε − x0 | x_s] (the toy world knows it), which trains the same function as the
+    sampled target ε − x0 with far less variance.
     """
     torch.manual_seed(world.cfg.seed + 1)
     net = WanModel(dit).to(device)
@@ -176,7 +180,8 @@ def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, 
         x0, context, _ = sample_data(world, cfg.batch)
         drop = torch.rand(cfg.batch) < cfg.p_uncond
         context = torch.where(drop[:, None, None], world.negative, context)
-        s = torch.rand(cfg.batch)
+        u = torch.rand(cfg.batch)
+        s = torch.where(torch.rand(cfg.batch) < cfg.hard_fraction, cfg.hard_from + (1 - cfg.hard_from) * u, u)
         x_s = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * torch.randn_like(x0)
         target = exact_velocity(world, x_s, 1000 * s, context)
         x_s, context, s, target = (a.to(device) for a in (x_s, context, s, target))
