@@ -191,8 +191,9 @@ def test_rollout_steps_cycle_and_fixed_steps_per_chunk():
 def tiny_config(tmp_path, teacher, **kw):
     base = train_causal.PRESETS["toy"][1]
     small = dict(iterations=6, lr_warmup=2)
+    kw = {"device": "cpu", **kw}  # tests on CUDA pass device="cuda"
     return dataclasses.replace(
-        base, dit=TINY_DIT, world=TINY_WORLD, teacher_ckpt=teacher, device="cpu", batch=2, log_every=1,
+        base, dit=TINY_DIT, world=TINY_WORLD, teacher_ckpt=teacher, batch=2, log_every=1,
         ckpt_every=3, eval_per_prompt=2, eval_teacher_steps=3,
         tf=dataclasses.replace(base.tf, **small), cm=dataclasses.replace(base.cm, tangent_warmup=2, **small),
         sf=dataclasses.replace(base.sf, student_update_freq=2, **small), **kw)
