@@ -485,7 +485,7 @@ def student_step(cfg: CausalConfig, stage: Stage, nets: train_rcm.Nets, batches,
                             cfg.sf.p_D, cfg.sf.loss_scale_dmd).mean()
             record = {"loss/dmd": loss.item(), "dmd/steps": steps[-1]}
         (loss / cfg.grad_accum).backward()
-        train_rcm._accumulate(metrics, record, cfg.grad_accum)
+        train_rcm.accumulate_metrics(metrics, record, cfg.grad_accum)
     nets.opt_student.step()
     nets.sched_student.step()
     ema_update(nets.ema, nets.student, n_eff, ema_gamma(scfg.ema_sigma_rel))
@@ -507,7 +507,7 @@ def critic_step(cfg: CausalConfig, nets: train_rcm.Nets, batches, i: int) -> dic
                         cache, noisy_context=cfg.sf.noisy_context)
         l_fake = critic_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0], cfg.sf.p_D).mean()
         (l_fake / cfg.grad_accum).backward()
-        train_rcm._accumulate(metrics, {"loss/critic": l_fake.item(), "critic/steps": steps[-1]}, cfg.grad_accum)
+        train_rcm.accumulate_metrics(metrics, {"loss/critic": l_fake.item(), "critic/steps": steps[-1]}, cfg.grad_accum)
     nets.opt_fake.step()
     nets.sched_fake.step()
     return {**metrics, "lr_fake": nets.sched_fake.get_last_lr()[0]}

@@ -389,7 +389,7 @@ def micro_batches(cfg: RCMConfig, d: parallel.Dist, i: int, draw):
 COUNTS = ("scm/nan_samples", "data/bad_samples", "data/bad_shards")  # metrics that add up (the others are means)
 
 
-def _accumulate(metrics: dict, record: dict, n: int):
+def accumulate_metrics(metrics: dict, record: dict, n: int):
     """Add one of n micro-batches' metrics into `metrics`."""
     for k, v in record.items():
         metrics[k] = metrics.get(k, 0.0) + (v if k in COUNTS else v / n)
@@ -429,7 +429,7 @@ def student_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
             loss = loss + l_dmd.mean()
         if loss.requires_grad:  # (pure DMD has no student loss during the tangent warm-up)
             (loss / cfg.grad_accum).backward()
-        _accumulate(metrics, record, cfg.grad_accum)
+        accumulate_metrics(metrics, record, cfg.grad_accum)
     nets.opt_student.step()
     nets.sched_student.step()
     ema_update(nets.ema, nets.student, n_eff, ema_gamma(cfg.ema_sigma_rel))
@@ -448,7 +448,7 @@ def critic_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
         G = rcm_sample(f_student, torch.randn_like(x0), simulation_times(n_sim, len(x0), cfg.p_D, fixed))
         l_fake = critic_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0], cfg.p_D).mean()
         (l_fake / cfg.grad_accum).backward()
-        _accumulate(metrics, {"loss/critic": l_fake.item(), "critic/steps": n_sim}, cfg.grad_accum)
+        accumulate_metrics(metrics, {"loss/critic": l_fake.item(), "critic/steps": n_sim}, cfg.grad_accum)
     nets.opt_fake.step()
     nets.sched_fake.step()
     return {**metrics, "lr_fake": nets.sched_fake.get_last_lr()[0]}
