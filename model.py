@@ -275,7 +275,7 @@ class KVCache:
 
     def reset(self):
         """Forget every chunk (the buffers are reused)."""
-        self.chunks, self.appended = [], 0
+        self.chunks, self.appended, self.evictions = [], 0, 0
 
     @property
     def frames(self) -> int:
@@ -304,11 +304,22 @@ class KVCache:
         f = self.frame_tokens if self.cfg.scale == "channel" else 1
         scale[:, n // f:(n + x.shape[1]) // f] = s
 
-    def extend(self, block: int, k, v, append: bool):
+    def snapshot(self) -> dict:
+        """The cache state one forward reads (frames, RoPE tables, evictions so far). Blocks get it frozen, so that
+        activation checkpointing, which re-runs a with-grad chunk's blocks in the backward after later chunks were
+        appended, reads the same cached keys and values again."""
+        return dict(frames=self.frames, freqs=self.rope_tables, evictions=self.evictions)
+
+    def extend(self, block: int, k, v, append: bool, frames: int, freqs, evictions: int):
         """Keys/values of a chunk, k (before RoPE) and v [B,Lc,H,D], -> those of [cached frames | chunk] with RoPE
-        applied, in v's (the attention's) dtype. append: also store the chunk's (detached) in this block's buffers."""
-        n, Lc, dtype = self.frames * self.frame_tokens, k.shape[1], v.dtype
-        freqs = self.rope_tables  # [n + Lc, 1, D/2] with keys before RoPE, [Lc, 1, D/2] after
+        applied, in v's (the attention's) dtype. append: also store the chunk's (detached) in this block's buffers.
+        frames, freqs, evictions: the snapshot() taken when the forward began."""
+        if evictions != self.evictions:
+            raise RuntimeError("the KV cache slid its window between a with-grad forward and its recomputation in the "
+                               "backward (activation checkpointing): give the cache max_frames covering the whole "
+                               "rollout, or train with --checkpointing none")
+        n, Lc, dtype = frames * self.frame_tokens, k.shape[1], v.dtype
+        # freqs: [n + Lc, 1, D/2] with keys before RoPE, [Lc, 1, D/2] after
         k_new = rope(k, freqs[-Lc:]).to(dtype)
         k_past = self._read(self.k[block], None if self.k_scale is None else self.k_scale[block], n, dtype)
         if self.cfg.rope == "before":
@@ -343,6 +354,7 @@ class KVCache:
             for b in bufs or []:  # move the newer frames down over the evicted ones (clone: the ranges overlap)
                 b[:, start * f:(start + kept) * f] = b[:, end * f:(end + kept) * f].clone()
         del self.chunks[first:first + drop]
+        self.evictions += 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,8 +624,9 @@ class WanModel(nn.Module):
         cp = None if self.cp_group is None else token_layout(self.cp_group, grid[0], grid[1] * grid[2], x.device)
         if cp is not None:  # this rank keeps its slice of every frame's tokens (see parallel.py)
             x, tx, freqs = shard_tokens(x, cp), shard_tokens(tx, cp), shard_tokens(freqs, cp, dim=0)
+        state = None if kv_cache is None else kv_cache.snapshot()  # frozen for activation checkpointing
         for i, block in enumerate(self.blocks):
-            kv = None if kv_cache is None else functools.partial(kv_cache.extend, i, append=kv_append)
+            kv = None if kv_cache is None else functools.partial(kv_cache.extend, i, append=kv_append, **state)
             x, tx = block(x, tx, e0, te0, freqs, context, context_img, cp, mask, kv)
         if kv_append:
             kv_cache.commit(grid[0])

@@ -135,7 +135,7 @@ def test_sliding_window_keeps_sinks_and_bounds_memory(net, inputs):
         n = cache.frames
         cache.rope_tables = rope_tables((n + 1, H // 2, W // 2), D, "cpu")
         chunk = torch.full((1, FRAME_TOKENS, net.cfg.num_heads, D), float(j))
-        cache.extend(0, chunk, chunk, append=True)
+        cache.extend(0, chunk, chunk, append=True, **cache.snapshot())
         cache.commit(1)
         held = cache.k[0][0, :cache.frames * FRAME_TOKENS, 0, 0].view(cache.frames, FRAME_TOKENS)[:, 0].tolist()
         assert held == [0.0, *range(max(1, j - 1), j + 1)]
@@ -314,3 +314,35 @@ def test_causal_context_parallel_equals_one_device(tmp_path):
     that holds each rank's head shard (full and windowed/int8), equal one process."""
     from test_parallel import spawn
     spawn(_causal_cp_equals_one_device, tmp_path)
+
+
+@pytest.mark.parametrize("rope", ["after", "before"])
+def test_with_grad_chunk_under_activation_checkpointing(net, inputs, rope):
+    """Self forcing's pattern: a with-grad forward of chunk 1 against the cache, then later chunks appended, then the
+    backward. Block checkpointing recomputes chunk 1 in the backward; it must read the cache as the forward did."""
+    import copy
+    import parallel
+    x, t, context = inputs
+
+    def grad(model):
+        cache = KVCache(model, B, FRAME_TOKENS, CacheConfig(max_frames=T, rope=rope), 2)
+        model.zero_grad()
+        with torch.no_grad():
+            model(x[:, :, :2], t[:, :2], context, kv_cache=cache, kv_append=True)
+        out = model(x[:, :, 2:3], t[:, 2:3], context, kv_cache=cache)
+        with torch.no_grad():
+            model(x[:, :, 2:4], t[:, 2:4], context, kv_cache=cache, kv_append=True)
+        out.square().mean().backward()
+        return model.blocks[0].self_attn.q.weight.grad.clone()
+
+    ref = grad(net)
+    assert rel(grad(parallel.checkpoint_activations(copy.deepcopy(net), "block")), ref) < 1e-6
+    windowed = parallel.checkpoint_activations(copy.deepcopy(net), "block")
+    cache = KVCache(windowed, B, FRAME_TOKENS, CacheConfig(max_frames=2, rope=rope), 2)
+    with torch.no_grad():
+        windowed(x[:, :, :2], t[:, :2], context, kv_cache=cache, kv_append=True)
+    out = windowed(x[:, :, 2:3], t[:, 2:3], context, kv_cache=cache)
+    with torch.no_grad():
+        windowed(x[:, :, 2:4], t[:, 2:4], context, kv_cache=cache, kv_append=True)  # the window slides
+    with pytest.raises(RuntimeError, match="slid its window"):
+        out.square().mean().backward()
