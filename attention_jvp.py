@@ -96,6 +96,12 @@ def _dense_mask(ranges, rows, Lk):
 # ----------------------------------------------------------------------------------------------------------------
 # The Triton kernel: FlashAttention-2 forward + JVP
 @triton.jit
+def _rescale(alpha, l_i, mu_i, acc_o, acc_t):
+    """Move the running sums to a new reference max: every one of them is multiplied by alpha = 2^(m_old − m_new)."""
+    return l_i * alpha, mu_i * alpha, acc_o * alpha[:, None], acc_t * alpha[:, None]
+
+
+@triton.jit
 def _tile(q, tq, desc_k, desc_tk, desc_v, desc_tv, off_b, off_hd, start_n, Lk, a, b, e, offs_n, m_i, l_i, mu_i,
           acc_o, acc_t, scale_log2, scale, BLOCK_N: tl.constexpr, D: tl.constexpr, EDGE: tl.constexpr,
           MASKED: tl.constexpr, PRECISION: tl.constexpr, LAZY: tl.constexpr):
@@ -116,22 +122,14 @@ def _tile(q, tq, desc_k, desc_tk, desc_v, desc_tv, off_b, off_hd, start_n, Lk, a
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row may see nothing yet: keep exp2 finite
         p = tl.math.exp2(s * scale_log2 - m_use[:, None])  # log2(e) folded into the scale: one FMA and exp2
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha
-        mu_i = mu_i * alpha
-        acc_o = acc_o * alpha[:, None]
-        acc_t = acc_t * alpha[:, None]
+        l_i, mu_i, acc_o, acc_t = _rescale(tl.math.exp2(m_i - m_use), l_i, mu_i, acc_o, acc_t)
         m_i = m_new
     else:
         # Lazy rescaling: the reference max m_i moves only when some row's max grew by more than 2^LAZY (then
         # exp2 stays below 2^LAZY, harmless in fp32 sums and bf16 P), which after the first tiles is rare.
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         if tl.max(m_new - m_i, 0) > LAZY:
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            mu_i = mu_i * alpha
-            acc_o = acc_o * alpha[:, None]
-            acc_t = acc_t * alpha[:, None]
+            l_i, mu_i, acc_o, acc_t = _rescale(tl.math.exp2(m_i - m_new), l_i, mu_i, acc_o, acc_t)
             m_i = m_new
         p = tl.math.exp2(s * scale_log2 - m_i[:, None])
     h = p * (ts * scale)  # P∘tS (unnormalised)

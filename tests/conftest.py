@@ -1,4 +1,5 @@
-"""Shared test fixtures: paths to the golden data and a skip for GPU-only tests on CPU machines."""
+"""Shared test fixtures: paths to the golden data, one intra-op thread for tiny nets, and a skip for GPU-only tests
+on CPU machines."""
 import os
 from pathlib import Path
 import sys
@@ -30,3 +31,13 @@ def golden():
     if not GOLDEN.is_dir():
         pytest.fail(f"golden data not found at {GOLDEN}: clone the project beside ../shared")
     return GOLDEN
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny nets: a second intra-op thread only contends (for the 2 cores other test runs share), so run on one.
+    Test files of tiny nets opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,13 +13,7 @@ import parallel
 from model import CONFIGS, WanConfig, WanModel, load_checkpoint, save_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny nets: threads only contend (for the 2 cores other test runs share), so run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_tiny(seed=0):
@@ -47,17 +41,18 @@ def close(a, b, tol=1e-5):
     return ((a.double() - b.double()).norm() / b.double().norm()).item() < tol
 
 
-def spawn(fn, tmp_path, backend="gloo"):
-    mp.spawn(_worker, args=(fn, str(tmp_path), backend), nprocs=2, join=True)
+def spawn(fn, tmp_path, *args, backend="gloo"):
+    """fn(rank, tmp, *args) on 2 processes joined in one process group (gloo; NCCL with one GPU each)."""
+    mp.spawn(_worker, args=(fn, str(tmp_path), backend, args), nprocs=2, join=True)
 
 
-def _worker(rank, fn, tmp, backend):
+def _worker(rank, fn, tmp, backend, args):
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank, world_size=2)
     try:
-        fn(rank, tmp)
+        fn(rank, tmp, *args)
     finally:
         dist.destroy_process_group()
 
@@ -148,7 +143,7 @@ def test_context_parallel_equals_one_device(tmp_path):
 def test_context_parallel_equals_one_device_nccl(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    spawn(_cp_equals_one_device, tmp_path, "nccl")
+    spawn(_cp_equals_one_device, tmp_path, backend="nccl")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,7 +217,7 @@ def test_fsdp_and_cp_training_equals_one_process(tmp_path):
 def test_fsdp_and_cp_training_equals_one_process_nccl(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    spawn(_fsdp_equals_one_process, tmp_path, "nccl")
+    spawn(_fsdp_equals_one_process, tmp_path, backend="nccl")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,13 +21,7 @@ TINY_DIT = WanConfig(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=
 TINY_WORLD = toy.ToyConfig(shape=(16, 3, 4, 4))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These nets are tiny: a second intra-op thread only adds overhead, and spins badly on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(seed=0):

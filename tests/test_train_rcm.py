@@ -4,11 +4,11 @@ import dataclasses
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import tyro
 from safetensors.torch import load_file
 
@@ -16,19 +16,14 @@ import toy
 import train_rcm
 from data import write_shards
 from model import CONFIGS, WanConfig, WanModel, load_checkpoint
+from test_parallel import spawn
 
 TINY_DIT = WanConfig(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=32, ffn_dim=64, freq_dim=32,
                      text_dim=32, out_dim=16, num_heads=2, num_layers=1, qk_norm=True, cross_attn_norm=True, eps=1e-6)
 TINY_WORLD = toy.ToyConfig(shape=(16, 2, 4, 4))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny nets: threads only contend (for the 2 cores other test runs share), so run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -161,21 +156,6 @@ def test_user_errors_are_clear(tmp_path, teacher):
 # ----------------------------------------------------------------------------------------------------------------
 # Two processes (gloo on CPU; NCCL on 2 GPUs for the `gpu` versions)
 
-def spawn(fn, tmp_path, *args, backend="gloo"):
-    mp.spawn(_worker, args=(fn, str(tmp_path), backend, args), nprocs=2, join=True)
-
-
-def _worker(rank, fn, tmp, backend, args):
-    torch.set_num_threads(1)
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank, world_size=2)
-    try:
-        fn(*args)
-    finally:
-        dist.destroy_process_group()
-
-
 def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12)).item() <= tol
 
@@ -196,7 +176,8 @@ def shards(tmp) -> dict:
     return dict(data=tmp / "shards", toy_data_clips=24, num_workers=0, shuffle_buffer=4)
 
 
-def _two_process_runs(teacher, tmp, device):
+def _two_process_runs(rank, tmp, teacher, device):
+    tmp = Path(tmp)
     # FSDP: 2 data-parallel ranks of 2 fresh toy clips each; CP: both ranks split the tokens of the same 2 clips, read
     # from shards (with activation checkpointing, which must not change the math either)
     train_rcm.train(tiny_run(teacher, tmp / "dp2", device=device, eval_per_prompt=0, checkpointing="block"))
@@ -236,7 +217,7 @@ def two_process_runs(request, tmp_path_factory, teacher):
         pytest.skip("needs 2 GPUs")
     train_rcm.train(tiny_run(teacher, tmp / "one_accum", device=device, eval_per_prompt=0, batch=4, grad_accum=2))
     train_rcm.train(tiny_run(teacher, tmp / "one", device=device, eval_per_prompt=0, **shards(tmp)))
-    spawn(_two_process_runs, tmp, teacher, tmp, device, backend="nccl" if device == "cuda" else "gloo")
+    spawn(_two_process_runs, tmp, teacher, device, backend="nccl" if device == "cuda" else "gloo")
     return tmp, 1e-5 if device == "cpu" else 1e-3  # (GPU kernels reduce in other orders)
 
 
