@@ -14,8 +14,10 @@ One entry point, `attention(q, k, v, tq, tk, tv, *, scale, mask)`, on [B, L, H, 
 - no tangent: the primal O, differentiable. CUDA: PyTorch SDPA (cuDNN/Flash), or FlexAttention with a block mask.
   CPU: SDPA, or the reference with a block mask.
 - tangents (any of tq, tk, tv; missing ones are zero): (O, tO), never differentiable (JVP passes run under
-  no_grad). CUDA: the Triton kernel below. CPU: the reference.
-`backend="triton"` or `backend="reference"` forces one path. The reference is plain differentiable torch (it also
+  no_grad). CUDA: two kernels below, the Hopper kernel (Gluon, sm_90, unmasked fp16/bf16, head dims 64/128) where
+  it applies, else the Triton tile kernel (block masks, other GPUs, fp32; on CPU it runs in Triton's interpreter in
+  the tests). CPU: the reference.
+`backend="sm90"`, `"triton"` or `"reference"` forces one path. The reference is plain differentiable torch (it also
 works under torch.func.jvp), chunked over queries so memory stays bounded; it is the test oracle's twin.
 
 Block masks (causal_rcm.md) are described by chunk token counts. Each query row i then sees the keys
@@ -23,8 +25,9 @@ Block masks (causal_rcm.md) are described by chunk token counts. Each query row 
 see the clean past and their own noisy chunk. The kernel reads (a, b, e) per row, skips key tiles no row of the
 query tile sees, and masks elements only in the few tiles a chunk boundary cuts.
 
-On one H200 (bf16, [1, 32760, H, 128]) the kernel runs fwd+JVP at 0.96x SDPA's forward TFLOP/s counting 3x the
-forward FLOPs, about 1.2x faster than NVlabs/rcm's autotuned kernel, with a 2.6 s first call (`python bench.py attn`).
+On one H200 (bf16, [1, 32760, H, 128], counting 3x the forward FLOPs) the Hopper kernel runs fwd+JVP at 1.04x
+SDPA's forward TFLOP/s, 1.3x faster than NVlabs/rcm's autotuned kernel; the tile kernel at 0.95x, 1.18x
+(`python bench.py attn`; a first call compiles in about 2 s).
 """
 import functools
 from dataclasses import dataclass
@@ -33,6 +36,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
@@ -220,12 +227,16 @@ def _config(q):
     return CONFIGS.get((arch, q.shape[-1], q.element_size()), FALLBACK_CONFIG)
 
 
+def _no_grad_check(*tensors):
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        raise RuntimeError("the attention JVP kernels have no backward: call attention(q, k, v, tq, tk, tv) under "
+                           "torch.no_grad() (tangents never need gradients), or pass backend='reference'")
+
+
 @torch.compiler.disable  # torch.compile of a block (--compile) leaves the kernel launch to eager mode
 def _attention_triton(q, k, v, tq, tk, tv, scale, mask):
     """(o, to, lse) from the Triton kernel; inputs [B, L, H, D], lse [B, H, Lq] fp32."""
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, tq, tk, tv)):
-        raise RuntimeError("the attention JVP kernel has no backward: call attention(q, k, v, tq, tk, tv) under "
-                           "torch.no_grad() (tangents never need gradients), or pass backend='reference'")
+    _no_grad_check(q, k, v, tq, tk, tv)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     o, to = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(2))
@@ -241,6 +252,176 @@ def _attention_triton(q, k, v, tq, tk, tv, scale, mask):
         scale * LOG2E, scale, Lq, Lk, H, D=D, BLOCK_M=block_m, BLOCK_N=block_n, MASKED=mask is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", LAZY=LAZY_RESCALE, num_warps=num_warps,
         num_stages=num_stages)
+    return o, to, lse
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Hopper kernel (sm_90): the same pass written in Gluon, Triton's lower-level dialect, to schedule the tensor cores
+# by hand. Triton's tile language waits on every wgmma and synchronises all warps after it, so the softmax never
+# overlaps matrix work (the tile kernel above tops out at cuDNN's forward rate). Here iteration j issues the score
+# wgmmas of key tile j and the accumulator wgmmas of tile j − 1 back to back, waits for the scores only, and runs
+# the softmax of tile j while the tensor cores finish tile j − 1 (FlashAttention-3's intra-warpgroup overlap).
+# K/tK and V/tV sit in two 2-slot rings: tile j + 2's keys and tile j + 1's values load while tile j is processed.
+# The running sums are rescaled per row on every tile: a lazy rescale needs a CTA-wide vote, which costs more here.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared    # Triton >= 3.7 / 3.6 names
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+
+@gluon.jit
+def _softmax_sm90(s, ts, m_i, l_i, mu_i, start_n, Lk, scale_log2, scale, BLOCK_N: gl.constexpr,
+                  s_layout: gl.constexpr):
+    """Scores of one key tile -> p, h = p∘tS and the running max/sums; alpha moves the accumulators to the new max."""
+    if start_n + BLOCK_N > Lk:  # the last tile, cut by the sequence end
+        n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where((n < Lk)[None, :], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * scale_log2)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s * scale_log2 - m_new[:, None])
+    h = p * (ts * scale)
+    return p, h, m_new, l_i * alpha + gl.sum(p, 1), mu_i * alpha + gl.sum(h, 1), alpha
+
+
+@gluon.jit
+def _load_tile(desc, desc_t, row, col, bar, smem, smem_t, slot, pred):
+    """TMA copies of a K/tK (or V/tV) tile into ring slot `slot`, signalling bar[slot] when both have landed."""
+    mbarrier.expect(bar.index(slot), 2 * desc.block_type.nbytes, pred=pred)
+    _tma_load(desc, [row, col], bar.index(slot), smem.index(slot), pred=pred)
+    _tma_load(desc_t, [row, col], bar.index(slot), smem_t.index(slot), pred=pred)
+
+
+@gluon.jit
+def _scores_sm90(q_smem, tq_smem, k_smem, tk_smem, slot, zero_s):
+    """Issue S = Q·Kᵀ and tS = tQ·Kᵀ + Q·tKᵀ (unscaled) for the key tile in ring slot `slot`, asynchronously."""
+    q, tq, kT = q_smem.index(0), tq_smem.index(0), k_smem.index(slot).permute((1, 0))
+    s = warpgroup_mma(q, kT, zero_s, use_acc=False, is_async=True)
+    ts = warpgroup_mma(tq, kT, zero_s, use_acc=False, is_async=True)
+    ts = warpgroup_mma(q, tk_smem.index(slot).permute((1, 0)), ts, is_async=True)
+    return s, ts
+
+
+@gluon.jit
+def _attention_jvp_sm90(desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv, O, TO, LSE, scale_log2, scale, Lq, Lk, H,
+                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):
+    """Descriptors over [B·L, H·D] views of the [B, L, H, D] inputs (a tile running into the next batch element is
+    masked, the last one zero-filled); O, TO [B, Lq, H, D]; LSE [B, H, Lq] fp32. Grid: (query tiles, B·H)."""
+    dtype: gl.constexpr = desc_q.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # P, h as wgmma A
+    pid_m, pid_bh = gl.program_id(0), gl.program_id(1)
+    off_b, col = pid_bh // H, pid_bh % H * D
+    k_row = off_b * Lk
+    n_tiles = gl.cdiv(Lk, BLOCK_N)
+
+    q_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, D], desc_q.layout)
+    tq_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, D], desc_q.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], desc_k.layout)  # rings of two key/value tiles
+    tk_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], desc_k.layout)
+    tv_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], desc_k.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar.index(0), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+    _load_tile(desc_q, desc_tq, off_b * Lq + pid_m * BLOCK_M, col, q_bar, q_smem, tq_smem, 0, True)
+    for i in gl.static_range(2):
+        _load_tile(desc_k, desc_tk, k_row + i * BLOCK_N, col, k_bar, k_smem, tk_smem, i, i < n_tiles)
+        _load_tile(desc_v, desc_tv, k_row + i * BLOCK_N, col, v_bar, v_smem, tv_smem, i, i < n_tiles)
+
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    mu_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    acc_o = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    acc_t = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+
+    # Tile 0: scores and softmax; its accumulators are issued with tile 1's scores.
+    mbarrier.wait(q_bar.index(0), 0)
+    mbarrier.wait(k_bar.index(0), 0)
+    s, ts = _scores_sm90(q_smem, tq_smem, k_smem, tk_smem, 0, zero_s)
+    s, ts = warpgroup_mma_wait(0, deps=(s, ts))
+    p, h, m_i, l_i, mu_i, _ = _softmax_sm90(s, ts, m_i, l_i, mu_i, 0, Lk, scale_log2, scale, BLOCK_N, s_layout)
+    p = gl.convert_layout(p.to(dtype), p_layout)
+    h = gl.convert_layout(h.to(dtype), p_layout)
+    _cta_barrier()  # all warps are done with K slot 0
+    _load_tile(desc_k, desc_tk, k_row + 2 * BLOCK_N, col, k_bar, k_smem, tk_smem, 0, 2 < n_tiles)
+
+    for j in range(1, n_tiles):
+        slot, prev = j % 2, 1 - j % 2
+        mbarrier.wait(k_bar.index(slot), j // 2 & 1)
+        s, ts = _scores_sm90(q_smem, tq_smem, k_smem, tk_smem, slot, zero_s)
+        mbarrier.wait(v_bar.index(prev), (j - 1) // 2 & 1)
+        acc_o = warpgroup_mma(p, v_smem.index(prev), acc_o, is_async=True)
+        acc_t = warpgroup_mma(p, tv_smem.index(prev), acc_t, is_async=True)
+        acc_t = warpgroup_mma(h, v_smem.index(prev), acc_t, is_async=True)  # P·tV + (P∘tS)·V in one accumulator
+        s, ts = warpgroup_mma_wait(3, deps=(s, ts))  # the scores only: tile j − 1's accumulators keep running
+        p_j, h_j, m_i, l_i, mu_i, alpha = _softmax_sm90(s, ts, m_i, l_i, mu_i, j * BLOCK_N, Lk, scale_log2, scale,
+                                                        BLOCK_N, s_layout)
+        p_j = gl.convert_layout(p_j.to(dtype), p_layout)
+        h_j = gl.convert_layout(h_j.to(dtype), p_layout)
+        acc_o, acc_t, p, h = warpgroup_mma_wait(0, deps=(acc_o, acc_t, p, h))
+        a = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        acc_o, acc_t, p, h = acc_o * a, acc_t * a, p_j, h_j
+        _cta_barrier()  # all warps are done with K slot `slot` and V slot `prev`
+        _load_tile(desc_k, desc_tk, k_row + (j + 2) * BLOCK_N, col, k_bar, k_smem, tk_smem, slot, j + 2 < n_tiles)
+        _load_tile(desc_v, desc_tv, k_row + (j + 1) * BLOCK_N, col, v_bar, v_smem, tv_smem, prev, j + 1 < n_tiles)
+
+    last = (n_tiles - 1) % 2
+    mbarrier.wait(v_bar.index(last), (n_tiles - 1) // 2 & 1)
+    acc_o = warpgroup_mma(p, v_smem.index(last), acc_o, is_async=True)
+    acc_t = warpgroup_mma(p, tv_smem.index(last), acc_t, is_async=True)
+    acc_t = warpgroup_mma(h, v_smem.index(last), acc_t, is_async=True)
+    acc_o, acc_t = warpgroup_mma_wait(0, deps=(acc_o, acc_t))
+    for i in gl.static_range(2):
+        mbarrier.invalidate(k_bar.index(i))
+        mbarrier.invalidate(v_bar.index(i))
+    mbarrier.invalidate(q_bar.index(0))
+
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_o = gl.convert_layout(l_i, rows_o)[:, None]
+    o = acc_o / l_o
+    to = acc_t / l_o - gl.convert_layout(mu_i, rows_o)[:, None] / l_o * o
+    m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_o)
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    at = (off_b * Lq + m).to(gl.int64)[:, None] * (H * D) + col + d[None, :]
+    gl.store(O + at, o.to(dtype), mask=(m < Lq)[:, None])
+    gl.store(TO + at, to.to(dtype), mask=(m < Lq)[:, None])
+    m_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    gl.store(LSE + pid_bh.to(gl.int64) * Lq + m_s, (m_i + gl.log2(l_i)) * 0.6931471805599453, mask=m_s < Lq)
+
+
+SM90_CONFIG = (128, 64, 8)  # (BLOCK_M, BLOCK_N, num_warps): 255 registers a thread, 192 KiB of shared memory at D=128
+
+
+def _sm90_supported(q, mask):
+    """The Hopper kernel covers unmasked fp16/bf16 attention with head dims 64 and 128 on sm_90."""
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and mask is None
+            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128))
+
+
+@torch.compiler.disable
+def _attention_sm90(q, k, v, tq, tk, tv, scale):
+    """(o, to, lse) from the Hopper kernel; inputs [B, L, H, D], lse [B, H, Lq] fp32."""
+    _no_grad_check(q, k, v, tq, tk, tv)
+    B, Lq, H, D = q.shape
+    block_m, block_n, num_warps = SM90_CONFIG
+    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+
+    def desc(x, rows):  # [B, L, H, D] -> a descriptor over [B·L, H·D] with [rows, D] tiles
+        layout = gl.NVMMASharedLayout.get_default_for([rows, D], dtype)
+        return GluonDescriptor.from_tensor(x.contiguous().view(-1, H * D), [rows, D], layout)
+
+    o, to = torch.empty_like(q), torch.empty_like(q)
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    _attention_jvp_sm90[(triton.cdiv(Lq, block_m), B * H)](
+        desc(q, block_m), desc(tq, block_m), desc(k, block_n), desc(tk, block_n), desc(v, block_n), desc(tv, block_n),
+        o, to, lse, scale * LOG2E, scale, Lq, k.shape[1], H, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps)
     return o, to, lse
 
 
@@ -312,9 +493,10 @@ def attention(q, k, v, tq=None, tk=None, tv=None, *, scale=None, mask=None, back
 
     Returns o [B, Lq, H, D], or (o, to) when any tangent is given (missing tangents are zero).
     mask: None (full attention) or a ChunkMask from block_causal(...) / teacher_forcing(...), with Lq = Lk =
-    mask.seq_len(). backend: "auto" (CUDA: SDPA/FlexAttention for o, Triton for (o, to); CPU: SDPA or the reference
-    for o, the reference for (o, to)), "triton" (the JVP kernel; no gradient) or "reference" (plain torch,
-    differentiable in reverse and forward mode: use it under torch.func.jvp).
+    mask.seq_len(). backend: "auto" (CUDA: SDPA/FlexAttention for o; for (o, to) the Hopper kernel where it applies,
+    else the Triton tile kernel; CPU: SDPA or the reference for o, the reference for (o, to)), "sm90" or "triton"
+    (force one JVP kernel; no gradient) or "reference" (plain torch, differentiable in reverse and forward mode: use
+    it under torch.func.jvp).
     """
     o, to, _ = _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse=False)
     return o if to is None else (o, to)
@@ -322,21 +504,25 @@ def attention(q, k, v, tq=None, tk=None, tv=None, *, scale=None, mask=None, back
 
 def attention_with_lse(q, k, v, tq=None, tk=None, tv=None, *, scale=None, mask=None, backend="auto"):
     """Like attention(), but always returns (o, to or None, lse [B, H, Lq] fp32, natural log). The LSE comes from
-    the Triton kernel (CUDA; without tangents it runs on zero tangents) or the reference (CPU)."""
+    a JVP kernel (CUDA; without tangents it runs on zero tangents) or the reference (CPU)."""
     return _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse=True)
 
 
 def _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse):
     tangent = any(t is not None for t in (tq, tk, tv))
-    if backend == "auto":
-        backend = ("triton" if q.is_cuda else "reference") if tangent or need_lse else "primal"
+    if backend == "auto" and not (tangent or need_lse):
+        backend = "primal"
+    elif backend == "auto":
+        backend = "reference" if not q.is_cuda else "sm90" if _sm90_supported(q, mask) else "triton"
     _check(q, k, v, tq, tk, tv, mask, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "primal":
         return _attention_primal(q, k, v, scale, mask), None, None
-    if tangent or backend == "triton":  # the kernel always streams tangents; zeros stand in for missing ones
+    if tangent or backend != "reference":  # the kernels always stream tangents; zeros stand in for missing ones
         tq, tk, tv = (torch.zeros_like(x) if t is None else t for x, t in ((q, tq), (k, tk), (v, tv)))
-    if backend == "triton":
+    if backend == "sm90":
+        o, to, lse = _attention_sm90(q, k, v, tq, tk, tv, scale)
+    elif backend == "triton":
         o, to, lse = _attention_triton(q, k, v, tq, tk, tv, scale, mask)
     else:
         o, to, lse = _attention_reference(q, k, v, tq, tk, tv, scale, mask)
@@ -345,8 +531,8 @@ def _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse):
 
 
 def _check(q, k, v, tq, tk, tv, mask, backend):
-    if backend not in ("primal", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend not in ("primal", "sm90", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'sm90', 'triton' or 'reference', got {backend!r}")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, L, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, Lq, H, D = q.shape
@@ -361,6 +547,9 @@ def _check(q, k, v, tq, tk, tv, mask, backend):
     if backend == "triton" and (D < 16 or D > 256 or D & (D - 1) or q.dtype == torch.float64):
         raise ValueError(f"the Triton kernel needs a power-of-two head dim in [16, 256] and fp16/bf16/fp32 inputs, "
                          f"got D={D} and {q.dtype}; pass backend='reference' for anything else")
+    if backend == "sm90" and not _sm90_supported(q, mask):
+        raise ValueError(f"the Hopper kernel needs an sm_90 GPU, fp16/bf16, head dim 64 or 128 and no mask, got "
+                         f"{q.device}, {q.dtype}, D={D}, mask={mask is not None}; pass backend='triton'")
     if mask is not None and not (Lq == k.shape[1] == mask.seq_len()):
         raise ValueError(f"{mask.kind} mask over {len(mask.chunk_tokens)} chunks covers {mask.seq_len()} tokens, "
                          f"but Lq={Lq}, Lk={k.shape[1]}: the chunk token counts must add up to the sequence")

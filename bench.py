@@ -1,7 +1,7 @@
 """Speed benchmarks, one table per entry: `python bench.py {attn,model,sample,causal,iteration} [--help]`.
 
-attn: the attention forward+JVP kernel at Wan2.1 480p self-attention shapes against PyTorch SDPA's forward (the
-floor: the JVP pass does 3x its matrix work) and, when given, NVlabs/rcm's flash_attention_jvp_triton.py timed in the
+attn: the attention forward+JVP kernels (the Hopper kernel where it applies, and the Triton tile kernel) at Wan2.1
+480p self-attention shapes against PyTorch SDPA's forward (the floor: the JVP pass does 3x its matrix work) and, when given, NVlabs/rcm's flash_attention_jvp_triton.py timed in the
 same process. Effective TFLOP/s counts 12·B·H·Lq·Lk·D for fwd+JVP and 4·B·H·Lq·Lk·D for a forward.
 """
 import importlib.util
@@ -108,18 +108,24 @@ def bench_attn(cfg: AttnBench):
                 print(f"{backend.name} unavailable: {str(e)[:100]}")
 
         with torch.no_grad():
-            jvp = lambda mask=None: A.attention(q, k, v, tq, tk, tv, mask=mask)
+            jvp = lambda mask=None, backend="auto": A.attention(q, k, v, tq, tk, tv, mask=mask, backend=backend)
             first = _first_call_s(jvp)
             o, to = jvp()
             add("ours fwd+JVP", jvp, 12, first, _rel_err_rows(o, to, q, k, v, tq, tk, tv, scale))
-            for c in cfg.configs:
+            if A._sm90_supported(q, None):  # "ours" was the Hopper kernel: time the tile kernel too
+                tiles = lambda: jvp(backend="triton")
+                first = _first_call_s(tiles)
+                o, to = tiles()
+                add("ours fwd+JVP, Triton tile kernel", tiles, 12, first, _rel_err_rows(o, to, q, k, v, tq, tk, tv, scale))
+            for c in cfg.configs:  # tile kernel configs
                 key = (arch, D, q.element_size())
                 saved = A.CONFIGS.get(key, A.FALLBACK_CONFIG)
                 A.CONFIGS[key] = tuple(map(int, c.split(",")))
                 try:
-                    first = _first_call_s(jvp)
-                    o, to = jvp()
-                    add(f"ours fwd+JVP [{c}]", jvp, 12, first, _rel_err_rows(o, to, q, k, v, tq, tk, tv, scale))
+                    first = _first_call_s(lambda: jvp(backend="triton"))
+                    o, to = jvp(backend="triton")
+                    add(f"ours fwd+JVP, tiles [{c}]", lambda: jvp(backend="triton"), 12, first,
+                        _rel_err_rows(o, to, q, k, v, tq, tk, tv, scale))
                     mask = A.block_causal(_even_chunks(L, cfg.chunks))
                     first = _first_call_s(lambda: jvp(mask))
                     add(f"ours block-causal [{c}]", lambda: jvp(mask), 6 * (1 + 1 / cfg.chunks), first)
@@ -161,6 +167,8 @@ def bench_attn(cfg: AttnBench):
         line = f"{shape}: block-causal / full = {masked / ours:.2f}"
         if "rCM fwd+JVP (autotuned)" in by_name:
             line += f"; rCM / ours = {by_name['rCM fwd+JVP (autotuned)'] / ours:.2f}x"
+            if "ours fwd+JVP, Triton tile kernel" in by_name:
+                line += f" (tile kernel: {by_name['rCM fwd+JVP (autotuned)'] / by_name['ours fwd+JVP, Triton tile kernel']:.2f}x)"
         print(line)
 
 

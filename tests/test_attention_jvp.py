@@ -1,6 +1,7 @@
 """attention_jvp.py against a float64 torch.func.jvp of math attention, on fresh random inputs every run.
 
-On CPU the Triton kernel runs in the interpreter at small shapes; `-m gpu` runs it at Wan shapes.
+On CPU the Triton tile kernel runs in the interpreter at small shapes; `-m gpu` runs both kernels (the Hopper one
+where it applies) at Wan shapes and odd ones.
 """
 import math
 import os
@@ -185,31 +186,50 @@ def test_user_errors():
         A.attention(q.requires_grad_(), k, v, tq, tk, tv, backend="triton")
     with pytest.raises(ValueError, match="token counts"):
         A.block_causal([4, 0])
+    with pytest.raises(ValueError, match="Hopper kernel"):
+        A.attention(q, k, v, tq, tk, tv, backend="sm90")  # CPU tensors
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # GPU: Wan shapes, the oracle on a random subset of query rows
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,L,Lk,H,kind", [
-    (torch.bfloat16, 32760, 32760, 12, None),
-    (torch.bfloat16, 32760, 32760, 12, "block_causal"),
-    (torch.bfloat16, 2 * 9360, 2 * 9360, 12, "teacher_forcing"),
-    (torch.bfloat16, 32760, 512, 40, None),
-    (torch.float16, 999, 515, 12, None),
-    (torch.float32, 4680, 4680, 12, "block_causal"),
-    (torch.bfloat16, 1000, 257, 12, None),
+@pytest.mark.parametrize("backend", ["sm90", "triton"])
+@pytest.mark.parametrize("dtype,B,L,Lk,H,D,kind", [
+    (torch.bfloat16, 1, 32760, 32760, 12, 128, None),
+    (torch.bfloat16, 1, 32760, 32760, 12, 128, "block_causal"),
+    (torch.bfloat16, 1, 2 * 9360, 2 * 9360, 12, 128, "teacher_forcing"),
+    (torch.bfloat16, 1, 32760, 512, 40, 128, None),
+    (torch.float16, 2, 999, 515, 12, 128, None),
+    (torch.float32, 1, 4680, 4680, 12, 128, "block_causal"),
+    (torch.bfloat16, 2, 1000, 257, 12, 128, None),
+    (torch.bfloat16, 3, 515, 999, 4, 64, None),
+    (torch.float16, 1, 50, 37, 2, 64, None),
 ])
-def test_gpu_wan_shapes(dtype, L, Lk, H, kind, poisoned_outputs):
+def test_gpu_wan_shapes(backend, dtype, B, L, Lk, H, D, kind, poisoned_outputs):
     mask = allowed = None
     if kind:
         n = L if kind == "block_causal" else L // 2
         chunks = [n // 21] * 21 if n % 21 == 0 else [n // 6] * 6  # frame-wise at 480p: 1560 tokens a chunk
         mask = A.block_causal(chunks) if kind == "block_causal" else A.teacher_forcing(chunks)
         allowed = chunk_mask_dense(kind, chunks)
-    q, k, v, tq, tk, tv = random_qkv(1, L, Lk, H, 128, dtype, device="cuda")
+    q, k, v, tq, tk, tv = random_qkv(B, L, Lk, H, D, dtype, device="cuda")
+    if backend == "sm90" and not A._sm90_supported(q, mask):
+        with pytest.raises(ValueError, match="Hopper kernel"):
+            A.attention(q, k, v, tq, tk, tv, mask=mask, backend=backend)
+        return
     with torch.no_grad():
-        o, to = A.attention(q, k, v, tq, tk, tv, mask=mask)
+        o, to, lse = A.attention_with_lse(q, k, v, tq, tk, tv, mask=mask, backend=backend)
     rows = torch.randperm(L, device="cuda")[:512].sort().values
-    ro, rto, _ = oracle(q, k, v, tq, tk, tv, 128**-0.5, allowed, rows)
-    assert torch.isfinite(o).all() and torch.isfinite(to).all()
+    ro, rto, rlse = oracle(q, k, v, tq, tk, tv, D**-0.5, allowed, rows)
+    assert torch.isfinite(o).all() and torch.isfinite(to).all() and torch.isfinite(lse).all()
     assert rel_err(o[:, rows], ro) < BOUND[dtype] and rel_err(to[:, rows], rto) < BOUND[dtype]
+    assert rel_err(lse[:, :, rows], rlse) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_the_hopper_kernel():
+    q, k, v, tq, tk, tv = random_qkv(1, 300, 300, 2, 128, torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        auto = A.attention(q, k, v, tq, tk, tv)
+        forced = A.attention(q, k, v, tq, tk, tv, backend="sm90" if A._sm90_supported(q, None) else "triton")
+    assert all(torch.equal(a, b) for a, b in zip(auto, forced))
