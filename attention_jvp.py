@@ -256,146 +256,152 @@ def _attention_triton(q, k, v, tq, tk, tv, scale, mask):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The Hopper kernel (sm_90): the same pass written in Gluon, Triton's lower-level dialect, to schedule the tensor cores
-# by hand. Triton's tile language waits on every wgmma and synchronises all warps after it, so the softmax never
-# overlaps matrix work (the tile kernel above tops out at cuDNN's forward rate). Here iteration j issues the score
-# wgmmas of key tile j and the accumulator wgmmas of tile j − 1 back to back, waits for the scores only, and runs
-# the softmax of tile j while the tensor cores finish tile j − 1 (FlashAttention-3's intra-warpgroup overlap).
-# K/tK and V/tV sit in two 2-slot rings: tile j + 2's keys and tile j + 1's values load while tile j is processed.
-# The running sums are rescaled per row on every tile: a lazy rescale needs a CTA-wide vote, which costs more here.
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared    # Triton >= 3.7 / 3.6 names
-_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+# The Hopper kernel (sm_90): the same pass in Gluon, Triton's lower-level dialect, where warps and barriers are
+# explicit. The tile language waits on every wgmma and synchronises all warps after it, so the softmax never overlaps
+# matrix work and the tile kernel above tops out at cuDNN's forward rate. Here the warps are specialised as in
+# FlashAttention-3: a loader warp streams K/tK and V/tV through two-slot rings (TMA, ready/empty mbarriers), and two
+# consumer warpgroups each own 64 query rows of a 128-row tile; while one runs its softmax, the other's wgmmas keep
+# the tensor cores busy. The running sums are rescaled every tile (a lazy rescale would need a CTA-wide vote).
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # Triton >= 3.7 / 3.6 names
 
 
 @gluon.jit
-def _softmax_sm90(s, ts, m_i, l_i, mu_i, start_n, Lk, scale_log2, scale, BLOCK_N: gl.constexpr,
-                  s_layout: gl.constexpr):
-    """Scores of one key tile -> p, h = p∘tS and the running max/sums; alpha moves the accumulators to the new max."""
-    if start_n + BLOCK_N > Lk:  # the last tile, cut by the sequence end
-        n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s = gl.where((n < Lk)[None, :], s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, 1) * scale_log2)
-    alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(s * scale_log2 - m_new[:, None])
-    h = p * (ts * scale)
-    return p, h, m_new, l_i * alpha + gl.sum(p, 1), mu_i * alpha + gl.sum(h, 1), alpha
+def _sm90_loader(c: gl.constexpr, descs, smem, bars, rows, dims, out, scales, D: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """One warp: Q/tQ of both consumers, then K/tK and V/tV of key tile j into ring slot j % 2 once both consumers
+    have released the slot (c is unused: worker partitions share one signature)."""
+    desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv = descs
+    q_smem, tq_smem, k_smem, tk_smem, v_smem, tv_smem = smem
+    q_bar, k_ready, k_empty, v_ready, v_empty = bars
+    q_row, k_row, col, n_tiles = rows
+    mbarrier.expect(q_bar, 4 * desc_q.block_type.nbytes)
+    for i in gl.static_range(2):
+        _tma_load(desc_q, [q_row + i * BLOCK_M, col], q_bar, q_smem.index(i))
+        _tma_load(desc_tq, [q_row + i * BLOCK_M, col], q_bar, tq_smem.index(i))
+    for j in range(n_tiles):
+        slot, phase = j % 2, j // 2 & 1
+        mbarrier.wait(k_empty.index(slot), phase ^ 1)  # a fresh mbarrier counts as released
+        mbarrier.expect(k_ready.index(slot), 2 * desc_k.block_type.nbytes)
+        _tma_load(desc_k, [k_row + j * BLOCK_N, col], k_ready.index(slot), k_smem.index(slot))
+        _tma_load(desc_tk, [k_row + j * BLOCK_N, col], k_ready.index(slot), tk_smem.index(slot))
+        mbarrier.wait(v_empty.index(slot), phase ^ 1)
+        mbarrier.expect(v_ready.index(slot), 2 * desc_v.block_type.nbytes)
+        _tma_load(desc_v, [k_row + j * BLOCK_N, col], v_ready.index(slot), v_smem.index(slot))
+        _tma_load(desc_tv, [k_row + j * BLOCK_N, col], v_ready.index(slot), tv_smem.index(slot))
 
 
 @gluon.jit
-def _load_tile(desc, desc_t, row, col, bar, smem, smem_t, slot, pred):
-    """TMA copies of a K/tK (or V/tV) tile into ring slot `slot`, signalling bar[slot] when both have landed."""
-    mbarrier.expect(bar.index(slot), 2 * desc.block_type.nbytes, pred=pred)
-    _tma_load(desc, [row, col], bar.index(slot), smem.index(slot), pred=pred)
-    _tma_load(desc_t, [row, col], bar.index(slot), smem_t.index(slot), pred=pred)
+def _sm90_consumer(c: gl.constexpr, descs, smem, bars, rows, dims, out, scales, D: gl.constexpr,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """One warpgroup: query rows [c·BLOCK_M, (c + 1)·BLOCK_M) of the program's tile, in FlashAttention-2 order."""
+    q_smem, tq_smem, k_smem, tk_smem, v_smem, tv_smem = smem
+    q_bar, k_ready, k_empty, v_ready, v_empty = bars
+    q_row, k_row, col, n_tiles = rows
+    Lq, Lk, H, pid_bh, pid_m = dims
+    O, TO, LSE = out
+    scale_log2, scale = scales
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # P, h as wgmma A
+    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, rows_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, rows_s)
+    mu_i = gl.zeros([BLOCK_M], gl.float32, rows_s)
+    acc_o = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    acc_t = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    q, tq = q_smem.index(c), tq_smem.index(c)
+    mbarrier.wait(q_bar, 0)
+    for j in range(n_tiles):
+        slot, phase = j % 2, j // 2 & 1
+        mbarrier.wait(k_ready.index(slot), phase)
+        kT = k_smem.index(slot).permute((1, 0))
+        s = warpgroup_mma(q, kT, zero_s, use_acc=False, is_async=True)
+        ts = warpgroup_mma(tq, kT, zero_s, use_acc=False, is_async=True)
+        ts = warpgroup_mma(q, tk_smem.index(slot).permute((1, 0)), ts, is_async=True)  # tQ·Kᵀ + Q·tKᵀ
+        s, ts = warpgroup_mma_wait(0, deps=(s, ts))
+        mbarrier.arrive(k_empty.index(slot), count=1)
+        if (j + 1) * BLOCK_N > Lk:  # the last tile, cut by the sequence end
+            n = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where((n < Lk)[None, :], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * scale_log2)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * scale_log2 - m_new[:, None])
+        h = p * (ts * scale)  # P∘tS (unnormalised)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        mu_i = mu_i * alpha + gl.sum(h, 1)
+        m_i = m_new
+        alpha = gl.convert_layout(alpha, rows_o)[:, None]
+        acc_o, acc_t = acc_o * alpha, acc_t * alpha
+        p = gl.convert_layout(p.to(dtype), p_layout)
+        h = gl.convert_layout(h.to(dtype), p_layout)
+        mbarrier.wait(v_ready.index(slot), phase)
+        acc_o = warpgroup_mma(p, v_smem.index(slot), acc_o, is_async=True)
+        acc_t = warpgroup_mma(p, tv_smem.index(slot), acc_t, is_async=True)
+        acc_t = warpgroup_mma(h, v_smem.index(slot), acc_t, is_async=True)  # P·tV + (P∘tS)·V in one accumulator
+        acc_o, acc_t = warpgroup_mma_wait(0, deps=(acc_o, acc_t))
+        mbarrier.arrive(v_empty.index(slot), count=1)
 
-
-@gluon.jit
-def _scores_sm90(q_smem, tq_smem, k_smem, tk_smem, slot, zero_s):
-    """Issue S = Q·Kᵀ and tS = tQ·Kᵀ + Q·tKᵀ (unscaled) for the key tile in ring slot `slot`, asynchronously."""
-    q, tq, kT = q_smem.index(0), tq_smem.index(0), k_smem.index(slot).permute((1, 0))
-    s = warpgroup_mma(q, kT, zero_s, use_acc=False, is_async=True)
-    ts = warpgroup_mma(tq, kT, zero_s, use_acc=False, is_async=True)
-    ts = warpgroup_mma(q, tk_smem.index(slot).permute((1, 0)), ts, is_async=True)
-    return s, ts
+    l_o = gl.convert_layout(l_i, rows_o)[:, None]
+    o = acc_o / l_o
+    to = acc_t / l_o - gl.convert_layout(mu_i, rows_o)[:, None] / l_o * o
+    r = c * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_o)  # row in the program's tile
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    at = (q_row + r).to(gl.int64)[:, None] * (H * D) + col + d[None, :]
+    in_q = (pid_m * 2 * BLOCK_M + r < Lq)[:, None]
+    gl.store(O + at, o.to(dtype), mask=in_q)
+    gl.store(TO + at, to.to(dtype), mask=in_q)
+    m = pid_m * 2 * BLOCK_M + c * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_s)
+    gl.store(LSE + pid_bh.to(gl.int64) * Lq + m, (m_i + gl.log2(l_i)) * 0.6931471805599453, mask=m < Lq)
 
 
 @gluon.jit
 def _attention_jvp_sm90(desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv, O, TO, LSE, scale_log2, scale, Lq, Lk, H,
-                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):
+                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     """Descriptors over [B·L, H·D] views of the [B, L, H, D] inputs (a tile running into the next batch element is
-    masked, the last one zero-filled); O, TO [B, Lq, H, D]; LSE [B, H, Lq] fp32. Grid: (query tiles, B·H)."""
+    masked, the last one zero-filled); O, TO [B, Lq, H, D]; LSE [B, H, Lq] fp32. Each program does 2·BLOCK_M query
+    rows. Grid: (cdiv(Lq, 2·BLOCK_M), B·H)."""
     dtype: gl.constexpr = desc_q.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # P, h as wgmma A
     pid_m, pid_bh = gl.program_id(0), gl.program_id(1)
     off_b, col = pid_bh // H, pid_bh % H * D
-    k_row = off_b * Lk
-    n_tiles = gl.cdiv(Lk, BLOCK_N)
-
-    q_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, D], desc_q.layout)
-    tq_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, D], desc_q.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], desc_k.layout)  # rings of two key/value tiles
-    tk_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], desc_k.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], desc_k.layout)
-    tv_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], desc_k.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    k_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    v_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar.index(0), count=1)
+    rows = (off_b * Lq + pid_m * 2 * BLOCK_M, off_b * Lk, col, gl.cdiv(Lk, BLOCK_N))
+    smem = (gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], desc_q.layout),   # Q of both consumers
+            gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], desc_q.layout),   # tQ
+            gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], desc_k.layout),   # K ring
+            gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], desc_k.layout),   # tK ring
+            gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], desc_k.layout),   # V ring
+            gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], desc_k.layout))   # tV ring
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready, k_empty, v_ready, v_empty = (gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout()),
+                                          gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout()),
+                                          gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout()),
+                                          gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout()))
+    mbarrier.init(q_bar, count=1)
     for i in gl.static_range(2):
-        mbarrier.init(k_bar.index(i), count=1)
-        mbarrier.init(v_bar.index(i), count=1)
-    _load_tile(desc_q, desc_tq, off_b * Lq + pid_m * BLOCK_M, col, q_bar, q_smem, tq_smem, 0, True)
-    for i in gl.static_range(2):
-        _load_tile(desc_k, desc_tk, k_row + i * BLOCK_N, col, k_bar, k_smem, tk_smem, i, i < n_tiles)
-        _load_tile(desc_v, desc_tv, k_row + i * BLOCK_N, col, v_bar, v_smem, tv_smem, i, i < n_tiles)
-
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-    mu_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-    acc_o = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
-    acc_t = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
-    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-
-    # Tile 0: scores and softmax; its accumulators are issued with tile 1's scores.
-    mbarrier.wait(q_bar.index(0), 0)
-    mbarrier.wait(k_bar.index(0), 0)
-    s, ts = _scores_sm90(q_smem, tq_smem, k_smem, tk_smem, 0, zero_s)
-    s, ts = warpgroup_mma_wait(0, deps=(s, ts))
-    p, h, m_i, l_i, mu_i, _ = _softmax_sm90(s, ts, m_i, l_i, mu_i, 0, Lk, scale_log2, scale, BLOCK_N, s_layout)
-    p = gl.convert_layout(p.to(dtype), p_layout)
-    h = gl.convert_layout(h.to(dtype), p_layout)
-    _cta_barrier()  # all warps are done with K slot 0
-    _load_tile(desc_k, desc_tk, k_row + 2 * BLOCK_N, col, k_bar, k_smem, tk_smem, 0, 2 < n_tiles)
-
-    for j in range(1, n_tiles):
-        slot, prev = j % 2, 1 - j % 2
-        mbarrier.wait(k_bar.index(slot), j // 2 & 1)
-        s, ts = _scores_sm90(q_smem, tq_smem, k_smem, tk_smem, slot, zero_s)
-        mbarrier.wait(v_bar.index(prev), (j - 1) // 2 & 1)
-        acc_o = warpgroup_mma(p, v_smem.index(prev), acc_o, is_async=True)
-        acc_t = warpgroup_mma(p, tv_smem.index(prev), acc_t, is_async=True)
-        acc_t = warpgroup_mma(h, v_smem.index(prev), acc_t, is_async=True)  # P·tV + (P∘tS)·V in one accumulator
-        s, ts = warpgroup_mma_wait(3, deps=(s, ts))  # the scores only: tile j − 1's accumulators keep running
-        p_j, h_j, m_i, l_i, mu_i, alpha = _softmax_sm90(s, ts, m_i, l_i, mu_i, j * BLOCK_N, Lk, scale_log2, scale,
-                                                        BLOCK_N, s_layout)
-        p_j = gl.convert_layout(p_j.to(dtype), p_layout)
-        h_j = gl.convert_layout(h_j.to(dtype), p_layout)
-        acc_o, acc_t, p, h = warpgroup_mma_wait(0, deps=(acc_o, acc_t, p, h))
-        a = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        acc_o, acc_t, p, h = acc_o * a, acc_t * a, p_j, h_j
-        _cta_barrier()  # all warps are done with K slot `slot` and V slot `prev`
-        _load_tile(desc_k, desc_tk, k_row + (j + 2) * BLOCK_N, col, k_bar, k_smem, tk_smem, slot, j + 2 < n_tiles)
-        _load_tile(desc_v, desc_tv, k_row + (j + 1) * BLOCK_N, col, v_bar, v_smem, tv_smem, prev, j + 1 < n_tiles)
-
-    last = (n_tiles - 1) % 2
-    mbarrier.wait(v_bar.index(last), (n_tiles - 1) // 2 & 1)
-    acc_o = warpgroup_mma(p, v_smem.index(last), acc_o, is_async=True)
-    acc_t = warpgroup_mma(p, tv_smem.index(last), acc_t, is_async=True)
-    acc_t = warpgroup_mma(h, v_smem.index(last), acc_t, is_async=True)
-    acc_o, acc_t = warpgroup_mma_wait(0, deps=(acc_o, acc_t))
-    for i in gl.static_range(2):
-        mbarrier.invalidate(k_bar.index(i))
-        mbarrier.invalidate(v_bar.index(i))
-    mbarrier.invalidate(q_bar.index(0))
-
-    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    l_o = gl.convert_layout(l_i, rows_o)[:, None]
-    o = acc_o / l_o
-    to = acc_t / l_o - gl.convert_layout(mu_i, rows_o)[:, None] / l_o * o
-    m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_o)
-    d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    at = (off_b * Lq + m).to(gl.int64)[:, None] * (H * D) + col + d[None, :]
-    gl.store(O + at, o.to(dtype), mask=(m < Lq)[:, None])
-    gl.store(TO + at, to.to(dtype), mask=(m < Lq)[:, None])
-    m_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    gl.store(LSE + pid_bh.to(gl.int64) * Lq + m_s, (m_i + gl.log2(l_i)) * 0.6931471805599453, mask=m_s < Lq)
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # released when both consumers are done with the slot
+        mbarrier.init(v_empty.index(i), count=2)
+    descs = (desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv)
+    bars = (q_bar, k_ready, k_empty, v_ready, v_empty)
+    dims = (Lq, Lk, H, pid_bh, pid_m)
+    out = (O, TO, LSE)
+    scales = (scale_log2, scale)
+    gl.warp_specialize([
+        (_sm90_consumer, (0, descs, smem, bars, rows, dims, out, scales, D, BLOCK_M, BLOCK_N)),  # default partition
+        (_sm90_consumer, (1, descs, smem, bars, rows, dims, out, scales, D, BLOCK_M, BLOCK_N)),
+        (_sm90_loader, (1, descs, smem, bars, rows, dims, out, scales, D, BLOCK_M, BLOCK_N)),
+    ], [4, 1], [CONSUMER_REGS, 24])
 
 
-SM90_CONFIG = (128, 64, 8)  # (BLOCK_M, BLOCK_N, num_warps): 255 registers a thread, 192 KiB of shared memory at D=128
+# (rows per consumer, key tile, registers of the second consumer warpgroup, launch register cap): the loader warp's
+# warpgroup gives back all but 24 registers, so each consumer gets 240 of the 3 × 128 × 168 launched; 192 KiB of
+# shared memory at D = 128. Measured on an H200: 240 registers beat 232.
+SM90_CONFIG = (64, 64, 240, 168)
 
 
 def _sm90_supported(q, mask):
@@ -409,7 +415,7 @@ def _attention_sm90(q, k, v, tq, tk, tv, scale):
     """(o, to, lse) from the Hopper kernel; inputs [B, L, H, D], lse [B, H, Lq] fp32."""
     _no_grad_check(q, k, v, tq, tk, tv)
     B, Lq, H, D = q.shape
-    block_m, block_n, num_warps = SM90_CONFIG
+    block_m, block_n, consumer_regs, maxnreg = SM90_CONFIG
     dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
 
     def desc(x, rows):  # [B, L, H, D] -> a descriptor over [B·L, H·D] with [rows, D] tiles
@@ -418,10 +424,10 @@ def _attention_sm90(q, k, v, tq, tk, tv, scale):
 
     o, to = torch.empty_like(q), torch.empty_like(q)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    _attention_jvp_sm90[(triton.cdiv(Lq, block_m), B * H)](
+    _attention_jvp_sm90[(triton.cdiv(Lq, 2 * block_m), B * H)](
         desc(q, block_m), desc(tq, block_m), desc(k, block_n), desc(tk, block_n), desc(v, block_n), desc(tv, block_n),
         o, to, lse, scale * LOG2E, scale, Lq, k.shape[1], H, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps)
+        CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg)
     return o, to, lse
 
 
