@@ -266,39 +266,46 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared 
 
 
 @gluon.jit
+def _sm90_tile_start(j, n_first, b_lo, BLOCK_N: gl.constexpr):
+    """First key of the program's j-th key tile: n_first tiles from 0, then tiles from b_lo (block masks)."""
+    return gl.where(j < n_first, j * BLOCK_N, b_lo + (j - n_first) * BLOCK_N)
+
+
+@gluon.jit
 def _sm90_loader(c: gl.constexpr, descs, smem, bars, rows, dims, out, scales, D: gl.constexpr,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """One warp: Q/tQ of both consumers, then K/tK and V/tV of key tile j into ring slot j % 2 once both consumers
-    have released the slot (c is unused: worker partitions share one signature)."""
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
+    """One warp: Q/tQ of both consumers, then K/tK and V/tV of the program's j-th key tile into ring slot j % 2 once
+    both consumers have released the slot (c is unused: worker partitions share one signature)."""
     desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv = descs
     q_smem, tq_smem, k_smem, tk_smem, v_smem, tv_smem = smem
     q_bar, k_ready, k_empty, v_ready, v_empty = bars
-    q_row, k_row, col, n_tiles = rows
+    q_row, k_row, col, n_tiles, full, n_first, b_lo = rows
     mbarrier.expect(q_bar, 4 * desc_q.block_type.nbytes)
     for i in gl.static_range(2):
         _tma_load(desc_q, [q_row + i * BLOCK_M, col], q_bar, q_smem.index(i))
         _tma_load(desc_tq, [q_row + i * BLOCK_M, col], q_bar, tq_smem.index(i))
     for j in range(n_tiles):
         slot, phase = j % 2, j // 2 & 1
+        row = k_row + _sm90_tile_start(j, n_first, b_lo, BLOCK_N)
         mbarrier.wait(k_empty.index(slot), phase ^ 1)  # a fresh mbarrier counts as released
         mbarrier.expect(k_ready.index(slot), 2 * desc_k.block_type.nbytes)
-        _tma_load(desc_k, [k_row + j * BLOCK_N, col], k_ready.index(slot), k_smem.index(slot))
-        _tma_load(desc_tk, [k_row + j * BLOCK_N, col], k_ready.index(slot), tk_smem.index(slot))
+        _tma_load(desc_k, [row, col], k_ready.index(slot), k_smem.index(slot))
+        _tma_load(desc_tk, [row, col], k_ready.index(slot), tk_smem.index(slot))
         mbarrier.wait(v_empty.index(slot), phase ^ 1)
         mbarrier.expect(v_ready.index(slot), 2 * desc_v.block_type.nbytes)
-        _tma_load(desc_v, [k_row + j * BLOCK_N, col], v_ready.index(slot), v_smem.index(slot))
-        _tma_load(desc_tv, [k_row + j * BLOCK_N, col], v_ready.index(slot), tv_smem.index(slot))
+        _tma_load(desc_v, [row, col], v_ready.index(slot), v_smem.index(slot))
+        _tma_load(desc_tv, [row, col], v_ready.index(slot), tv_smem.index(slot))
 
 
 @gluon.jit
 def _sm90_consumer(c: gl.constexpr, descs, smem, bars, rows, dims, out, scales, D: gl.constexpr,
-                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
     """One warpgroup: query rows [c·BLOCK_M, (c + 1)·BLOCK_M) of the program's tile, in FlashAttention-2 order."""
     q_smem, tq_smem, k_smem, tk_smem, v_smem, tv_smem = smem
     q_bar, k_ready, k_empty, v_ready, v_empty = bars
-    q_row, k_row, col, n_tiles = rows
+    q_row, k_row, col, n_tiles, full, n_first, b_lo = rows
     Lq, Lk, H, pid_bh, pid_m = dims
-    O, TO, LSE = out
+    O, TO, LSE, RANGES = out
     scale_log2, scale = scales
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -315,9 +322,15 @@ def _sm90_consumer(c: gl.constexpr, descs, smem, bars, rows, dims, out, scales, 
     acc_t = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     q, tq = q_smem.index(c), tq_smem.index(c)
+    if MASKED:  # this warpgroup's rows see keys [0, a) ∪ [b, e)
+        m = pid_m * 2 * BLOCK_M + c * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_s)
+        a = gl.load(RANGES + m, mask=m < Lq, other=Lk)
+        b = gl.load(RANGES + Lq + m, mask=m < Lq, other=Lk)
+        e = gl.load(RANGES + 2 * Lq + m, mask=m < Lq, other=0)
     mbarrier.wait(q_bar, 0)
     for j in range(n_tiles):
         slot, phase = j % 2, j // 2 & 1
+        start_n = _sm90_tile_start(j, n_first, b_lo, BLOCK_N)
         mbarrier.wait(k_ready.index(slot), phase)
         kT = k_smem.index(slot).permute((1, 0))
         s = warpgroup_mma(q, kT, zero_s, use_acc=False, is_async=True)
@@ -325,10 +338,16 @@ def _sm90_consumer(c: gl.constexpr, descs, smem, bars, rows, dims, out, scales, 
         ts = warpgroup_mma(q, tk_smem.index(slot).permute((1, 0)), ts, is_async=True)  # tQ·Kᵀ + Q·tKᵀ
         s, ts = warpgroup_mma_wait(0, deps=(s, ts))
         mbarrier.arrive(k_empty.index(slot), count=1)
-        if (j + 1) * BLOCK_N > Lk:  # the last tile, cut by the sequence end
-            n = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            s = gl.where((n < Lk)[None, :], s, float("-inf"))
+        if start_n + BLOCK_N > full:  # a tile cut by the sequence end or a chunk boundary
+            n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))[None, :]
+            if MASKED:
+                seen = (n < a[:, None]) | ((n >= b[:, None]) & (n < e[:, None]))
+            else:
+                seen = n < Lk
+            s = gl.where(seen, s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * scale_log2)
+        if MASKED:  # a row may see nothing yet: keep exp2 finite
+            m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s * scale_log2 - m_new[:, None])
         h = p * (ts * scale)  # P∘tS (unnormalised)
@@ -360,15 +379,31 @@ def _sm90_consumer(c: gl.constexpr, descs, smem, bars, rows, dims, out, scales, 
 
 
 @gluon.jit
-def _attention_jvp_sm90(desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv, O, TO, LSE, scale_log2, scale, Lq, Lk, H,
-                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+def _attention_jvp_sm90(desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv, O, TO, LSE, RANGES, scale_log2, scale, Lq,
+                        Lk, H, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MASKED: gl.constexpr,
+                        CONSUMER_REGS: gl.constexpr):
     """Descriptors over [B·L, H·D] views of the [B, L, H, D] inputs (a tile running into the next batch element is
-    masked, the last one zero-filled); O, TO [B, Lq, H, D]; LSE [B, H, Lq] fp32. Each program does 2·BLOCK_M query
-    rows. Grid: (cdiv(Lq, 2·BLOCK_M), B·H)."""
+    masked, the last one zero-filled); O, TO [B, Lq, H, D]; LSE [B, H, Lq] fp32; RANGES: int32 [3, Lq] per-row key
+    ranges (a, b, e) when MASKED. Each program does 2·BLOCK_M query rows. Grid: (cdiv(Lq, 2·BLOCK_M), B·H)."""
     dtype: gl.constexpr = desc_q.dtype
     pid_m, pid_bh = gl.program_id(0), gl.program_id(1)
     off_b, col = pid_bh // H, pid_bh % H * D
-    rows = (off_b * Lq + pid_m * 2 * BLOCK_M, off_b * Lk, col, gl.cdiv(Lk, BLOCK_N))
+    # The program's key tiles, as in the tile kernel: [0, full) seen by every row, edge tiles up to a_hi, [b_lo, e_hi).
+    if MASKED:
+        m = pid_m * 2 * BLOCK_M + gl.arange(0, 2 * BLOCK_M, layout=gl.BlockedLayout([1], [32], [4], [0]))
+        a = gl.load(RANGES + m, mask=m < Lq, other=Lk)
+        full = gl.min(a, 0) // BLOCK_N * BLOCK_N
+        a_hi = gl.cdiv(gl.max(gl.where(m < Lq, a, 0), 0), BLOCK_N) * BLOCK_N
+        b_lo = gl.maximum(gl.min(gl.load(RANGES + Lq + m, mask=m < Lq, other=Lk), 0) // BLOCK_N * BLOCK_N, a_hi)
+        e_hi = gl.cdiv(gl.max(gl.load(RANGES + 2 * Lq + m, mask=m < Lq, other=0), 0), BLOCK_N) * BLOCK_N
+        n_first = a_hi // BLOCK_N
+        n_tiles = n_first + gl.maximum(e_hi - b_lo, 0) // BLOCK_N
+    else:
+        full = Lk // BLOCK_N * BLOCK_N
+        n_tiles = gl.cdiv(Lk, BLOCK_N)
+        n_first = n_tiles
+        b_lo = 0
+    rows = (off_b * Lq + pid_m * 2 * BLOCK_M, off_b * Lk, col, n_tiles, full, n_first, b_lo)
     smem = (gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], desc_q.layout),   # Q of both consumers
             gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], desc_q.layout),   # tQ
             gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], desc_k.layout),   # K ring
@@ -389,12 +424,12 @@ def _attention_jvp_sm90(desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv, O, TO
     descs = (desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv)
     bars = (q_bar, k_ready, k_empty, v_ready, v_empty)
     dims = (Lq, Lk, H, pid_bh, pid_m)
-    out = (O, TO, LSE)
+    out = (O, TO, LSE, RANGES)
     scales = (scale_log2, scale)
     gl.warp_specialize([
-        (_sm90_consumer, (0, descs, smem, bars, rows, dims, out, scales, D, BLOCK_M, BLOCK_N)),  # default partition
-        (_sm90_consumer, (1, descs, smem, bars, rows, dims, out, scales, D, BLOCK_M, BLOCK_N)),
-        (_sm90_loader, (1, descs, smem, bars, rows, dims, out, scales, D, BLOCK_M, BLOCK_N)),
+        (_sm90_consumer, (0, descs, smem, bars, rows, dims, out, scales, D, BLOCK_M, BLOCK_N, MASKED)),  # default
+        (_sm90_consumer, (1, descs, smem, bars, rows, dims, out, scales, D, BLOCK_M, BLOCK_N, MASKED)),
+        (_sm90_loader, (1, descs, smem, bars, rows, dims, out, scales, D, BLOCK_M, BLOCK_N, MASKED)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -404,14 +439,14 @@ def _attention_jvp_sm90(desc_q, desc_tq, desc_k, desc_tk, desc_v, desc_tv, O, TO
 SM90_CONFIG = (64, 64, 240, 168)
 
 
-def _sm90_supported(q, mask):
-    """The Hopper kernel covers unmasked fp16/bf16 attention with head dims 64 and 128 on sm_90."""
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0) and mask is None
+def _sm90_supported(q):
+    """The Hopper kernel covers fp16/bf16 attention with head dims 64 and 128 on sm_90."""
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
             and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128))
 
 
 @torch.compiler.disable
-def _attention_sm90(q, k, v, tq, tk, tv, scale):
+def _attention_sm90(q, k, v, tq, tk, tv, scale, mask):
     """(o, to, lse) from the Hopper kernel; inputs [B, L, H, D], lse [B, H, Lq] fp32."""
     _no_grad_check(q, k, v, tq, tk, tv)
     B, Lq, H, D = q.shape
@@ -426,8 +461,9 @@ def _attention_sm90(q, k, v, tq, tk, tv, scale):
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     _attention_jvp_sm90[(triton.cdiv(Lq, 2 * block_m), B * H)](
         desc(q, block_m), desc(tq, block_m), desc(k, block_n), desc(tk, block_n), desc(v, block_n), desc(tv, block_n),
-        o, to, lse, scale * LOG2E, scale, Lq, k.shape[1], H, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg)
+        o, to, lse, None if mask is None else kv_ranges(mask, q.device), scale * LOG2E, scale, Lq, k.shape[1], H, D=D,
+        BLOCK_M=block_m, BLOCK_N=block_n, MASKED=mask is not None, CONSUMER_REGS=consumer_regs, num_warps=4,
+        maxnreg=maxnreg)
     return o, to, lse
 
 
@@ -519,7 +555,7 @@ def _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse):
     if backend == "auto" and not (tangent or need_lse):
         backend = "primal"
     elif backend == "auto":
-        backend = "reference" if not q.is_cuda else "sm90" if _sm90_supported(q, mask) else "triton"
+        backend = "reference" if not q.is_cuda else "sm90" if _sm90_supported(q) else "triton"
     _check(q, k, v, tq, tk, tv, mask, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "primal":
@@ -527,7 +563,7 @@ def _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse):
     if tangent or backend != "reference":  # the kernels always stream tangents; zeros stand in for missing ones
         tq, tk, tv = (torch.zeros_like(x) if t is None else t for x, t in ((q, tq), (k, tk), (v, tv)))
     if backend == "sm90":
-        o, to, lse = _attention_sm90(q, k, v, tq, tk, tv, scale)
+        o, to, lse = _attention_sm90(q, k, v, tq, tk, tv, scale, mask)
     elif backend == "triton":
         o, to, lse = _attention_triton(q, k, v, tq, tk, tv, scale, mask)
     else:
@@ -553,9 +589,9 @@ def _check(q, k, v, tq, tk, tv, mask, backend):
     if backend == "triton" and (D < 16 or D > 256 or D & (D - 1) or q.dtype == torch.float64):
         raise ValueError(f"the Triton kernel needs a power-of-two head dim in [16, 256] and fp16/bf16/fp32 inputs, "
                          f"got D={D} and {q.dtype}; pass backend='reference' for anything else")
-    if backend == "sm90" and not _sm90_supported(q, mask):
-        raise ValueError(f"the Hopper kernel needs an sm_90 GPU, fp16/bf16, head dim 64 or 128 and no mask, got "
-                         f"{q.device}, {q.dtype}, D={D}, mask={mask is not None}; pass backend='triton'")
+    if backend == "sm90" and not _sm90_supported(q):
+        raise ValueError(f"the Hopper kernel needs an sm_90 GPU, fp16/bf16 and head dim 64 or 128, got {q.device}, "
+                         f"{q.dtype}, D={D}; pass backend='triton'")
     if mask is not None and not (Lq == k.shape[1] == mask.seq_len()):
         raise ValueError(f"{mask.kind} mask over {len(mask.chunk_tokens)} chunks covers {mask.seq_len()} tokens, "
                          f"but Lq={Lq}, Lk={k.shape[1]}: the chunk token counts must add up to the sequence")

@@ -112,7 +112,7 @@ def bench_attn(cfg: AttnBench):
             first = _first_call_s(jvp)
             o, to = jvp()
             add("ours fwd+JVP", jvp, 12, first, _rel_err_rows(o, to, q, k, v, tq, tk, tv, scale))
-            if A._sm90_supported(q, None):  # "ours" was the Hopper kernel: time the tile kernel too
+            if A._sm90_supported(q):  # "ours" was the Hopper kernel: time the tile kernel too
                 tiles = lambda: jvp(backend="triton")
                 first = _first_call_s(tiles)
                 o, to = tiles()
@@ -138,6 +138,8 @@ def bench_attn(cfg: AttnBench):
             mask = A.block_causal(_even_chunks(L, cfg.chunks))
             first = _first_call_s(lambda: jvp(mask))
             add(f"ours block-causal, {cfg.chunks} chunks", lambda: jvp(mask), 6 * (1 + 1 / cfg.chunks), first)
+            if A._sm90_supported(q):
+                add(f"block-causal, Triton tile kernel", lambda: jvp(mask, "triton"), 6 * (1 + 1 / cfg.chunks))
             if cfg.teacher_forcing and L % 2 == 0:  # each half does a block-causal pass's work over L/2
                 tf = A.teacher_forcing(_even_chunks(L // 2, cfg.chunks))
                 first = _first_call_s(lambda: jvp(tf))

@@ -213,7 +213,7 @@ def test_gpu_wan_shapes(backend, dtype, B, L, Lk, H, D, kind, poisoned_outputs):
         mask = A.block_causal(chunks) if kind == "block_causal" else A.teacher_forcing(chunks)
         allowed = chunk_mask_dense(kind, chunks)
     q, k, v, tq, tk, tv = random_qkv(B, L, Lk, H, D, dtype, device="cuda")
-    if backend == "sm90" and not A._sm90_supported(q, mask):
+    if backend == "sm90" and not A._sm90_supported(q):
         with pytest.raises(ValueError, match="Hopper kernel"):
             A.attention(q, k, v, tq, tk, tv, mask=mask, backend=backend)
         return
@@ -231,5 +231,5 @@ def test_gpu_auto_picks_the_hopper_kernel():
     q, k, v, tq, tk, tv = random_qkv(1, 300, 300, 2, 128, torch.bfloat16, device="cuda")
     with torch.no_grad():
         auto = A.attention(q, k, v, tq, tk, tv)
-        forced = A.attention(q, k, v, tq, tk, tv, backend="sm90" if A._sm90_supported(q, None) else "triton")
+        forced = A.attention(q, k, v, tq, tk, tv, backend="sm90" if A._sm90_supported(q) else "triton")
     assert all(torch.equal(a, b) for a, b in zip(auto, forced))
