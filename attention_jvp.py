@@ -14,8 +14,8 @@ One entry point, `attention(q, k, v, tq, tk, tv, *, scale, mask)`, on [B, L, H, 
 - no tangent: the primal O, differentiable. CUDA: PyTorch SDPA (cuDNN/Flash), or FlexAttention with a block mask.
   CPU: SDPA, or the reference with a block mask.
 - tangents (any of tq, tk, tv; missing ones are zero): (O, tO), never differentiable (JVP passes run under
-  no_grad). CUDA: two kernels below, the Hopper kernel (Gluon, sm_90, unmasked fp16/bf16, head dims 64/128) where
-  it applies, else the Triton tile kernel (block masks, other GPUs, fp32; on CPU it runs in Triton's interpreter in
+  no_grad). CUDA: two kernels below, the Hopper kernel (Gluon, sm_90, fp16/bf16, head dims 64/128) where it
+  applies, else the Triton tile kernel (other GPUs, fp32, other head dims; on CPU it runs in Triton's interpreter in
   the tests). CPU: the reference.
 `backend="sm90"`, `"triton"` or `"reference"` forces one path. The reference is plain differentiable torch (it also
 works under torch.func.jvp), chunked over queries so memory stays bounded; it is the test oracle's twin.
@@ -23,10 +23,10 @@ works under torch.func.jvp), chunked over queries so memory stays bounded; it is
 Block masks (causal_rcm.md) are described by chunk token counts. Each query row i then sees the keys
 [0, a_i) ∪ [b_i, e_i): block-causal rows see every chunk up to their own; teacher-forcing rows of the noisy copy
 see the clean past and their own noisy chunk. The kernel reads (a, b, e) per row, skips key tiles no row of the
-query tile sees, and masks elements only in the few tiles a chunk boundary cuts.
+query tile sees, and masks elements only in the few tiles a chunk boundary cuts (both kernels).
 
-On one H200 (bf16, [1, 32760, H, 128], counting 3x the forward FLOPs) the Hopper kernel runs fwd+JVP at 1.04x
-SDPA's forward TFLOP/s, 1.3x faster than NVlabs/rcm's autotuned kernel; the tile kernel at 0.95x, 1.18x
+On one H200 (bf16, [1, 32760, H, 128], counting 3x the forward FLOPs) the Hopper kernel runs fwd+JVP at 1.18x
+SDPA's forward TFLOP/s, 1.47x faster than NVlabs/rcm's autotuned kernel; the tile kernel at 0.95x and 1.18x
 (`python bench.py attn`; a first call compiles in about 2 s).
 """
 import functools
