@@ -37,39 +37,45 @@ TOY_DIT = WanConfig(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=1
 
 @dataclass
 class World:
-    """A drawn toy world: means mu [P, M, C, T, H, W], weights [M], text [P, L, D], negative [L, D], colour [C, 3]."""
+    """A drawn toy world: means mu [P, M, C, T, H, W], weights [M], text [P, L, D], negative [L, D], colour [C, 3],
+    paint [P, C] (a prompt's blob colour in latent channels)."""
     cfg: ToyConfig
     mu: torch.Tensor
     weights: torch.Tensor
     text: torch.Tensor
     negative: torch.Tensor
     colour: torch.Tensor
+    paint: torch.Tensor
+
+
+def moving_blob(cfg: ToyConfig, paint: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Clips [B, C, T, H, W] of a Gaussian blob of colour paint [B, C] moving along direction angle [B] (radians),
+    through the centre at the middle frame; per-element RMS 1."""
+    C, T, H, W = cfg.shape
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    step = 2.5 * (torch.arange(T, dtype=torch.float32) - (T - 1) / 2)                 # [T] pixels from the centre
+    cy = (H - 1) / 2 + step * angle.float().sin()[:, None]                              # [B, T]
+    cx = (W - 1) / 2 + step * angle.float().cos()[:, None]
+    blob = torch.exp(-((yy - cy[..., None, None]) ** 2 + (xx - cx[..., None, None]) ** 2) / (2 * 1.5**2))
+    clip = paint.float()[:, :, None, None, None] * blob[:, None]                       # [B, C, T, H, W]
+    return clip / clip.pow(2).mean(dim=(1, 2, 3, 4), keepdim=True).sqrt()
 
 
 def make_world(cfg: ToyConfig) -> World:
     """Draw the mode means, text embeddings and the negative (unconditional) embedding from cfg.seed."""
     g = torch.Generator().manual_seed(cfg.seed)
-    C, T, H, W = cfg.shape
     P, M = cfg.prompts, len(cfg.weights)
     # Colours: prompt p gets a hue in RGB, lifted to C channels by a fixed orthonormal map (rendering inverts it).
-    colour = torch.linalg.qr(torch.randn(C, 3, generator=g))[0]
+    colour = torch.linalg.qr(torch.randn(cfg.shape[0], 3, generator=g))[0]
     hue = torch.stack([torch.tensor([math.cos(a), math.cos(a - 2.1), math.cos(a + 2.1)]).clamp(min=0)
                        for a in (2 * math.pi * p / P for p in range(P))])                       # [P, 3]
-    # Motion: mode m moves the blob along direction m·2π/M and passes through the centre at the middle frame.
-    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
-    mu = torch.zeros(P, M, C, T, H, W)
-    for p in range(P):
-        for m in range(M):
-            a = 2 * math.pi * m / M + 0.5 * p
-            for f in range(T):
-                step = 2.5 * (f - (T - 1) / 2)
-                cy, cx = (H - 1) / 2 + step * math.sin(a), (W - 1) / 2 + step * math.cos(a)
-                blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.5**2))
-                mu[p, m, :, f] = (colour @ hue[p])[:, None, None] * blob
-    mu = mu / mu.pow(2).mean(dim=(2, 3, 4, 5), keepdim=True).sqrt()                              # per-element RMS 1
+    paint = hue @ colour.T                                                                      # [P, C]
+    # Motion: mode m of prompt p moves the blob along direction m·2π/M + p/2.
+    prompt, mode = torch.arange(P).repeat_interleave(M), torch.arange(M).repeat(P)
+    mu = moving_blob(cfg, paint[prompt], 2 * math.pi * mode / M + 0.5 * prompt).view(P, M, *cfg.shape)
     text = torch.randn(P, cfg.text_len, cfg.text_dim, generator=g)
     negative = torch.randn(cfg.text_len, cfg.text_dim, generator=g)
-    return World(cfg, mu, torch.tensor(cfg.weights) / sum(cfg.weights), text, negative, colour)
+    return World(cfg, mu, torch.tensor(cfg.weights) / sum(cfg.weights), text, negative, colour, paint)
 
 
 def sample_data(world: World, n: int, generator=None):
@@ -161,6 +167,7 @@ class TeacherConfig:
     p_uncond: float = 0.1      # prompt dropout to the negative embedding, so the teacher supports CFG
     hard_fraction: float = 0.0  # share of the batch drawn at s ~ U(hard_from, 1) instead of U(0, 1) ...
     hard_from: float = 0.7      # ... where the posterior over modes is decided and the net errs most
+    off_mode_fraction: float = 0.0  # share of the batch whose x0 moves in a random direction, no mode's (see below)
 
 
 def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, device="cpu", log=print) -> WanModel:
@@ -168,7 +175,10 @@ def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, 
 
     x_s = (1 − s)·x0 + s·ε with s ~ U(0, 1) (a hard_fraction of the batch at s ~ U(hard_from, 1)); the regression
     target is the exact FM minimiser E[ε − x0 | x_s] (the toy world knows it), which trains the same function as the
-    sampled target ε − x0 with far less variance.
+    sampled target ε − x0 with far less variance. Trained on data alone, the net interpolates between modes: 22%
+    of its 50-step samples are clean blobs moving about 30° off every mode (the motion direction is a continuous
+    latent to it). An off_mode_fraction of the batch therefore starts from such clips (the prompt's blob in a
+    random direction, σ noise added), at s ~ U(0, 1); their exact velocity pulls them onto the nearest mode.
     """
     torch.manual_seed(world.cfg.seed + 1)
     net = WanModel(dit).to(device)
@@ -177,11 +187,15 @@ def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min((i + 1) / cfg.warmup, 0.5 * (1 + math.cos(math.pi * i / cfg.steps))))
     for step in range(cfg.steps):
-        x0, context, _ = sample_data(world, cfg.batch)
+        x0, context, prompt = sample_data(world, cfg.batch)
+        off = torch.rand(cfg.batch) < cfg.off_mode_fraction
+        x_off = moving_blob(world.cfg, world.paint[prompt], 2 * math.pi * torch.rand(cfg.batch))
+        x0 = torch.where(off.view(-1, 1, 1, 1, 1), x_off + world.cfg.sigma * torch.randn_like(x0), x0)
         drop = torch.rand(cfg.batch) < cfg.p_uncond
         context = torch.where(drop[:, None, None], world.negative, context)
         u = torch.rand(cfg.batch)
-        s = torch.where(torch.rand(cfg.batch) < cfg.hard_fraction, cfg.hard_from + (1 - cfg.hard_from) * u, u)
+        hard = (torch.rand(cfg.batch) < cfg.hard_fraction) & ~off
+        s = torch.where(hard, cfg.hard_from + (1 - cfg.hard_from) * u, u)
         x_s = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * torch.randn_like(x0)
         target = exact_velocity(world, x_s, 1000 * s, context)
         x_s, context, s, target = (a.to(device) for a in (x_s, context, s, target))
