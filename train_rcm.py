@@ -162,12 +162,14 @@ class RCMConfig:
 
 PRESETS = {
     "toy": ("rCM on the toy video world (CPU, minutes): teacher, distillation, exact evaluation", RCMConfig(
-        out_dir=Path("runs/toy"), dit=toy.TOY_DIT, iterations=600, batch=16, lr=3e-5, lr_fake=1e-4,
+        out_dir=Path("runs/toy"), dit=toy.TOY_DIT, iterations=600, batch=16, lr=1e-4, lr_fake=1e-4,
         lr_warmup=20, tangent_warmup=300, student_update_freq=5, teacher_guidance=3.0,
         # the toy's modes are decided at s ≈ 0.85-0.98 (t ≈ 1.4-1.55): later mid times leave the last steps to denoise
         backward_timesteps=(1.2, 1.0, 0.6),
         log_every=10, preview_every=200, ckpt_every=200, eval_per_prompt=128,
-        teacher_train=toy.TeacherConfig(steps=1500, batch=32, lr=2e-3, hard_fraction=0.5))),
+        # off-mode clips: without them a fifth of the teacher's samples move between two modes (toy.train_teacher)
+        teacher_train=toy.TeacherConfig(steps=2000, batch=32, lr=2e-3, hard_fraction=0.5, hard_from=0.85,
+                                        off_mode_fraction=0.25))),
     # rcm.md's defaults, the 14B values from NVlabs/rcm's wan2pt1_t2v experiment config
     "wan1.3b": ("rCM of Wan2.1 T2V 1.3B at 480p (torchrun, 1+ GPUs; needs --teacher-ckpt, --data, --neg-embed)",
                 RCMConfig(out_dir=Path("runs/wan1.3b"), dit=CONFIGS["t2v-1.3B"], task="wan", precision="bf16",
