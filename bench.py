@@ -1,8 +1,9 @@
 """Speed benchmarks, one table per entry: `python bench.py {attn,model,sample,causal,iteration} [--help]`.
 
 attn: the attention forward+JVP kernels (the Hopper kernel where it applies, and the Triton tile kernel) at Wan2.1
-480p self-attention shapes against PyTorch SDPA's forward (the floor: the JVP pass does 3x its matrix work) and, when given, NVlabs/rcm's flash_attention_jvp_triton.py timed in the
-same process. Effective TFLOP/s counts 12·B·H·Lq·Lk·D for fwd+JVP and 4·B·H·Lq·Lk·D for a forward.
+480p self-attention shapes against PyTorch SDPA's forward (the floor: the JVP pass does 3x its matrix work) and, when
+given, NVlabs/rcm's flash_attention_jvp_triton.py timed in the same process. Effective TFLOP/s counts
+12·B·H·Lq·Lk·D for fwd+JVP and 4·B·H·Lq·Lk·D for a forward.
 """
 import importlib.util
 import os
@@ -109,26 +110,24 @@ def bench_attn(cfg: AttnBench):
 
         with torch.no_grad():
             jvp = lambda mask=None, backend="auto": A.attention(q, k, v, tq, tk, tv, mask=mask, backend=backend)
-            first = _first_call_s(jvp)
-            o, to = jvp()
-            add("ours fwd+JVP", jvp, 12, first, _rel_err_rows(o, to, q, k, v, tq, tk, tv, scale))
+
+            def add_jvp(name, backend):  # unmasked fwd+JVP: first call, accuracy, then the timing
+                first = _first_call_s(lambda: jvp(backend=backend))
+                o, to = jvp(backend=backend)
+                add(name, lambda: jvp(backend=backend), 12, first, _rel_err_rows(o, to, q, k, v, tq, tk, tv, scale))
+
+            add_jvp("ours fwd+JVP", "auto")
             if A._sm90_supported(q):  # "ours" was the Hopper kernel: time the tile kernel too
-                tiles = lambda: jvp(backend="triton")
-                first = _first_call_s(tiles)
-                o, to = tiles()
-                add("ours fwd+JVP, Triton tile kernel", tiles, 12, first, _rel_err_rows(o, to, q, k, v, tq, tk, tv, scale))
+                add_jvp("ours fwd+JVP, Triton tile kernel", "triton")
             for c in cfg.configs:  # tile kernel configs
                 key = (arch, D, q.element_size())
                 saved = A.CONFIGS.get(key, A.FALLBACK_CONFIG)
                 A.CONFIGS[key] = tuple(map(int, c.split(",")))
                 try:
-                    first = _first_call_s(lambda: jvp(backend="triton"))
-                    o, to = jvp(backend="triton")
-                    add(f"ours fwd+JVP, tiles [{c}]", lambda: jvp(backend="triton"), 12, first,
-                        _rel_err_rows(o, to, q, k, v, tq, tk, tv, scale))
+                    add_jvp(f"ours fwd+JVP, tiles [{c}]", "triton")
                     mask = A.block_causal(_even_chunks(L, cfg.chunks))
-                    first = _first_call_s(lambda: jvp(mask))
-                    add(f"ours block-causal [{c}]", lambda: jvp(mask), 6 * (1 + 1 / cfg.chunks), first)
+                    first = _first_call_s(lambda: jvp(mask, "triton"))
+                    add(f"ours block-causal, tiles [{c}]", lambda: jvp(mask, "triton"), 6 * (1 + 1 / cfg.chunks), first)
                 except Exception as e:  # e.g. out of shared memory
                     print(f"config {c}: {type(e).__name__}: {str(e)[:200]}")
                 finally:
@@ -139,7 +138,7 @@ def bench_attn(cfg: AttnBench):
             first = _first_call_s(lambda: jvp(mask))
             add(f"ours block-causal, {cfg.chunks} chunks", lambda: jvp(mask), 6 * (1 + 1 / cfg.chunks), first)
             if A._sm90_supported(q):
-                add(f"block-causal, Triton tile kernel", lambda: jvp(mask, "triton"), 6 * (1 + 1 / cfg.chunks))
+                add("block-causal, Triton tile kernel", lambda: jvp(mask, "triton"), 6 * (1 + 1 / cfg.chunks))
             if cfg.teacher_forcing and L % 2 == 0:  # each half does a block-causal pass's work over L/2
                 tf = A.teacher_forcing(_even_chunks(L // 2, cfg.chunks))
                 first = _first_call_s(lambda: jvp(tf))
@@ -168,9 +167,10 @@ def bench_attn(cfg: AttnBench):
         masked = by_name[f"ours block-causal, {cfg.chunks} chunks"]
         line = f"{shape}: block-causal / full = {masked / ours:.2f}"
         if "rCM fwd+JVP (autotuned)" in by_name:
-            line += f"; rCM / ours = {by_name['rCM fwd+JVP (autotuned)'] / ours:.2f}x"
+            rcm = by_name["rCM fwd+JVP (autotuned)"]
+            line += f"; rCM / ours = {rcm / ours:.2f}x"
             if "ours fwd+JVP, Triton tile kernel" in by_name:
-                line += f" (tile kernel: {by_name['rCM fwd+JVP (autotuned)'] / by_name['ours fwd+JVP, Triton tile kernel']:.2f}x)"
+                line += f" (tile kernel: {rcm / by_name['ours fwd+JVP, Triton tile kernel']:.2f}x)"
         print(line)
 
 
