@@ -24,6 +24,7 @@ class ToyConfig:
     weights: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)   # mode weights inside each prompt (unequal: mode dropping shows)
     shape: tuple[int, int, int, int] = (16, 3, 8, 8)    # [C, T, H, W]: 48 tokens after Wan's (1, 2, 2) patchify
     sigma: float = 0.2                                  # per-element std of a mode
+    motion: float = 2.5                                 # blob displacement per frame in latent pixels
     text_len: int = 8
     text_dim: int = 32
     seed: int = 0
@@ -53,7 +54,7 @@ def moving_blob(cfg: ToyConfig, paint: torch.Tensor, angle: torch.Tensor) -> tor
     through the centre at the middle frame; per-element RMS 1."""
     C, T, H, W = cfg.shape
     yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
-    step = 2.5 * (torch.arange(T, dtype=torch.float32) - (T - 1) / 2)                 # [T] pixels from the centre
+    step = cfg.motion * (torch.arange(T, dtype=torch.float32) - (T - 1) / 2)          # [T] pixels from the centre
     cy = (H - 1) / 2 + step * angle.float().sin()[:, None]                              # [B, T]
     cx = (W - 1) / 2 + step * angle.float().cos()[:, None]
     blob = torch.exp(-((yy - cy[..., None, None]) ** 2 + (xx - cx[..., None, None]) ** 2) / (2 * 1.5**2))

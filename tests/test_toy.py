@@ -21,6 +21,18 @@ def test_exact_velocity_sampling_recovers_the_mixture():
     assert 0.9 < m["mean_rho"] < 1.1
 
 
+def test_motion_sets_the_distance_between_modes():
+    """Mode means keep RMS 1 at every blob speed; slower blobs bring a prompt's modes closer (and equal speed 0
+    makes them one clip)."""
+    gaps = []
+    for motion in (2.5, 1.0, 0.0):
+        world = toy.make_world(dataclasses.replace(toy.ToyConfig(), motion=motion))
+        assert torch.allclose(world.mu.pow(2).flatten(2).mean(-1), torch.ones(world.mu.shape[:2]), atol=1e-5)
+        mu = world.mu[0].flatten(1)
+        gaps.append(torch.cdist(mu, mu)[0, 1].item())
+    assert gaps[0] > 1.5 * gaps[1] > 0 and gaps[2] < 1e-4
+
+
 def test_unconditional_velocity_covers_all_prompts():
     world = toy.make_world(SMALL)
     n = 400
