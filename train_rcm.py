@@ -3,9 +3,9 @@ consistency (sCM, JVP-based, forward divergence) plus distribution matching (DMD
 fake-score critic), in one training loop that follows rcm.md.
 
     python train_rcm.py toy                                     # rCM on the toy video world, evaluated exactly
-    python train_rcm.py toy --no-fake-score                     # pure sCM
+                                                                # (dCM warm-up, then sCM + DMD)
+    python train_rcm.py toy --no-fake-score --dcm-iterations 0  # pure sCM
     python train_rcm.py toy --loss-scale 0 --dmd-fix-timesteps  # pure DMD
-    python train_rcm.py toy --dcm-iterations 100                # dCM warm-up, then sCM (+ DMD)
     torchrun --nproc_per_node=8 train_rcm.py wan1.3b --teacher-ckpt Wan2.1-T2V-1.3B --data shards/ \
         --neg-embed umT5_wan_negative_emb.pt                    # the real thing (14B: wan14b, --cp-size 8)
 
@@ -164,11 +164,15 @@ PRESETS = {
     "toy": ("rCM on the toy video world (CPU, minutes): teacher, distillation, exact evaluation", RCMConfig(
         out_dir=Path("runs/toy"), dit=toy.TOY_DIT, iterations=600, batch=16, lr=1e-4, lr_fake=1e-4,
         lr_warmup=20, tangent_warmup=300, student_update_freq=5, teacher_guidance=3.0,
+        # staged (rcm.md): dCM warm-up, then sCM + DMD. The modes of this world are decided at s ≈ 0.95, and the
+        # flow above it drifts every sample towards the heavy modes; learnt step by step (sCM, or dCM with skip 1)
+        # the student misses that drift and flattens the mode weights, 4 teacher steps per dCM target carry it.
+        dcm_iterations=300, dcm_skip=4,
         # the toy's modes are decided at s ≈ 0.85-0.98 (t ≈ 1.4-1.55): later mid times leave the last steps to denoise
         backward_timesteps=(1.2, 1.0, 0.6),
         log_every=10, preview_every=200, ckpt_every=200, eval_per_prompt=128,
         # off-mode clips: without them a fifth of the teacher's samples move between two modes (toy.train_teacher)
-        teacher_train=toy.TeacherConfig(steps=2000, batch=32, lr=2e-3, hard_fraction=0.5, hard_from=0.85,
+        teacher_train=toy.TeacherConfig(steps=3000, batch=32, lr=2e-3, hard_fraction=0.5, hard_from=0.85,
                                         off_mode_fraction=0.25))),
     # rcm.md's defaults, the 14B values from NVlabs/rcm's wan2pt1_t2v experiment config
     "wan1.3b": ("rCM of Wan2.1 T2V 1.3B at 480p (torchrun, 1+ GPUs; needs --teacher-ckpt, --data, --neg-embed)",
