@@ -164,11 +164,12 @@ PRESETS = {
     "toy": ("rCM on the toy video world (CPU, minutes): teacher, distillation, exact evaluation", RCMConfig(
         out_dir=Path("runs/toy"), dit=toy.TOY_DIT, iterations=600, batch=16, lr=1e-4, lr_fake=1e-4,
         lr_warmup=20, tangent_warmup=300, student_update_freq=5, teacher_guidance=3.0,
-        # staged (rcm.md): dCM warm-up, then sCM + DMD. The modes of this world are decided at s ≈ 0.95, and the
-        # flow above it drifts every sample towards the heavy modes; learnt step by step (sCM, or dCM with skip 1)
-        # the student misses that drift and flattens the mode weights, 4 teacher steps per dCM target carry it.
+        # The toy's modes are decided at s ≈ 0.85-0.98 (t ≈ 1.4-1.55), and the flow above that drifts every sample
+        # towards the heavy modes. Learnt step by step (sCM, or dCM with skip 1) the student misses the drift and
+        # flattens the mode weights (README, "Where the flattening comes from"); so, staged as rcm.md recommends, a
+        # dCM warm-up whose targets lie 4 teacher steps away carries it, then sCM + DMD.
         dcm_iterations=300, dcm_skip=4,
-        # the toy's modes are decided at s ≈ 0.85-0.98 (t ≈ 1.4-1.55): later mid times leave the last steps to denoise
+        # later mid times than rcm.md's (1.5, 1.4, 1.0) leave the last steps to denoise
         backward_timesteps=(1.2, 1.0, 0.6),
         log_every=10, preview_every=200, ckpt_every=200, eval_per_prompt=128,
         # off-mode clips: without them a fifth of the teacher's samples move between two modes (toy.train_teacher)

@@ -22,8 +22,8 @@ def test_exact_velocity_sampling_recovers_the_mixture():
 
 
 def test_motion_sets_the_distance_between_modes():
-    """Mode means keep RMS 1 at every blob speed; slower blobs bring a prompt's modes closer (and equal speed 0
-    makes them one clip)."""
+    """Mode means keep RMS 1 at every blob speed; slower blobs bring a prompt's modes closer (at speed 0 they are
+    one clip)."""
     gaps = []
     for motion in (2.5, 1.0, 0.0):
         world = toy.make_world(dataclasses.replace(toy.ToyConfig(), motion=motion))
