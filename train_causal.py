@@ -27,7 +27,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -41,7 +41,7 @@ import toy
 import train_rcm
 from losses import (TimeDist, critic_loss, dcm_loss, denoise, dmd_loss, euler_sample, guided_denoise, sample_time,
                     scm_objective, trig_to_rf)
-from model import CONFIGS, CacheConfig, KVCache, WanConfig, WanModel, chunk_frames, load_checkpoint
+from model import CONFIGS, CacheConfig, KVCache, WanModel, chunk_frames, load_checkpoint
 from sample import stream_latents
 from train_rcm import ema_gamma, ema_update
 
@@ -117,49 +117,14 @@ class SFConfig(Optim):
 
 
 @dataclass
-class CausalConfig:
-    """Causal-rCM (defaults: the Wan2.1 T2V 1.3B recipe of causal_rcm.md; presets below). The data and scale-out
-    fields are train_rcm.py's, under the same names: its builders (FSDP nets, data stream, checkpoints) serve both."""
+class CausalConfig(train_rcm.RunConfig):
+    """Causal-rCM (stage defaults: the Wan2.1 T2V 1.3B recipe of causal_rcm.md; presets below). The data, scale-out,
+    checkpoint and toy fields are train_rcm.py's RunConfig: its builders (FSDP nets, data stream, checkpoints) serve
+    both. A run folder holds one sub-folder per stage; stage k draws its randomness from seed + k."""
     stages: tuple[Stage, ...] = ("tf", "tf_scm", "sf_dmd")
     """stages to run in order, each initialised from the EMA of the one before"""
-    out_dir: Path = Path("runs/causal")
-    """run folder: one sub-folder per stage, eval.json"""
-    teacher_ckpt: Path | None = None
-    """the bidirectional teacher (official key names); toy: the cached toy teacher of train_rcm.py if unset"""
     causal_teacher_ckpt: Path | None = None
     """the causal teacher, needed by tf_scm / tf_dcm when the stage tf is not run"""
-    student_ckpt: Path | None = None
-    """initialise the first stage's trained net from these weights (default: its teacher)"""
-    dit: WanConfig = field(default_factory=lambda: CONFIGS["t2v-1.3B"])
-    """network config of every net"""
-    device: Literal["cuda", "cpu"] = "cuda" if torch.cuda.is_available() else "cpu"
-    """cuda: one GPU per process (NCCL); cpu: gloo"""
-    seed: int = 0
-    """seed of every random draw (stage k draws from seed + k, per iteration and micro-batch)"""
-
-    # data and scale-out (as train_rcm.py)
-    task: Literal["toy", "wan"] = "wan"
-    """toy: the toy world (exact data, toy teacher, exact eval); wan: --data, --teacher-ckpt, --neg-embed needed"""
-    data: Path | None = None
-    """folder of shard*.tar (latent.pt [16,T,H,W], embed.pt [L,4096], prompt.txt); toy: unset = fresh exact draws"""
-    neg_embed: Path | None = None
-    """negative-prompt umT5 embedding [L,4096] (.safetensors or .pt): the teachers' unconditional input (wan)"""
-    num_workers: int = 2
-    """data reader processes per rank"""
-    shuffle_buffer: int = 64
-    """samples held for shuffling inside a data reader"""
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16: fp32 masters, bf16 compute, fp32 grad reduction, bf16 teachers; fp32: all fp32 (toy)"""
-    cp_size: int = 1
-    """context-parallel (Ulysses) ranks per clip; must divide the number of processes and the head count"""
-    checkpointing: Literal["none", "block", "matmul"] = "block"
-    """activation checkpointing of the trained nets: block (keep block inputs), matmul (keep matmul outputs)"""
-    compile: bool = False
-    """torch.compile every transformer block (the attention kernel launch stays eager)"""
-    batch: int = 1
-    """clips per iteration on each data-parallel rank"""
-    grad_accum: int = 1
-    """split each rank's batch into this many micro-batches, their gradients accumulated"""
 
     # chunks and stages
     first_chunk_t: int = 3
@@ -176,22 +141,8 @@ class CausalConfig:
     """streaming inference starts each chunk at s = σ_max/(1 + σ_max)"""
     backward_times: tuple[float, ...] = (15 / 16, 5 / 6, 5 / 8)
     """intermediate times s of the few-step rollout, in training (from s = 1) and in streaming inference"""
-
-    # logging
-    log_every: int = 10
-    """iterations between lines of metrics.jsonl (averaged over the ranks)"""
     preview_every: int = 0
     """toy: iterations between streamed previews of the EMA net, with exact metrics (0: none)"""
-    ckpt_every: int = 500
-    """iterations between checkpoints (state/ and ema.safetensors of the stage)"""
-
-    # the toy world
-    world: toy.ToyConfig = field(default_factory=toy.ToyConfig)
-    """the toy data distribution"""
-    teacher_train: toy.TeacherConfig = field(default_factory=toy.TeacherConfig)
-    """flow-matching training of the toy teacher when no teacher_ckpt is cached"""
-    eval_per_prompt: int = 256
-    """toy evaluation: samples per prompt for each sampler (0: no evaluation)"""
     eval_teacher_steps: int = 50
     """toy evaluation: Euler steps (per chunk for the causal teacher) of the teachers' samplers"""
 
@@ -209,7 +160,8 @@ PRESETS = {
         sf=SFConfig(iterations=600, lr=1e-4, lr_fake=1e-4, lr_warmup=20, student_update_freq=3,
                      teacher_guidance=_RCM_TOY.teacher_guidance))),
     "wan1.3b": ("Causal-rCM of Wan2.1 T2V 1.3B at 480p, chunk-wise (3 latent frames); torchrun, needs --teacher-ckpt, "
-                "--data, --neg-embed", CausalConfig(out_dir=Path("runs/causal_wan1.3b"))),
+                "--data, --neg-embed", CausalConfig(out_dir=Path("runs/causal_wan1.3b"), dit=CONFIGS["t2v-1.3B"], task="wan",
+                                             precision="bf16", checkpointing="block")),
 }
 
 
@@ -412,23 +364,6 @@ def preview(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanModel, fo
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def run_settings(cfg: CausalConfig, folder: Path, seed: int) -> train_rcm.RCMConfig:
-    """The data and scale-out settings as train_rcm's config, for its builders (its rCM loss fields go unused)."""
-    return train_rcm.RCMConfig(
-        out_dir=folder, teacher_ckpt=cfg.teacher_ckpt, student_ckpt=cfg.student_ckpt, dit=cfg.dit, device=cfg.device,
-        seed=seed, task=cfg.task, data=cfg.data, neg_embed=cfg.neg_embed, num_workers=cfg.num_workers,
-        shuffle_buffer=cfg.shuffle_buffer, precision=cfg.precision, cp_size=cfg.cp_size,
-        checkpointing=cfg.checkpointing, compile=cfg.compile, batch=cfg.batch, grad_accum=cfg.grad_accum,
-        world=cfg.world, teacher_train=cfg.teacher_train)
-
-
-def adamw(cfg: Optim, net: WanModel, lr: float, device: str):
-    """AdamW (fused on CUDA) with a linear warm-up to lr, then constant."""
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                            fused=True if device == "cuda" else None)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / cfg.lr_warmup))
-
-
 def stage_checkpoints(cfg: CausalConfig, stage: Stage, bidirectional: Path) -> tuple[Path, Path]:
     """(init of the trained net, its teacher) for a stage: each stage starts from the EMA of the stage before it in
     cfg.stages (the first one from student_ckpt, else from its teacher). tf learns from data (its 'teacher' is the
@@ -523,14 +458,14 @@ def train_stage(cfg: CausalConfig, d: parallel.Dist, stage: Stage, world: toy.Wo
     latest = folder / "state" / "latest.json"
     if latest.exists() and json.loads(latest.read_text())["iteration"] >= scfg.iterations:
         return folder / "ema.safetensors"
-    settings = run_settings(cfg, folder, cfg.seed + k)
+    settings = replace(cfg, out_dir=folder, seed=cfg.seed + k)  # for train_rcm's builders
     init, teacher_path = stage_checkpoints(cfg, stage, bidirectional)
     build = lambda path, role: train_rcm.build_net(settings, d, train_rcm.read_weights(d, path, cfg.dit), role)
     student, ema = build(init, "trained"), build(init, "ema")
     teacher = build(teacher_path, "teacher") if stage != "tf" else None
     fake = build(bidirectional, "trained") if stage == "sf_dmd" else None
-    opt_s, sched_s = adamw(scfg, student, scfg.lr, cfg.device)
-    opt_f, sched_f = adamw(cfg.sf, fake, cfg.sf.lr_fake, cfg.device) if fake is not None else (None, None)
+    opt_s, sched_s = train_rcm.adamw(scfg, student, scfg.lr)
+    opt_f, sched_f = train_rcm.adamw(cfg.sf, fake, cfg.sf.lr_fake) if fake is not None else (None, None)
     nets = train_rcm.Nets(teacher, student, fake, ema, opt_s, sched_s, opt_f, sched_f)
 
     # Resume: weights, optimisers, schedules, counters; draws are seeded per (iteration, micro-batch) and the data
@@ -611,7 +546,7 @@ def train(cfg: CausalConfig) -> dict:
     group, or makes a one-process one for the run (an existing group, e.g. a test's, is used and left as it is)."""
     if len(set(cfg.stages)) != len(cfg.stages):
         raise ValueError(f"each stage runs once, got --stages {' '.join(cfg.stages)}")
-    train_rcm.check_config(run_settings(cfg, cfg.out_dir, cfg.seed))
+    train_rcm.check_config(cfg)
     if cfg.causal_teacher_ckpt is not None and not Path(cfg.causal_teacher_ckpt).exists():
         raise FileNotFoundError(f"--causal-teacher-ckpt {cfg.causal_teacher_ckpt} does not exist")
     own_group = not dist.is_initialized()
@@ -624,13 +559,7 @@ def train(cfg: CausalConfig) -> dict:
 
 def run(cfg: CausalConfig, d: parallel.Dist) -> dict:
     world = toy.make_world(cfg.world) if cfg.task == "toy" else None
-    bidirectional = cfg.teacher_ckpt
-    if cfg.task == "toy" and bidirectional is None:
-        bidirectional = train_rcm.toy_teacher_path(run_settings(cfg, cfg.out_dir, cfg.seed))  # rCM's toy teacher
-        if d.is_main and not bidirectional.exists():
-            tqdm.write(f"no cached toy teacher: training one ({cfg.teacher_train.steps} steps) -> {bidirectional}")
-            toy.train_teacher(world, cfg.teacher_train, cfg.dit, bidirectional, d.device, log=tqdm.write)
-    dist.barrier()
+    bidirectional = train_rcm.prepare_teacher(cfg, d, world)  # toy: rCM's cached toy teacher
     results = {stage: train_stage(cfg, d, stage, world, bidirectional) for stage in cfg.stages}
     if cfg.task == "wan" or cfg.eval_per_prompt == 0 or not d.is_main:
         return {}

@@ -48,16 +48,17 @@ from model import CONFIGS, WanConfig, WanModel, check_state_dict, read_state_dic
 
 
 @dataclass
-class RCMConfig:
-    """rCM distillation (defaults: the Wan2.1 T2V 1.3B recipe of rcm.md; presets below)."""
+class RunConfig:
+    """What a training run needs besides its losses: checkpoints, data, scale-out, logging, the toy world. The builders
+    below (nets, data stream, checkpoints) take it; RCMConfig and train_causal.py's CausalConfig extend it."""
     out_dir: Path = Path("runs/rcm")
-    """run folder: metrics.jsonl, state/ (resume), ema.safetensors, previews/, eval.json"""
+    """run folder: metrics.jsonl, state/ (resume), ema.safetensors, previews/, eval.json (train_causal: per stage)"""
     teacher_ckpt: Path | None = None
     """teacher weights, official key names (Wan2.1 folder, .safetensors, .index.json, .pt); toy: cached if unset"""
     student_ckpt: Path | None = None
-    """initialise the student from these weights instead of the teacher (e.g. the EMA of a dCM warm-up run)"""
+    """initialise the (first) trained net from these weights instead of the teacher (e.g. a dCM warm-up's EMA)"""
     dit: WanConfig = field(default_factory=WanConfig)
-    """network config of teacher, student and fake score"""
+    """network config of every net"""
     device: Literal["cuda", "cpu"] = "cuda" if torch.cuda.is_available() else "cpu"
     """cuda: one GPU per process (NCCL); cpu: gloo"""
     seed: int = 0
@@ -83,17 +84,35 @@ class RCMConfig:
     cp_size: int = 1
     """context-parallel (Ulysses) ranks per clip; must divide the number of processes and the head count"""
     checkpointing: Literal["none", "block", "matmul"] = "none"
-    """activation checkpointing of student and fake score: block (keep block inputs), matmul (keep matmul outputs)"""
+    """activation checkpointing of the trained nets: block (keep block inputs), matmul (keep matmul outputs)"""
     compile: bool = False
     """torch.compile every transformer block (the attention kernel launch stays eager)"""
-
-    # optimisation
-    iterations: int = 10000
-    """total iterations (student and critic)"""
     batch: int = 1
     """clips per iteration on each data-parallel rank"""
     grad_accum: int = 1
     """split each rank's batch into this many micro-batches, their gradients accumulated (less activation memory)"""
+
+    # logging
+    log_every: int = 10
+    """iterations between lines of metrics.jsonl (losses averaged over the ranks)"""
+    ckpt_every: int = 500
+    """iterations between checkpoints (state/ and ema.safetensors)"""
+
+    # the toy world
+    world: toy.ToyConfig = field(default_factory=toy.ToyConfig)
+    """the toy data distribution"""
+    teacher_train: toy.TeacherConfig = field(default_factory=toy.TeacherConfig)
+    """flow-matching training of the toy teacher when no teacher_ckpt is cached"""
+    eval_per_prompt: int = 256
+    """toy evaluation: samples per prompt for each sampler (0: no evaluation)"""
+
+
+@dataclass
+class RCMConfig(RunConfig):
+    """rCM distillation (defaults: the Wan2.1 T2V 1.3B recipe of rcm.md; presets below)."""
+    # optimisation
+    iterations: int = 10000
+    """total iterations (student and critic)"""
     lr: float = 2e-6
     """student AdamW learning rate"""
     lr_fake: float = 4e-7
@@ -142,22 +161,8 @@ class RCMConfig:
     """intermediate TrigFlow times of the fixed backward simulation and of the few-step sampler"""
     sigma_max: float = 80.0
     """the sampler starts at t = arctan(sigma_max)"""
-
-    # logging
-    log_every: int = 10
-    """iterations between lines of metrics.jsonl (losses averaged over the ranks)"""
     preview_every: int = 500
     """toy: iterations between sample previews of the EMA student at 1, 2 and 4 steps, with exact metrics"""
-    ckpt_every: int = 500
-    """iterations between checkpoints (state/ and ema.safetensors)"""
-
-    # the toy world
-    world: toy.ToyConfig = field(default_factory=toy.ToyConfig)
-    """the toy data distribution"""
-    teacher_train: toy.TeacherConfig = field(default_factory=toy.TeacherConfig)
-    """flow-matching training of the toy teacher when no teacher_ckpt is cached"""
-    eval_per_prompt: int = 256
-    """toy evaluation: samples per prompt for each sampler (0: no evaluation)"""
 
 
 PRESETS = {
@@ -223,7 +228,7 @@ def ema_update(ema: WanModel, net: WanModel, n: int, gamma: float):
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-def check_config(cfg: RCMConfig):
+def check_config(cfg: RunConfig):
     """Every user mistake that can be seen before loading anything, as one clear message."""
     if cfg.batch % cfg.grad_accum:
         raise ValueError(f"--batch {cfg.batch} is not divisible by --grad-accum {cfg.grad_accum}: each rank splits "
@@ -235,6 +240,8 @@ def check_config(cfg: RCMConfig):
         for flag, path in (("--teacher-ckpt", cfg.teacher_ckpt), ("--data", cfg.data), ("--neg-embed", cfg.neg_embed)):
             if path is None:
                 raise ValueError(f"a Wan run needs {flag} (see --help)")
+    if cfg.toy_data_clips and cfg.task != "toy":
+        raise ValueError("--toy-data-clips writes clips of the toy world: it needs --task toy")
     if cfg.toy_data_clips and cfg.data is None:
         raise ValueError("--toy-data-clips writes shards to --data: pass --data DIR")
     for flag, path in (("--teacher-ckpt", cfg.teacher_ckpt), ("--student-ckpt", cfg.student_ckpt),
@@ -243,10 +250,25 @@ def check_config(cfg: RCMConfig):
             raise FileNotFoundError(f"{flag} {path} does not exist")
 
 
-def toy_teacher_path(cfg: RCMConfig) -> Path:
+def toy_teacher_path(cfg: RunConfig) -> Path:
     """The cached toy teacher for this world, DiT and training config."""
     key = hashlib.sha1(repr((cfg.world, cfg.dit, cfg.teacher_train)).encode()).hexdigest()[:10]
     return Path("checkpoints") / f"toy_teacher_{key}.safetensors"
+
+
+def prepare_teacher(cfg: RunConfig, d: parallel.Dist, world: toy.World | None) -> Path:
+    """The teacher's checkpoint: --teacher-ckpt, or in the toy world the cached toy teacher (trained first if missing);
+    toy runs with --toy-data-clips also get their shards written. Rank 0 does the work, the others wait."""
+    path = cfg.teacher_ckpt
+    if world is not None and path is None:
+        path = toy_teacher_path(cfg)
+        if d.is_main and not path.exists():
+            tqdm.write(f"no cached toy teacher: training one ({cfg.teacher_train.steps} steps) -> {path}")
+            toy.train_teacher(world, cfg.teacher_train, cfg.dit, path, d.device, log=tqdm.write)
+    if d.is_main and cfg.toy_data_clips and not any(Path(cfg.data).glob("shard*.tar")):
+        write_toy_shards(cfg, world)
+    dist.barrier()
+    return path
 
 
 def read_weights(d: parallel.Dist, path, dit: WanConfig) -> dict:
@@ -267,7 +289,7 @@ def read_weights(d: parallel.Dist, path, dit: WanConfig) -> dict:
     return state_dict
 
 
-def build_net(cfg: RCMConfig, d: parallel.Dist, state_dict: dict, role: Literal["teacher", "trained", "ema"]):
+def build_net(cfg: RunConfig, d: parallel.Dist, state_dict: dict, role: Literal["teacher", "trained", "ema"]):
     """One net, built on the meta device (nothing allocated), wrapped, sharded by FSDP2 over all ranks, then filled
     from rank 0's full state dict. trained (student, fake score): fp32 masters, checkpointed activations; teacher:
     frozen, stored in bf16 under bf16 precision; ema: fp32, never differentiated."""
@@ -305,7 +327,8 @@ class Nets:
 
 
 def adamw(cfg: RCMConfig, net: WanModel, lr: float):
-    """Fused AdamW with a linear warm-up to lr, then constant."""
+    """Fused AdamW with a linear warm-up to lr, then constant (cfg: betas, weight_decay, lr_warmup; train_causal.py
+    passes its stage configs)."""
     opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / cfg.lr_warmup))
 
@@ -343,7 +366,7 @@ def read_negative_embedding(path: Path, text_dim: int) -> torch.Tensor:
     return emb
 
 
-def data_stream(cfg: RCMConfig, d: parallel.Dist, world: toy.World | None, start_batch: int):
+def data_stream(cfg: RunConfig, d: parallel.Dist, world: toy.World | None, start_batch: int):
     """(draw, skipped): draw() -> one micro-batch (x0 [b,C,T,H,W], cond [b,L,D], uncond [b,L',D]) on the device,
     b = batch/grad_accum; skipped counts the corrupt samples and shards the loader passed over (the caller clears
     it). Shards are split by data-parallel rank and resume after `start_batch` micro-batches; the toy world without
@@ -376,7 +399,7 @@ def data_stream(cfg: RCMConfig, d: parallel.Dist, world: toy.World | None, start
     return draw, skipped
 
 
-def write_toy_shards(cfg: RCMConfig, world: toy.World):
+def write_toy_shards(cfg: RunConfig, world: toy.World):
     """--toy-data-clips clips of the toy world (drawn from a generator seeded by --seed) as shards in --data."""
     gen = torch.Generator().manual_seed(cfg.seed)
     x0, cond, prompt = toy.sample_data(world, cfg.toy_data_clips, generator=gen)
@@ -385,7 +408,7 @@ def write_toy_shards(cfg: RCMConfig, world: toy.World):
 
 
 # ------------------------------------------------------------------------------------------------- one iteration
-def micro_batches(cfg: RCMConfig, d: parallel.Dist, i: int, draw):
+def micro_batches(cfg: RunConfig, d: parallel.Dist, i: int, draw):
     """The grad_accum micro-batches of iteration i. The RNG is seeded right before each is drawn (a generator runs
     on demand), so its data, noise and times depend only on (seed, i, global micro-batch index)."""
     for m in range(cfg.grad_accum):
@@ -530,7 +553,7 @@ def training_state(nets: Nets) -> dict:
                 schedulers={name: sched for name, (_, sched) in trained.items()})
 
 
-def save_state(cfg: RCMConfig, d: parallel.Dist, nets: Nets, iteration: int, data_batches: int):
+def save_state(cfg: RunConfig, d: parallel.Dist, nets: Nets, iteration: int, data_batches: int):
     """state/{iteration}/ (every rank writes its shards), then state/latest.json names it (written atomically, so a
     run killed mid-save resumes from the previous one) and older folders go; the EMA student is gathered to rank 0
     and exported as ema.safetensors (official key names)."""
@@ -551,7 +574,7 @@ def save_state(cfg: RCMConfig, d: parallel.Dist, nets: Nets, iteration: int, dat
     dist.barrier()
 
 
-def load_state(cfg: RCMConfig, nets: Nets) -> tuple[int, int]:
+def load_state(cfg: RunConfig, nets: Nets) -> tuple[int, int]:
     """Restore the newest checkpoint of the run folder, if any. Returns (iteration, data micro-batches consumed)."""
     latest = cfg.out_dir / "state" / "latest.json"
     if not latest.exists():
@@ -581,16 +604,7 @@ def train(cfg: RCMConfig) -> dict:
 def run(cfg: RCMConfig, d: parallel.Dist) -> dict:
     """Set up (toy teacher and shards if asked, nets, resume, data), the training loop, the toy evaluation."""
     world = toy.make_world(cfg.world) if cfg.task == "toy" else None
-    teacher_path = cfg.teacher_ckpt
-    if cfg.task == "toy" and teacher_path is None:
-        teacher_path = toy_teacher_path(cfg)
-        if d.is_main and not teacher_path.exists():
-            tqdm.write(f"no cached toy teacher: training one ({cfg.teacher_train.steps} steps) -> {teacher_path}")
-            toy.train_teacher(world, cfg.teacher_train, cfg.dit, teacher_path, d.device, log=tqdm.write)
-    if d.is_main and cfg.toy_data_clips and not any(Path(cfg.data).glob("shard*.tar")):
-        write_toy_shards(cfg, world)
-    dist.barrier()
-
+    teacher_path = prepare_teacher(cfg, d, world)
     teacher_sd = read_weights(d, teacher_path, cfg.dit)
     student_sd = teacher_sd if cfg.student_ckpt is None else read_weights(d, cfg.student_ckpt, cfg.dit)
     nets = build_nets(cfg, d, teacher_sd, student_sd)

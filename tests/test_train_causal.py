@@ -4,10 +4,12 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import shutil
 
 import pytest
 import torch
+import tyro
 
 import attention_jvp
 import losses
@@ -232,19 +234,37 @@ def test_stages_run_and_an_interrupted_run_resumes_with_the_same_losses(tmp_path
     load_checkpoint(WanModel(TINY_DIT), tmp_path / "run" / "sf_dmd" / "ema.safetensors")   # official key names
 
 
-def test_tf_dcm_and_diffusion_forcing_stages_run(tmp_path):
+def test_tf_dcm_and_diffusion_forcing_stages_run_on_toy_shards(tmp_path):
     teacher = tmp_path / "teacher.safetensors"
     toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=2, batch=4), TINY_DIT, teacher,
                       log=lambda s: None)
-    cfg = tiny_config(tmp_path, teacher, out_dir=tmp_path / "dcm", stages=("tf", "tf_dcm"))
+    # ... trained on toy clips written as shards (train_rcm's RunConfig flags and data stream)
+    cfg = tiny_config(tmp_path, teacher, out_dir=tmp_path / "dcm", stages=("tf", "tf_dcm"), data=tmp_path / "shards",
+                      toy_data_clips=8, num_workers=0, shuffle_buffer=4)
     cfg = dataclasses.replace(cfg, tf=dataclasses.replace(cfg.tf, forcing="diffusion", iterations=2),
                               cm=dataclasses.replace(cfg.cm, iterations=2))
     out = train_causal.train(cfg)
     assert {"causal-teacher-3", "tf_dcm-1", "tf_dcm-4"} <= set(out)
+    assert list((tmp_path / "shards").glob("shard*.tar"))
     log = [json.loads(ln) for ln in (tmp_path / "dcm" / "tf_dcm" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss/dcm"]) for r in log)
     with pytest.raises(ValueError, match="causal-teacher-ckpt"):
         train_causal.train(dataclasses.replace(cfg, stages=("tf_scm",), out_dir=tmp_path / "x"))
+
+
+def test_presets_take_every_knob_as_a_documented_flag(capsys):
+    """The Wan preset is the 1.3B recipe (bf16, block checkpointing); every field of CausalConfig, train_rcm's
+    RunConfig ones included, is a flag."""
+    cfg = tyro.extras.overridable_config_cli(train_causal.PRESETS, args=["wan1.3b", "--cp-size", "2"])
+    assert (cfg.task, cfg.dit, cfg.precision, cfg.checkpointing, cfg.cp_size) == (
+        "wan", wan.CONFIGS["t2v-1.3B"], "bf16", "block", 2)
+    with pytest.raises(SystemExit):
+        tyro.extras.overridable_config_cli(train_causal.PRESETS, args=["wan1.3b", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(train_causal.CausalConfig):
+        if f.name not in ("dit", "world", "teacher_train", "tf", "cm", "sf"):  # nested configs: --tf.lr, ...
+            assert re.search(f"--{f.name.replace('_', '-')}[ ,]", text), f.name
+    assert "--sf.lr-fake" in text and "--cm.p-G.p-mean" in text and "--toy-data-clips" in text
 
 
 @pytest.mark.gpu
