@@ -160,8 +160,9 @@ PRESETS = {
         sf=SFConfig(iterations=600, lr=1e-4, lr_fake=1e-4, lr_warmup=20, student_update_freq=3,
                      teacher_guidance=_RCM_TOY.teacher_guidance))),
     "wan1.3b": ("Causal-rCM of Wan2.1 T2V 1.3B at 480p, chunk-wise (3 latent frames); torchrun, needs --teacher-ckpt, "
-                "--data, --neg-embed", CausalConfig(out_dir=Path("runs/causal_wan1.3b"), dit=CONFIGS["t2v-1.3B"], task="wan",
-                                             precision="bf16", checkpointing="block")),
+                "--data, --neg-embed",
+                CausalConfig(out_dir=Path("runs/causal_wan1.3b"), dit=CONFIGS["t2v-1.3B"], task="wan", precision="bf16",
+                             checkpointing="block")),
 }
 
 
