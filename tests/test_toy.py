@@ -124,7 +124,8 @@ def test_short_toy_run_meets_loose_bounds(tmp_path):
                       log=lambda s: None)
     results = train_rcm.train(dataclasses.replace(
         preset, world=world_cfg, dit=dit, teacher_ckpt=teacher, out_dir=tmp_path / "run", device="cpu",
-        iterations=90, batch=8, dcm_iterations=15, tangent_warmup=30, preview_every=10**6, ckpt_every=10**6, eval_per_prompt=64))
+        iterations=90, batch=8, dcm_iterations=15, tangent_warmup=30, preview_every=10**6, ckpt_every=10**6,
+        eval_per_prompt=64))
     assert results["exact"]["precision"] >= 0.98 and results["exact"]["mode_tv"] <= 0.2
     assert all(m["wrong_prompt"] <= 0.02 for m in results.values())     # every sampler follows its prompt
     for n in (1, 2, 4):  # measured 0.93 / 0.91 / 0.75 precision, TV 0.11 / 0.23 / 0.21
