@@ -5,6 +5,7 @@ attn: the attention forward+JVP kernels (the Hopper kernel where it applies, and
 given, NVlabs/rcm's flash_attention_jvp_triton.py timed in the same process. Effective TFLOP/s counts
 12·B·H·Lq·Lk·D for fwd+JVP and 4·B·H·Lq·Lk·D for a forward.
 """
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -312,13 +313,13 @@ class SampleBench:
     resolution: Literal["480p", "720p"] = "480p"
     frames: int = 81
     rcm_steps: int = 4
-    teacher_steps: int = 50  # teacher: UniPC with CFG (2 forwards a step)
+    teacher_steps: int = 50  # teacher: UniPC with CFG (both halves in one batched forward a step)
     compile: bool = True  # also time rCM with torch.compile of each block (sample.py --compile); the teacher then too
 
 
 def bench_sample(cfg: SampleBench):
     from model import CONFIGS
-    from sample import Sampler, decode, generate_latents
+    from sample import DEFAULTS, Sampler, decode, generate_latents
     from vae import VAEConfig, WanVAE
     dit = CONFIGS[cfg.preset]
     T, (H, W) = 1 + (cfg.frames - 1) // 4, LATENT[cfg.resolution]
@@ -336,9 +337,9 @@ def bench_sample(cfg: SampleBench):
         torch.cuda.synchronize()
         return out, time.perf_counter() - t0
 
-    rcm = Sampler(mode="rcm", steps=cfg.rcm_steps)
+    rcm = Sampler(mode="rcm", steps=cfg.rcm_steps, sigma_max=DEFAULTS["sigma_max"], mid_t=DEFAULTS["mid_t"])
     teacher = Sampler(mode="teacher", steps=cfg.teacher_steps)
-    generate_latents(net, context, neg, (16, T, H, W), Sampler(mode="rcm", steps=1), g)  # warm-up
+    generate_latents(net, context, neg, (16, T, H, W), dataclasses.replace(rcm, steps=1), g)  # warm-up
     torch.cuda.reset_peak_memory_stats()
     runs = [timed(lambda: generate_latents(net, context, neg, (16, T, H, W), rcm, g)) for _ in range(3)]
     z, rcm_s = runs[-1][0], sorted(r[1] for r in runs)[1]
@@ -395,7 +396,8 @@ class CausalBench:
 
 def bench_causal(cfg: CausalBench):
     from model import CONFIGS
-    from sample import Streaming, stream_cache, stream_report, stream_video
+    from sample import Sampler, Streaming, stream_cache, stream_report, stream_video
+    from samplers import CAUSAL_MID_T
     from vae import VAEConfig, WanVAE
     dit = CONFIGS[cfg.preset]
     shape = (16, 1 + (cfg.frames - 1) // 4, *LATENT[cfg.resolution])
@@ -406,10 +408,12 @@ def bench_causal(cfg: CausalBench):
         vae = WanVAE(VAEConfig()).to(getattr(torch, cfg.vae_dtype)).eval()
     context = [torch.randn(30, dit.text_dim, device="cuda", generator=torch.Generator("cuda").manual_seed(0))]
     rows, reference = [], {}
+    sampler = Sampler(sigma_max=1600.0, mid_t=CAUSAL_MID_T)  # the Causal-rCM recipe's streaming times
 
     def run(name, st):
         cache = stream_cache(net, 1, shape, st)
-        video = lambda: stream_video(net, vae, context, shape, st, torch.Generator("cuda").manual_seed(1), cache)
+        video = lambda: stream_video(net, vae, context, shape, st, sampler, torch.Generator("cuda").manual_seed(1),
+                                     cache)
         video()  # warm-up
         torch.cuda.reset_peak_memory_stats()
         results = sorted((video() for _ in range(cfg.repeats)), key=lambda r: sum(map(sum, r[2])))
@@ -464,10 +468,10 @@ def rcm_iteration_flops(dit, L, n_sim: int) -> tuple[int, int]:
 
 
 def bench_iteration(cfg: IterationBench):
-    import dataclasses
     import torch.distributed as dist
     import parallel
     import train_rcm
+    import training
     from model import WanModel
     rcm = dataclasses.replace(train_rcm.PRESETS[cfg.preset][1], device="cuda", batch=cfg.batch, cp_size=cfg.cp_size,
                               checkpointing=cfg.checkpointing, compile=cfg.compile)
@@ -483,7 +487,7 @@ def bench_iteration(cfg: IterationBench):
         shapes = {k: v.shape for k, v in WanModel(dit).state_dict().items()}
     weights = {k: torch.empty(s, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
                for k, s in shapes.items()} if d.is_main else {}
-    nets = train_rcm.build_nets(rcm, d, weights, weights)
+    nets = training.build_nets(rcm, d, rcm, teacher=weights, trained=weights, fake=weights, lr_fake=rcm.lr_fake)
     del weights
     g = torch.Generator("cuda").manual_seed(d.dp_rank)  # the ranks of a CP group hold the same clip
     x0 = torch.randn(cfg.batch, 16, T, H, W, device="cuda", generator=g)

@@ -82,7 +82,7 @@ def list_shards(path) -> list[str]:
     return [str(s) for s in shards]
 
 
-def decode(sample: dict) -> dict:
+def decode_sample(sample: dict) -> dict:
     """Raw tar members -> {latent [C,T,H,W] fp32, embed [L,D] fp32, prompt}. Raises ValueError on a bad sample."""
     missing = {"latent.pt", "embed.pt", "prompt.txt"} - sample.keys()
     if missing:
@@ -104,13 +104,13 @@ def collate(samples: list[dict]) -> dict:
                 prompt=[s["prompt"] for s in samples])
 
 
-def reader_batches(shards, cfg: DataConfig, rank: int, world: int, worker: int, workers: int, skip: int = 0):
+def reader_batches(shards, cfg: DataConfig, rank: int, ranks: int, worker: int, workers: int, skip: int = 0):
     """The endless batch stream of one reader (rank, worker), the first `skip` batches dropped.
 
     Each batch also carries bad_samples / bad_shards: what this reader skipped since its previous batch."""
-    readers = world * workers
+    readers = ranks * workers
     if len(shards) < readers:
-        raise ValueError(f"{len(shards)} shards cannot feed {world} ranks × {workers} workers: write more shards "
+        raise ValueError(f"{len(shards)} shards cannot feed {ranks} ranks × {workers} workers: write more shards "
                          f"or lower num_workers")
     bad = dict(bad_samples=0, bad_shards=0)
 
@@ -128,7 +128,7 @@ def reader_batches(shards, cfg: DataConfig, rank: int, world: int, worker: int, 
         good = 0
         for raw_sample in _shuffled(raw, cfg.shuffle_buffer, rng):
             try:
-                sample = decode(raw_sample)
+                sample = decode_sample(raw_sample)
                 if shape is not None and sample["latent"].shape != shape:
                     raise ValueError(f"latent {tuple(sample['latent'].shape)} differs from {tuple(shape)}")
             except Exception as exn:
@@ -159,8 +159,8 @@ def _shuffled(samples, size, rng):
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    def __init__(self, cfg, rank, world, start_batch):
-        self.shards, self.cfg, self.rank, self.world, self.start_batch = list_shards(cfg.path), cfg, rank, world, start_batch
+    def __init__(self, cfg, rank, ranks, start_batch):
+        self.shards, self.cfg, self.rank, self.ranks, self.start_batch = list_shards(cfg.path), cfg, rank, ranks, start_batch
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -168,11 +168,11 @@ class _Stream(torch.utils.data.IterableDataset):
         # the loader takes workers in turn from worker 0, and batch start_batch belongs to reader start_batch mod workers
         worker = (0 if info is None else info.id + self.start_batch) % workers
         skip = math.ceil(max(self.start_batch - worker, 0) / workers)  # this worker's share of batches 0..start-1
-        return reader_batches(self.shards, self.cfg, self.rank, self.world, worker, workers, skip)
+        return reader_batches(self.shards, self.cfg, self.rank, self.ranks, worker, workers, skip)
 
 
-def make_loader(cfg: DataConfig, rank: int = 0, world: int = 1, start_batch: int = 0):
+def make_loader(cfg: DataConfig, rank: int = 0, ranks: int = 1, start_batch: int = 0):
     """An endless iterator of batches {latent [B,C,T,H,W], embed [B,L,D], prompt [B], bad_samples, bad_shards}
-    for data-parallel rank `rank` of `world`, starting after the first `start_batch` batches of that rank."""
-    return iter(torch.utils.data.DataLoader(_Stream(cfg, rank, world, start_batch), batch_size=None,
+    for data-parallel rank `rank` of `ranks` ranks, starting after the first `start_batch` batches of that rank."""
+    return iter(torch.utils.data.DataLoader(_Stream(cfg, rank, ranks, start_batch), batch_size=None,
                                             num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0))

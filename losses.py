@@ -1,5 +1,6 @@
-"""rCM in TrigFlow time: the maps to Wan's rectified flow, the preconditioning that turns a Wan velocity network into a
-TrigFlow denoiser (with its tangent), time samplers, the sCM / dCM / DMD / critic losses, and the samplers (rcm.md).
+"""The losses of rCM and Causal-rCM: the TrigFlow ↔ rectified-flow time maps, the preconditioning that turns a Wan
+velocity network into a TrigFlow denoiser (with its tangent), time samplers, the sCM / dCM / DMD / critic losses
+(docs/rcm.md), and the causal stages' teacher-forcing losses (docs/causal_rcm.md). The samplers are in samplers.py.
 
 Pure functions of tensors and callables; randomness comes from torch's global RNG (so saving its state makes a
 resumed run reproduce its losses). Shapes: latents x [B, C, T, H, W]; TrigFlow time t [B] (or per frame [B, T]).
@@ -41,7 +42,7 @@ def precondition(t: torch.Tensor):
     return c, dc
 
 
-def _per_sample(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_sample(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """View a per-sample [B] or per-frame [B, T] coefficient against x [B, C, T, H, W], in fp32."""
     c = c.view(c.shape[0], 1, 1, 1, 1) if c.ndim == 1 else c.view(c.shape[0], 1, c.shape[1], 1, 1)
     return c.float()
@@ -59,36 +60,26 @@ def denoise(net, x_t: torch.Tensor, t: torch.Tensor, context, tangent=None):
         raise ValueError(f"denoise expects latents [B, C, T, H, W], got shape {tuple(x_t.shape)}")
     t64 = t.double()
     (c_skip, c_out, c_in, c_noise), (dc_skip, dc_out, dc_in, dc_noise) = precondition(t64)
-    cos, sin = _per_sample(torch.cos(t64), x_t), _per_sample(torch.sin(t64), x_t)
+    cos, sin = per_sample(torch.cos(t64), x_t), per_sample(torch.sin(t64), x_t)
     x_t = x_t.float()
-    x_in = _per_sample(c_in, x_t) * x_t
+    x_in = per_sample(c_in, x_t) * x_t
     if tangent is None:
         v = net(x_in, c_noise.float(), context).float()
-        x0 = _per_sample(c_skip, x_t) * x_t + _per_sample(c_out, x_t) * v
+        x0 = per_sample(c_skip, x_t) * x_t + per_sample(c_out, x_t) * v
         return x0, (cos * x_t - x0) / sin
 
     dx_t, dt = tangent[0].float(), tangent[1].double()
-    dx_in = _per_sample(dc_in * dt, x_t) * x_t + _per_sample(c_in, x_t) * dx_t
+    dx_in = per_sample(dc_in * dt, x_t) * x_t + per_sample(c_in, x_t) * dx_t
     v, dv = net(x_in, c_noise.float(), context, tangent=(dx_in, (dc_noise * dt).float()))
     v, dv = v.float(), dv.float()
-    x0 = _per_sample(c_skip, x_t) * x_t + _per_sample(c_out, x_t) * v
-    dx0 = (_per_sample(dc_skip * dt, x_t) * x_t + _per_sample(c_skip, x_t) * dx_t
-           + _per_sample(dc_out * dt, x_t) * v + _per_sample(c_out, x_t) * dv)
+    x0 = per_sample(c_skip, x_t) * x_t + per_sample(c_out, x_t) * v
+    dx0 = (per_sample(dc_skip * dt, x_t) * x_t + per_sample(c_skip, x_t) * dx_t
+           + per_sample(dc_out * dt, x_t) * v + per_sample(c_out, x_t) * dv)
     F = (cos * x_t - x0) / sin
     # d/dt of (cos t·x_t − x̂0)/sin t, by the quotient rule.
-    dt_ = _per_sample(dt, x_t)
+    dt_ = per_sample(dt, x_t)
     dF = (cos * dx_t - sin * dt_ * x_t - dx0 - cos * dt_ * F) / sin
     return (x0, F), (dx0, dF)
-
-
-def guided_denoise(net, x_t: torch.Tensor, t: torch.Tensor, cond, uncond, w: float):
-    """Classifier-free guidance: (x̂0, F) = uncond + w·(cond − uncond), the same linear rule in x̂0 and F.
-    uncond is the negative-prompt embedding; w = 1 is the plain conditional net (one call)."""
-    x0_c, F_c = denoise(net, x_t, t, cond)
-    if w == 1:
-        return x0_c, F_c
-    x0_u, F_u = denoise(net, x_t, t, uncond)
-    return x0_u + w * (x0_c - x0_u), F_u + w * (F_c - F_u)
 
 
 # ------------------------------------------------------------------------------------------------- time samplers
@@ -121,7 +112,7 @@ def sample_time(dist: TimeDist, n: int, device=None) -> torch.Tensor:
 def scm_g(F_minus: torch.Tensor, dF: torch.Tensor, F_T: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, r: float):
     """sCM step 6, the tangent: g = −cos t·√(1 − r²·sin²t)·(F_θ⁻ − F_T) − (r·cos t·sin t·x_t + dF).
     dF = cos t·sin t·dF_θ/dt (the JVP with the cos·sin factor folded into the tangent); r = warm-up ratio."""
-    cos, sin = _per_sample(torch.cos(t.double()), x_t), _per_sample(torch.sin(t.double()), x_t)
+    cos, sin = per_sample(torch.cos(t.double()), x_t), per_sample(torch.sin(t.double()), x_t)
     return -cos * torch.sqrt(1 - r**2 * sin**2) * (F_minus - F_T) - (r * cos * sin * x_t + dF)
 
 
@@ -145,7 +136,7 @@ def scm_loss(net, context, F_teacher, x0: torch.Tensor, p_G: TimeDist, r: float,
     Returns (loss [B] float64, number of NaN-guarded samples)."""
     t = sample_time(p_G, x0.shape[0], x0.device)
     eps = torch.randn_like(x0)
-    cos, sin = _per_sample(torch.cos(t), x0), _per_sample(torch.sin(t), x0)
+    cos, sin = per_sample(torch.cos(t), x0), per_sample(torch.sin(t), x0)
     x_t = cos * x0 + sin * eps
     with torch.no_grad():
         F_T = F_teacher(x_t, t)
@@ -164,57 +155,13 @@ def dcm_loss(net, context, F_teacher, x0: torch.Tensor, total_steps: int = 48, s
     B = x0.shape[0]
     u = torch.rand(B, dtype=torch.float64) * (1 - skip / total_steps)
     t_grid = [rf_to_trig(shift_time(1 - (u + j / total_steps), shift)).to(x0.device) for j in range(skip + 1)]
-    x = _per_sample(torch.cos(t_grid[0]), x0) * x0 + _per_sample(torch.sin(t_grid[0]), x0) * torch.randn_like(x0)
+    x = per_sample(torch.cos(t_grid[0]), x0) * x0 + per_sample(torch.sin(t_grid[0]), x0) * torch.randn_like(x0)
     x0_hat, _ = denoise(net, x, t_grid[0], context)
     with torch.no_grad():
         for t_j, t_next in zip(t_grid[:-1], t_grid[1:]):
-            x = x - _per_sample(t_j - t_next, x) * F_teacher(x, t_j)
+            x = x - per_sample(t_j - t_next, x) * F_teacher(x, t_j)
         target, _ = denoise(net, x, t_grid[-1], context)
     return loss_scale * ((x0_hat - target) ** 2).sum(dim=tuple(range(1, x0.ndim)))
-
-
-# --------------------------------------------------------------- few-step generation (backward simulation, sampling)
-def simulation_times(n: int, batch: int, p_D: TimeDist, fixed: tuple[float, ...] | None = None) -> torch.Tensor:
-    """Times of an n-step backward simulation, [n + 1, batch] float64: t_0 = π/2 (pure noise), then n − 1 times,
-    either monotonically decreasing draws t_{i+1} = min(t_i, t ~ p_D) or fixed[:n − 1], then 0."""
-    t = [torch.full((batch,), math.pi / 2, dtype=torch.float64)]
-    for i in range(n - 1):
-        t.append(torch.minimum(t[-1], sample_time(p_D, batch)) if fixed is None else torch.full((batch,), fixed[i], dtype=torch.float64))
-    return torch.stack(t + [torch.zeros(batch, dtype=torch.float64)])
-
-
-def sampling_times(n: int, batch: int, sigma_max: float = 80.0, mid_t: tuple[float, ...] = (1.5, 1.4, 1.0)) -> torch.Tensor:
-    """Times of the n-step rCM sampler, [n + 1, batch] float64: [arctan σ_max, *mid_t[:n − 1], 0]."""
-    if not 1 <= n <= len(mid_t) + 1:
-        raise ValueError(f"the rCM sampler takes 1..{len(mid_t) + 1} steps with mid_t={mid_t}, got {n}")
-    t = torch.tensor([math.atan(sigma_max), *mid_t[: n - 1], 0.0], dtype=torch.float64)
-    return t[:, None].expand(n + 1, batch).contiguous()
-
-
-def rcm_sample(f, eps: torch.Tensor, t_steps: torch.Tensor, grad_last: bool = False, generator=None) -> torch.Tensor:
-    """The student as a few-step generator: x = ε; each step x̂0 = f(x, t_i), then x = cos t_{i+1}·x̂0 + sin t_{i+1}·ε'
-    with fresh noise ε'; returns the last x̂0. f(x, t [B]) -> x̂0 is the student's consistency function.
-    t_steps [n + 1, B] ends at 0. Only the last step may keep the graph (grad_last); no CFG (it is distilled in)."""
-    x, n = eps, t_steps.shape[0] - 1
-    for i in range(n):
-        with torch.set_grad_enabled(grad_last and i == n - 1):
-            x0_hat = f(x, t_steps[i].to(eps.device))
-        if i < n - 1:
-            t_next = t_steps[i + 1].to(eps.device)
-            noise = torch.randn(eps.shape, generator=generator, device=eps.device)
-            x = _per_sample(torch.cos(t_next), x0_hat) * x0_hat + _per_sample(torch.sin(t_next), x0_hat) * noise
-    return x0_hat
-
-
-def euler_sample(velocity, eps: torch.Tensor, steps: int = 50, shift: float = 5.0) -> torch.Tensor:
-    """The teacher's multi-step sampler: Euler on the rectified-flow ODE dx/ds = v from s = 1 (x = ε) to s = 0 on
-    Wan's shifted grid s_i = shift(1 − i/steps). velocity(x, timestep [B]) -> v, timestep = 1000·s (CFG inside)."""
-    s = shift_time(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift)
-    x = eps.float()
-    for s_i, s_next in zip(s[:-1], s[1:]):
-        v = velocity(x, torch.full((x.shape[0],), 1000 * float(s_i), device=x.device))
-        x = x + float(s_next - s_i) * v.float()
-    return x
 
 
 # ------------------------------------------------------------------------------------------- DMD and critic losses
@@ -224,7 +171,7 @@ def dmd_loss(G: torch.Tensor, fake_x0, real_x0, p_D: TimeDist, loss_scale_dmd: f
     The gradient w.r.t. G is 2·loss_scale_dmd·(x̂0_fake − x̂0_real)/weight. Returns loss [B] float64."""
     dims = tuple(range(1, G.ndim))
     t = sample_time(p_D, G.shape[0], G.device)
-    x_D = _per_sample(torch.cos(t), G) * G + _per_sample(torch.sin(t), G) * torch.randn_like(G)
+    x_D = per_sample(torch.cos(t), G) * G + per_sample(torch.sin(t), G) * torch.randn_like(G)
     with torch.no_grad():
         x_D = x_D.detach()
         x0_fake, x0_real = fake_x0(x_D, t).double(), real_x0(x_D, t).double()
@@ -241,6 +188,85 @@ def critic_loss(G: torch.Tensor, fake_x0, p_D: TimeDist) -> torch.Tensor:
     """Fake-score (critic) loss: denoising score matching on generator samples G (no grad) in x̂0 form,
     Σ(G − x̂0_fake(x_D, t_D))²/sin²t_D, with grad into the fake score. Returns loss [B]."""
     t = sample_time(p_D, G.shape[0], G.device)
-    sin = _per_sample(torch.sin(t), G)
-    x_D = _per_sample(torch.cos(t), G) * G + sin * torch.randn_like(G)
+    sin = per_sample(torch.sin(t), G)
+    x_D = per_sample(torch.cos(t), G) * G + sin * torch.randn_like(G)
     return ((G - fake_x0(x_D, t)) ** 2 / sin**2).sum(dim=tuple(range(1, G.ndim)))
+
+
+# ------------------------------------------------------------------- Causal-rCM: teacher forcing (docs/causal_rcm.md)
+# The causal stages work in rectified-flow time s (x_s = (1 − s)·x0 + s·ε, v = ε − x0, timestep 1000·s per frame).
+def per_frame(timestep: torch.Tensor, frames: int) -> torch.Tensor:
+    """A timestep per clip [B] or per frame [B, T] -> per frame [B, T]."""
+    return timestep[:, None].expand(-1, frames) if timestep.ndim == 1 else timestep
+
+
+def teacher_forced(net, x0: torch.Tensor, chunks: tuple[int, ...]):
+    """The causal net under teacher forcing, as a Wan-signature net of the noisy half alone:
+    f(x_s, timestep, context, tangent=None) -> v (or (v, tv)) [B, C, T, H, W], computed on the packed clip
+    [x0 | x_s] with per-frame times [0…0 | timestep]. The clean half is a constant context, so its tangent and its
+    time's tangent are ZERO."""
+    T = x0.shape[2]
+
+    def f(x_s, timestep, context, tangent=None):
+        zeros_t = torch.zeros(x_s.shape[0], T, device=x_s.device)
+        x, t = torch.cat([x0.to(x_s.dtype), x_s], dim=2), torch.cat([zeros_t, per_frame(timestep, T)], dim=1)
+        if tangent is None:
+            return net(x, t, context, chunks=chunks, teacher_forcing=True)[:, :, T:]
+        tx, tt = torch.cat([torch.zeros_like(x0), tangent[0]], dim=2), torch.cat([zeros_t, per_frame(tangent[1], T)], 1)
+        v, tv = net(x, t, context, tangent=(tx, tt), chunks=chunks, teacher_forcing=True)
+        return v[:, :, T:], tv[:, :, T:]
+    return f
+
+
+def sample_rf_time(dist: TimeDist, shape, device) -> torch.Tensor:
+    """Rectified-flow times s ~ dist (a TimeDist over TrigFlow t), float64 of the given shape."""
+    return trig_to_rf(sample_time(dist, math.prod(shape), device)).view(shape)
+
+
+def noised(x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x_s = (1 − s)·x0 + s·ε with s per clip [B] or per frame [B, T]."""
+    s = per_frame(s, x0.shape[2])[:, None, :, None, None].float()
+    return (1 - s) * x0 + s * eps
+
+
+def tf_weight(s: torch.Tensor) -> torch.Tensor:
+    """w(s) = exp(−2(s − 0.5)²) − e^(−1/2): zero at s = 0 and 1, largest at s = 1/2."""
+    return torch.exp(-2 * (s - 0.5) ** 2) - math.exp(-0.5)
+
+
+def tf_loss(net, x0: torch.Tensor, context, chunks: tuple[int, ...], p_s: TimeDist,
+            forcing: Literal["teacher", "diffusion"] = "teacher", loss_scale: float = 100.0) -> torch.Tensor:
+    """Flow matching of the causal net (stage tf): loss_scale·Σ_frames w(s)·mean_{C,H,W}(v̂ − (ε − x0))² over the noisy
+    frames. Teacher forcing: one s ~ p_s per clip, v̂ from the packed [x0 | x_s] forward (the clean half is never a
+    target). Diffusion forcing: one s per chunk, v̂ from the block-causal forward of x_s. Returns loss [B] (fp32)."""
+    B, T = x0.shape[0], x0.shape[2]
+    eps = torch.randn_like(x0)
+    if forcing == "teacher":
+        s = per_frame(sample_rf_time(p_s, (B,), x0.device), T)
+        v = teacher_forced(net, x0, chunks)(noised(x0, eps, s), (1000 * s).float(), context)
+    else:
+        s = sample_rf_time(p_s, (B, len(chunks)), x0.device).repeat_interleave(torch.tensor(chunks, device=x0.device), 1)
+        v = net(noised(x0, eps, s), (1000 * s).float(), context, chunks=chunks)
+    per_frame_mse = (v.float() - (eps - x0)).pow(2).mean(dim=(1, 3, 4))                 # [B, T]
+    return loss_scale * (tf_weight(s).float() * per_frame_mse).sum(1)
+
+
+def tf_scm_loss(student, v_teacher, x0: torch.Tensor, context, chunks, p_G: TimeDist, r: float,
+                loss_scale: float = 100.0):
+    """Teacher-forcing sCM (stage tf_scm), written for the consistency function f = x_s − s·v_θ of the noisy half:
+    1. s ~ p_G, x_s = (1 − s)·x0 + s·ε;  v_T = v_teacher(x_s, timestep) (the CFG causal teacher, no grad).
+    2. JVP of the student velocity along the PF-ODE, tangent v_T on the noisy half and 1 on its time, ZERO on the
+       clean half: (v⁻, dv_θ/ds) (no grad).
+    3. g = (v_T − v⁻) − r·s·dv_θ/ds = df/ds along the ODE at r = 1 (r: the tangent warm-up ratio);
+    4. NaN → 0, g ← g/(‖g‖₂ + 0.1), L = loss_scale·‖v_θ − sg(v_θ) − g‖² (scm_objective), so v_θ moves along g.
+    Returns (loss [B] float64, number of NaN-guarded samples)."""
+    s = sample_rf_time(p_G, (x0.shape[0],), x0.device)
+    x_s = noised(x0, torch.randn_like(x0), s)
+    timestep = (1000 * s).float()
+    f = teacher_forced(student, x0, chunks)
+    with torch.no_grad():
+        v_T = v_teacher(x_s, timestep)
+        v_minus, dv_ds = f(x_s, timestep, context, tangent=(v_T, torch.full_like(timestep, 1000.0)))  # d(1000 s)/ds
+    v = f(x_s, timestep, context)
+    g = (v_T - v_minus) - r * s.float()[:, None, None, None, None] * dv_ds
+    return scm_objective(v.float(), g, loss_scale)

@@ -1,24 +1,31 @@
-"""Sampling: a prompt in, an mp4 out, with the distilled rCM student, the Wan2.1 teacher, or a toy-world checkpoint.
+"""Sampling: a prompt in, an mp4 out, with the distilled rCM student, the Wan2.1 teacher, a Causal-rCM student
+streamed chunk by chunk, or a toy-world checkpoint.
 
-    python sample.py --dit-path rCM_Wan2.1_T2V_1.3B_480p.pt --prompt "a corgi surfing a wave at sunset"
+    python sample.py --dit-path runs/wan1.3b/ema.safetensors --prompt "a corgi surfing a wave at sunset"
+    python sample.py --dit-path rCM_Wan2.1_T2V_1.3B_480p.pt --prompt "..." --steps 2
     python sample.py --mode teacher --dit-path Wan2.1-T2V-1.3B --prompts-file prompts.txt --shard-dir my_latents/
-    python sample.py --toy --dit-path runs/toy/ema.safetensors --num-samples 8
-    python sample.py --causal --dit-path causal_student.safetensors --prompt "..." --steps-per-chunk 2
+    python sample.py --toy --dit-path runs/toy/ema.safetensors          # the run's evaluation, repeated exactly
+    python sample.py --causal --dit-path runs/causal_wan1.3b/sf_dmd/ema.safetensors --prompt "..."
+
+Defaults travel with the checkpoint: the trainers store the sampling settings a student was trained and evaluated
+with (σ_max, the intermediate times --mid-t, steps, chunking, the architecture, the toy world) in the exported
+safetensors' metadata; every sampling flag left unset takes the checkpoint's value, else the built-in default, and
+the first line printed says which came from where.
 
 In the order it runs: the prompts (and, for the teacher, the negative prompt) go through umT5 once and the encoder is
-freed; for each video, noise ε drawn from seed + index becomes latents through the DiT (rCM: the few-step consistency
-sampler of losses.py, no CFG; teacher: UniPC or Euler on Wan's shifted flow-matching grid, with CFG); the VAE decodes
-them to pixels, written as an mp4 at 16 fps. `generate_latents` and `decode` are the core: they take modules and
-tensors, no files, so bench.py times them with random weights. With --shard-dir the latents, text embeddings and
-prompts are also written as webdataset shards in the format data.py reads: a synthetic training set.
+freed; for each video, noise drawn from seed + index becomes latents through the DiT (samplers.py: rCM's few-step
+sampler, no CFG; the teacher's UniPC or Euler on Wan's shifted flow-matching grid with CFG; or the streaming loop);
+the VAE decodes them to pixels, written as an mp4 at 16 fps. `generate_latents` and `decode` are the core: they take
+modules and tensors, no files, so bench.py times them with random weights. With --shard-dir the latents, text
+embeddings and prompts are also written as webdataset shards in the format data.py reads: a synthetic training set.
 
 With --causal (a Causal-rCM student) the video is streamed: chunk by chunk of latent frames, each denoised in a few
-steps against a KV cache of the chunks before it (`stream_latents`), and decoded by the causal VAE as soon as it is
-done, with a report of the first-chunk latency, the per-chunk latency and FPS = frames / (DiT time + VAE time).
+steps against a KV cache of the chunks before it, and decoded by the causal VAE as soon as it is done, with a report
+of the first-chunk latency, the per-chunk latency and FPS = frames / (DiT time + VAE time).
 """
-import math
+import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,11 +34,13 @@ import torch
 import tyro
 from tqdm import tqdm
 
+import toy
+from checkpoint import read_settings
 from data import write_shards
-from losses import denoise, euler_sample, rcm_sample, sampling_times, shift_time
-from model import CONFIGS, CacheConfig, KVCache, WanConfig, WanModel, chunk_frames, load_checkpoint
-from text_encoder import UMT5Config, encode_prompts, load_tokenizer, load_umt5
-from toy import TOY_DIT, ToyConfig, make_world, metrics, save_grid
+from model import CONFIGS, CacheConfig, WanConfig, WanModel, chunk_frames, load_checkpoint
+from samplers import (draw_noise, flow_times, generate, generate_stream, guidance, kv_cache, sample_euler,
+                      sample_unipc, stream_times)
+from text_encoder import UMT5Config, encode_prompts_and_free, read_negative_embedding
 from vae import VAEConfig, load_vae
 
 FPS = 16
@@ -44,13 +53,18 @@ SIZES = {("480p", "16:9"): (832, 480), ("480p", "9:16"): (480, 832), ("480p", "1
          ("720p", "16:9"): (1280, 720), ("720p", "9:16"): (720, 1280), ("720p", "1:1"): (960, 960)}
 
 
+# Flags whose unset value (None) is taken from the checkpoint's settings, else from here.
+DEFAULTS = dict(sigma_max=80.0, mid_t=(1.5, 1.4, 1.0), first_chunk_t=3, chunk_t=3, steps_per_chunk=(2,),
+                noisy_context=False, dtype="bfloat16", num_samples=1, seed=0, model="t2v-1.3B")
+
+
 @dataclass(frozen=True)
 class Sampler:
-    """How latents are drawn from the DiT."""
+    """How latents are drawn from the DiT (unset: the checkpoint's setting, else the default in brackets)."""
     mode: Literal["rcm", "teacher"] = "rcm"  # rcm: the distilled student, 1-4 steps, no CFG; teacher: an ODE solver with CFG
-    steps: int | None = None                 # DiT steps (default: 4 for rcm, 50 for teacher)
-    sigma_max: float = 80.0                  # rcm: starting noise level, t_0 = arctan(sigma_max); 1600 trades diversity for quality
-    mid_t: tuple[float, ...] = (1.5, 1.4, 1.0)  # rcm: TrigFlow times of the intermediate steps (steps ≤ len(mid_t) + 1)
+    steps: int | None = None                 # DiT steps [rcm 4, teacher 50]; --toy: [each step count the run evaluated]
+    sigma_max: float | None = None           # rcm: starting noise level, t_0 = arctan(sigma_max) [80]
+    mid_t: tuple[float, ...] | None = None   # rcm: TrigFlow times of the later steps, steps ≤ len(mid_t) + 1 [1.5 1.4 1.0]
     solver: Literal["unipc", "euler"] = "unipc"  # teacher: UniPC (order 2 with the UniC corrector, Wan's default) or Euler
     shift: float = 5.0                       # teacher: Wan's timestep shift of the flow-matching grid
     guidance: float = 5.0                    # teacher: CFG weight w, v = v_neg + w·(v_cond − v_neg); 1 turns CFG off
@@ -58,13 +72,11 @@ class Sampler:
 
 @dataclass(frozen=True)
 class Streaming:
-    """--causal: chunk-by-chunk generation with a KV cache (causal_rcm.md, "Streaming inference")."""
-    first_chunk_t: int = 3  # latent frames of the first chunk (1 with chunk_t 1: frame-wise)
-    chunk_t: int = 3  # latent frames of every later chunk
-    steps_per_chunk: tuple[int, ...] = (2,)  # steps of chunk i: the i-th entry, the last one repeating (e.g. 4 2)
-    s0: float = 1600 / 1601  # first rectified-flow time of each chunk (σ_max = 1600)
-    mid_s: tuple[float, ...] = (15 / 16, 5 / 6, 5 / 8)  # times of the later steps: an n-step chunk uses mid_s[:n − 1]
-    noisy_context: bool = False  # the last step's noisy input appends its K/V, instead of a clean pass at s = 0
+    """--causal: chunk-by-chunk generation with a KV cache (docs/causal_rcm.md, "Streaming inference")."""
+    first_chunk_t: int | None = None  # latent frames of the first chunk [3]
+    chunk_t: int | None = None  # latent frames of every later chunk [3]; 1 with first_chunk_t 1: frame-wise
+    steps_per_chunk: tuple[int, ...] | None = None  # steps of chunk i: the i-th entry, the last one repeating [2]
+    noisy_context: bool | None = None  # the last step's noisy input appends its K/V, not a clean pass at s = 0 [no]
     window_frames: int | None = None  # KV cache: keep at most this many latent frames (sliding window); default all
     sink_chunks: int = 1  # KV cache: with a window, the first chunks are never evicted
     kv_rope: Literal["after", "before"] = "after"  # cache keys after RoPE, or before it (a window then re-indexes
@@ -80,98 +92,67 @@ class Config:
     prompt: str = ""  # the text prompt (or --prompts-file)
     prompts_file: Path | None = None  # a text file with one prompt per line (blank lines skipped)
     sampler: Annotated[Sampler, tyro.conf.OmitArgPrefixes] = Sampler()
-    model: str = "t2v-1.3B"  # DiT architecture: t2v-1.3B or t2v-14B (a name in model.CONFIGS)
+    model: str | None = None  # DiT architecture, a name in model.CONFIGS [the checkpoint's, else t2v-1.3B]
     vae_path: Path = Path("Wan2.1-T2V-1.3B/Wan2.1_VAE.pth")  # the Wan2.1 VAE
     t5_path: Path = Path("Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth")  # umT5-XXL; tokenizer.json in google/umt5-xxl/ beside it
     negative_prompt: str = NEGATIVE_PROMPT  # teacher: the CFG negative prompt (default: Wan's)
-    neg_embed_path: Path | None = None  # teacher: a precomputed negative-prompt T5 embedding [L, 4096] (.pt), used instead
+    neg_embed: Path | None = None  # teacher: a precomputed negative-prompt umT5 embedding [L, 4096] (.safetensors or .pt), used instead
     resolution: str = "480p"  # 480p, 720p, or WIDTHxHEIGHT (multiples of 16)
     aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"  # orientation of 480p/720p at their pixel count
     num_frames: int = 81  # video frames, 4k+1 (1 + (frames − 1)/4 latent frames)
-    num_samples: int = 1  # videos per prompt
-    seed: int = 0  # video k (over prompts × samples) uses noise seed + k: the same seed gives the same videos
+    num_samples: int | None = None  # videos per prompt [1; --toy: the run's evaluation count]
+    seed: int | None = None  # video k (over prompts × samples) uses noise seed + k [0; --toy: the run's evaluation seed]
     save_path: Path = Path("samples")  # folder for the mp4s
     videos: bool = True  # decode and write mp4s (--no-videos when only building --shard-dir)
     shard_dir: Path | None = None  # also write latent.pt / embed.pt / prompt.txt webdataset shards here
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # DiT weights (the T5 runs in bf16 and the VAE in fp32, as Wan's)
+    dtype: Literal["bfloat16", "float32"] | None = None  # DiT weights [the run's precision, else bfloat16]; T5 bf16, VAE fp32
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the DiT, T5 and VAE run
     compile: bool = False  # torch.compile each DiT block (fuses the fp32 norm/modulation glue; the first video compiles)
-    causal: bool = False  # stream a Causal-rCM student chunk by chunk with a KV cache (see --first-chunk-t ...)
+    causal: bool | None = None  # stream a Causal-rCM student chunk by chunk with a KV cache [yes for train_causal checkpoints]
     streaming: Annotated[Streaming, tyro.conf.OmitArgPrefixes] = Streaming()
-    toy: bool = False  # sample the toy world of `train_rcm.py toy` instead: its prompts, no T5/VAE, a grid mp4
-    world: ToyConfig = field(default_factory=ToyConfig)  # --toy: the world the checkpoint was trained on
-    toy_dit: WanConfig = TOY_DIT  # --toy: the DiT architecture of the checkpoint (train_rcm.py's --dit)
+    toy: bool = False  # sample the toy world the checkpoint was trained on: its prompts, no T5/VAE, exact metrics, grid mp4s
     vae_cfg: tyro.conf.Suppress[VAEConfig] = VAEConfig()  # architectures: the releases' (tests use tiny ones)
     t5_cfg: tyro.conf.Suppress[UMT5Config] = UMT5Config()
 
 
-# ------------------------------------------------------------------------------------------------ teacher solvers
-def guided_velocity(net, context, neg_context, w: float):
-    """The teacher's velocity with classifier-free guidance, v = v_neg + w·(v_cond − v_neg), as velocity(x, timestep)."""
-    def velocity(x, timestep):
-        v_cond = net(x, timestep, context).float()
-        if w == 1:
-            return v_cond
-        v_neg = net(x, timestep, neg_context).float()
-        return v_neg + w * (v_cond - v_neg)
-    return velocity
+# ------------------------------------------------------------------------------------ settings from the checkpoint
+def with_settings(cfg: Config) -> tuple[Config, dict]:
+    """cfg with every unset sampling flag filled from the checkpoint's stored settings, else DEFAULTS; and the
+    settings. Prints what was taken from the checkpoint."""
+    settings = read_settings(cfg.dit_path) if cfg.dit_path.exists() else {}
+    toy_settings = settings.get("toy", {})
+    taken = []
+
+    def pick(name, value, stored=settings):
+        if value is not None:
+            return value
+        if name in stored:
+            taken.append(name)
+            return tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
+        return DEFAULTS[name]
+    sampler = dataclasses.replace(cfg.sampler, sigma_max=pick("sigma_max", cfg.sampler.sigma_max),
+                                  mid_t=pick("mid_t", cfg.sampler.mid_t))
+    st = cfg.streaming
+    streaming = dataclasses.replace(st, **{k: pick(k, getattr(st, k))
+                                           for k in ("first_chunk_t", "chunk_t", "steps_per_chunk", "noisy_context")})
+    stored = dict(num_samples=pick("num_samples", cfg.num_samples, toy_settings if cfg.toy else {}),
+                  seed=pick("seed", cfg.seed, toy_settings if cfg.toy else {}), dtype=pick("dtype", cfg.dtype))
+    causal = cfg.causal if cfg.causal is not None else settings.get("method") == "causal"
+    if cfg.model is None and "dit" in settings:
+        taken.append("architecture")
+    if settings:
+        print(f"{cfg.dit_path}: a {settings.get('method', '?')} checkpoint; from its stored settings: "
+              + (", ".join(taken) or "nothing (every flag given)"))
+    return dataclasses.replace(cfg, sampler=sampler, streaming=streaming, causal=causal, **stored), settings
 
 
-def unipc_update(x, s, s_next, lam, lam_next, m, m_prev=None, lam_prev=None, m_next=None):
-    """One UniPC update (bh2 variant, data prediction) of x at rectified-flow time s to s_next, in float32.
-
-    In half log-SNR λ = log((1 − s)/s) the ODE is solved exactly for a constant x0 prediction m (the DDIM step); the
-    change of m along the path is taken from divided differences: D = (m_prev − m)/r with r = (λ_prev − λ)/h (order 2),
-    and for the corrector UniC also from m_next, the prediction at the predicted point. B(h) = e^{−h} − 1.
-    Predictor (m_next None): weight 1/2 on D. Corrector: weights ρ solve R·ρ = b (order 2) or ρ = 1/2 (order 1).
-    """
-    h = lam_next - lam
-    B = math.expm1(-h)
-    x_next = (s_next / s) * x - (1 - s_next) * B * m
-    D, rho = [], []
-    if m_prev is not None:
-        r = (lam_prev - lam) / h
-        D.append((m_prev - m) / r)
-    if m_next is None:
-        rho = [0.5] * len(D)
-    else:
-        D.append(m_next - m)
-        if len(D) == 1:
-            rho = [0.5]
-        else:  # b_k = k!·φ_{k+1}(−h)/B(h) from the exponential integrator; R = [[1, 1], [r, 1]]
-            phi2 = B / -h - 1
-            b1, b2 = phi2 / B, 2 * (phi2 / -h - 0.5) / B
-            rho0 = (b1 - b2) / (1 - r)
-            rho = [rho0, b1 - rho0]
-    for rho_k, D_k in zip(rho, D):
-        x_next = x_next - (1 - s_next) * B * rho_k * D_k
-    return x_next
-
-
-def unipc_sample(velocity, eps: torch.Tensor, steps: int = 50, shift: float = 5.0) -> torch.Tensor:
-    """Wan's default teacher solver: UniPC order 2 with the UniC corrector on the flow-matching ODE, from x = ε.
-
-    Grid as Wan's scheduler: s_i = shift(0.999·(1 − i/steps)), ending at 0 (λ would be −∞ at s = 1). velocity(x,
-    timestep [B]) -> v with timestep = 1000·s (Wan's scheduler rounds it down to an integer; here it is not rounded).
-    Each network call gives the x0 prediction m_i = x_i − s_i·v_i; UniC first corrects x_i with it (no extra call),
-    then UniP steps on; the order is 1 on the first and the last step. Returns x at s = 0 (fp32).
-    """
-    s = shift_time(0.999 * torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift).tolist()
-    lam = [math.log((1 - s_i) / s_i) for s_i in s[:-1]] + [math.inf]
-    x, m, x_prev, order = eps.float(), [], None, 1
-    for i in range(steps):
-        v = velocity(x, torch.full((x.shape[0],), 1000 * s[i], device=x.device))
-        m.append(x - s[i] * v.float())
-        if i > 0:  # UniC: redo the last step with the prediction at its end point
-            two = order == 2
-            x = unipc_update(x_prev, s[i - 1], s[i], lam[i - 1], lam[i], m[-2], m[-3] if two else None,
-                             lam[i - 2] if two else None, m_next=m[-1])
-        order = min(2, i + 1, steps - i)
-        x_prev = x
-        x = unipc_update(x, s[i], s[i + 1], lam[i], lam[i + 1], m[-1], m[-2] if order == 2 else None,
-                         lam[i - 1] if order == 2 else None)
-        m = m[-2:]
-    return x
+def architecture(cfg: Config, settings: dict) -> WanConfig:
+    """--model, else the architecture stored with the checkpoint, else t2v-1.3B (the toy DiT for --toy)."""
+    if cfg.model is not None:
+        return CONFIGS[cfg.model]
+    if "dit" in settings:
+        return WanConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["dit"].items()})
+    return toy.TOY_DIT if cfg.toy else CONFIGS[DEFAULTS["model"]]
 
 
 # -------------------------------------------------------------------------------------------------- the core
@@ -185,17 +166,15 @@ def generate_latents(net, context, neg_context, shape: tuple[int, int, int, int]
     """Latents [B, C, T, H, W] (fp32) for B text contexts, from noise drawn with `generator` (on the sampling device).
 
     net(x, timestep, context) -> v is a Wan DiT; context: B embeddings [L_i, D] or [B, L, D]; neg_context: the
-    negative prompt's, the same way (teacher with CFG only); shape = (C, T, H, W) of one latent clip.
+    negative prompt's, the same way (teacher with CFG only); shape = (C, T, H, W) of one latent clip; sampler: with
+    sigma_max and mid_t set (rcm).
     """
-    B = len(context)
-    eps = torch.randn((B, *shape), generator=generator, device=generator.device)
     steps = num_steps(sampler)
     if sampler.mode == "rcm":
-        t_steps = sampling_times(steps, B, sampler.sigma_max, sampler.mid_t)
-        return rcm_sample(lambda x, t: denoise(net, x, t, context)[0], eps, t_steps, generator=generator)
-    velocity = guided_velocity(net, context, neg_context, sampler.guidance)
-    solve = unipc_sample if sampler.solver == "unipc" else euler_sample
-    return solve(velocity, eps, steps, sampler.shift)
+        return generate(net, context, shape, steps, sampler.sigma_max, sampler.mid_t, generator)
+    noise = draw_noise(len(context), shape, generator)
+    solve, s_max = (sample_unipc, 0.999) if sampler.solver == "unipc" else (sample_euler, 1.0)  # λ(s = 1) = −∞
+    return solve(guidance(net, neg_context, sampler.guidance), noise, context, flow_times(steps, sampler.shift, s_max))
 
 
 @torch.no_grad()
@@ -207,58 +186,24 @@ def decode(vae, z: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- causal streaming
-def chunk_times(st: Streaming, num_chunks: int) -> list[list[float]]:
-    """The rectified-flow times [s_0, s_1, ..., s_{n−1}] of each chunk's steps (the last step goes to s = 0)."""
-    steps = [st.steps_per_chunk[min(i, len(st.steps_per_chunk) - 1)] for i in range(num_chunks)]
-    return [[st.s0, *st.mid_s[:n - 1]] for n in steps]
-
-
-def stream_cache(net, batch: int, shape: tuple[int, int, int, int], st: Streaming) -> KVCache:
-    """A KV cache for streaming clips of latent shape (C, T, H, W): the whole clip's past, or --window-frames."""
+def stream_cache(net, batch: int, shape: tuple[int, int, int, int], st: Streaming):
+    """The KV cache for streaming clips of latent shape (C, T, H, W): the whole clip's past, or --window-frames."""
     chunks = chunk_frames(shape[1], st.first_chunk_t, st.chunk_t)
     max_frames = shape[1] - chunks[-1] if st.window_frames is None else st.window_frames
-    ph, pw = net.cfg.patch_size[1:]
-    cfg = CacheConfig(max(1, max_frames), st.sink_chunks if st.window_frames else 0, st.kv_rope, st.kv_quant,
-                      st.kv_scale)
-    return KVCache(net, batch, (shape[2] // ph) * (shape[3] // pw), cfg, max(chunks))
+    cache = CacheConfig(max(1, max_frames), st.sink_chunks if st.window_frames else 0, st.kv_rope, st.kv_quant,
+                        st.kv_scale)
+    return kv_cache(net, batch, shape, chunks, cache)
 
 
-@torch.no_grad()
-def stream_latents(net, context, shape: tuple[int, int, int, int], chunks, times, cache: KVCache,
-                   generator: torch.Generator, noisy_context: bool = False):
-    """Causal-rCM streaming: yields each chunk's latents [B, C, Tc, H, W] (fp32) as soon as it is denoised.
-
-    For chunk i with times s = times[i]: x = s_0·ε; each step v = net(x, 1000·s_k) reading the cache, x̂0 = x − s_k·v,
-    x = (1 − s_{k+1})·x̂0 + s_{k+1}·ε_k with fresh noise (s_n = 0 ends the chunk at x̂0). Then the chunk's K/V join the
-    cache: a clean pass on x̂0 at s = 0, run when the next chunk is asked for (so decoding this one need not wait), or,
-    with noisy_context, the last step's own pass on its noisy input (one forward less per chunk).
-    """
-    C, _, H, W = shape
-    B, device = len(context), generator.device
-    cache.reset()
-    for i, (Tc, s) in enumerate(zip(chunks, times)):
-        x = s[0] * torch.randn((B, C, Tc, H, W), generator=generator, device=device)
-        for k, s_k in enumerate(s):
-            last = k == len(s) - 1
-            v = net(x, torch.full((B,), 1000 * s_k, device=device), context, kv_cache=cache,
-                    kv_append=noisy_context and last)
-            x0 = x - s_k * v.float()
-            if not last:
-                x = (1 - s[k + 1]) * x0 + s[k + 1] * torch.randn(x0.shape, generator=generator, device=device)
-        yield x0
-        if not noisy_context and i < len(chunks) - 1:
-            net(x0, torch.zeros(B, device=device), context, kv_cache=cache, kv_append=True)
-
-
-def stream_video(net, vae, context, shape: tuple[int, int, int, int], st: Streaming, generator: torch.Generator,
-                 cache: KVCache | None = None):
+def stream_video(net, vae, context, shape: tuple[int, int, int, int], st: Streaming, sampler: Sampler,
+                 generator: torch.Generator, cache=None):
     """Stream B videos (B = len(context)): each chunk's latents are decoded as soon as they exist.
     Returns latents [B, C, T, H, W], frames uint8 [B, F, 8H, 8W, 3] (None without a vae) and, per chunk, the seconds
     (DiT, VAE) it waited for (the clean pass of chunk i counts in chunk i + 1's DiT time)."""
     chunks = chunk_frames(shape[1], st.first_chunk_t, st.chunk_t)
     cache = stream_cache(net, len(context), shape, st) if cache is None else cache
-    stream = stream_latents(net, context, shape, chunks, chunk_times(st, len(chunks)), cache, generator,
-                            st.noisy_context)
+    stream = generate_stream(net, context, shape, chunks, st.steps_per_chunk, sampler.sigma_max, sampler.mid_t,
+                             generator, cache, st.noisy_context)
     device = generator.device
     zs, videos, seconds, vae_cache = [], [], [], {}
     t0 = now(device)
@@ -316,11 +261,11 @@ def read_prompts(cfg: Config) -> list[str]:
 
 
 def check(cfg: Config):
-    """Every user error found before anything is loaded, each with what to change."""
+    """Every user error found before anything is loaded, each with what to change (cfg: with its settings)."""
     steps, s = num_steps(cfg.sampler), cfg.sampler
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
-    if s.mode == "rcm" and steps > len(s.mid_t) + 1:
+    if s.mode == "rcm" and not cfg.causal and steps > len(s.mid_t) + 1:
         raise ValueError(f"the rCM sampler takes at most {len(s.mid_t) + 1} steps with --mid-t {' '.join(map(str, s.mid_t))}"
                          f", got --steps {steps}: lower --steps, or give one more --mid-t time per extra step")
     if cfg.num_samples < 1:
@@ -329,16 +274,16 @@ def check(cfg: Config):
         st = cfg.streaming
         if s.mode != "rcm":
             raise ValueError("--causal streams a distilled Causal-rCM student: drop --mode teacher")
-        if not st.steps_per_chunk or not all(1 <= n <= len(st.mid_s) + 1 for n in st.steps_per_chunk):
+        if not st.steps_per_chunk or not all(1 <= n <= len(s.mid_t) + 1 for n in st.steps_per_chunk):
             raise ValueError(f"--steps-per-chunk {' '.join(map(str, st.steps_per_chunk))}: each must be 1..."
-                             f"{len(st.mid_s) + 1} (one --mid-s time per step after the first)")
+                             f"{len(s.mid_t) + 1} (one --mid-t time per step after the first)")
         if min(st.first_chunk_t, st.chunk_t) < 1 or (st.window_frames is not None and st.window_frames < 1):
             raise ValueError("--first-chunk-t, --chunk-t and --window-frames must be positive latent frame counts")
     files = [("--dit-path", cfg.dit_path, "the DiT weights")]
     if cfg.prompts_file is not None:
         files.append(("--prompts-file", cfg.prompts_file, "one prompt per line"))
     if not cfg.toy:
-        if cfg.model not in CONFIGS or CONFIGS[cfg.model].model_type != "t2v":
+        if cfg.model is not None and (cfg.model not in CONFIGS or CONFIGS[cfg.model].model_type != "t2v"):
             raise ValueError(f"--model {cfg.model!r}: sample.py runs text-to-video DiTs, one of "
                              + ", ".join(k for k, c in CONFIGS.items() if c.model_type == "t2v"))
         if (cfg.num_frames - 1) % 4 or cfg.num_frames < 1:
@@ -350,8 +295,8 @@ def check(cfg: Config):
                   ("--t5-path", tokenizer, "the google/umt5-xxl tokenizer, in google/umt5-xxl/ beside the T5 weights")]
         if cfg.videos:
             files.append(("--vae-path", cfg.vae_path, "Wan2.1_VAE.pth of the Wan2.1 release"))
-        if s.mode == "teacher" and cfg.neg_embed_path is not None:
-            files.append(("--neg-embed-path", cfg.neg_embed_path, "a negative-prompt T5 embedding [L, 4096]"))
+        if s.mode == "teacher" and cfg.neg_embed is not None:
+            files.append(("--neg-embed", cfg.neg_embed, "a negative-prompt umT5 embedding [L, 4096]"))
     for flag, path, what in files:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found ({what}); set {flag} to where it is")
@@ -365,7 +310,7 @@ def now(device) -> float:
     return time.perf_counter()
 
 
-def load_dit(arch, cfg: Config) -> WanModel:
+def load_dit(arch: WanConfig, cfg: Config) -> WanModel:
     """The DiT built on the meta device, then filled from --dit-path (never materialised twice)."""
     with torch.device("meta"):
         net = WanModel(arch)
@@ -382,29 +327,18 @@ def load_dit(arch, cfg: Config) -> WanModel:
 
 
 def embed_texts(cfg: Config, prompts: list[str]):
-    """umT5 embeddings [L_i, 4096] of the prompts (and the negative), with the encoding seconds of each prompt."""
+    """umT5 embeddings [L_i, 4096] of the prompts and, for the teacher with CFG, the negative (--neg-embed, else the
+    encoded --negative-prompt); the encoder is freed before the DiT loads. Also returns the encoding seconds."""
     t0 = now(cfg.device)
-    tokenizer = load_tokenizer(cfg.t5_path.parent / "google" / "umt5-xxl" / "tokenizer.json")
-    encoder = load_umt5(cfg.t5_path, dtype=torch.bfloat16, device=cfg.device, cfg=cfg.t5_cfg)
-    print(f"text encoder loaded in {now(cfg.device) - t0:.1f} s")
-    embeds, seconds = [], []
-    for prompt in prompts:
-        t0 = now(cfg.device)
-        embeds.append(encode_prompts(encoder, tokenizer, [prompt])[0])
-        seconds.append(now(cfg.device) - t0)
-    neg = None
-    if cfg.sampler.mode == "teacher" and cfg.sampler.guidance != 1:
-        if cfg.neg_embed_path is None:
-            neg = encode_prompts(encoder, tokenizer, [cfg.negative_prompt])[0]
-        else:
-            neg = torch.load(cfg.neg_embed_path, map_location=cfg.device, weights_only=True)
-            neg = neg[0] if neg.ndim == 3 and len(neg) == 1 else neg
-            if neg.ndim != 2 or neg.shape[1] != cfg.t5_cfg.dim:
-                raise ValueError(f"--neg-embed-path {cfg.neg_embed_path} holds a {tuple(neg.shape)} tensor; expected "
-                                 f"one T5 embedding [L, {cfg.t5_cfg.dim}]")
-    del encoder
-    if torch.device(cfg.device).type == "cuda":
-        torch.cuda.empty_cache()
+    cfg_negative = cfg.sampler.mode == "teacher" and cfg.sampler.guidance != 1
+    encode_negative = cfg_negative and cfg.neg_embed is None
+    embeds = encode_prompts_and_free(cfg.t5_path, prompts + [cfg.negative_prompt] * encode_negative, device=cfg.device,
+                                     cfg=cfg.t5_cfg)
+    neg = embeds.pop() if encode_negative else None
+    if cfg_negative and cfg.neg_embed is not None:
+        neg = read_negative_embedding(cfg.neg_embed, cfg.t5_cfg.dim).to(cfg.device)
+    seconds = now(cfg.device) - t0
+    print(f"text encoder: {len(prompts)} prompt(s) in {seconds:.1f} s (loading included)")
     return embeds, neg, seconds
 
 
@@ -412,7 +346,7 @@ def slug(text: str, n: int = 40) -> str:
     return "".join(c if c.isalnum() else "_" for c in text[:n]).strip("_") or "video"
 
 
-def sample_wan(cfg: Config):
+def sample_wan(cfg: Config, settings: dict):
     """Prompts -> T5 -> DiT -> VAE -> mp4s (and shards), one video at a time; one timing line per video."""
     prompts = read_prompts(cfg)
     width, height = video_size(cfg)
@@ -420,19 +354,19 @@ def sample_wan(cfg: Config):
     embeds, neg, t5_seconds = embed_texts(cfg, prompts)
     if torch.device(cfg.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the encoder is gone: the peak below is the DiT's and the VAE's
-    net = load_dit(CONFIGS[cfg.model], cfg)
+    net = load_dit(architecture(cfg, settings), cfg)
     vae = load_vae(cfg.vae_path, device=cfg.device, cfg=cfg.vae_cfg) if cfg.videos else None
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(cfg.num_samples)]
-    s = cfg.sampler
-    calls_per_video = num_steps(s) * (2 if s.mode == "teacher" and s.guidance != 1 else 1)
+    s, st = cfg.sampler, cfg.streaming
+    calls_per_video = num_steps(s)
     if cfg.causal:
-        chunks = chunk_frames(shape[1], cfg.streaming.first_chunk_t, cfg.streaming.chunk_t)
-        calls_per_video = (sum(map(len, chunk_times(cfg.streaming, len(chunks))))
-                           + (0 if cfg.streaming.noisy_context else len(chunks) - 1))
+        chunks = chunk_frames(shape[1], st.first_chunk_t, st.chunk_t)
+        calls_per_video = (sum(len(t) - 1 for t in stream_times(chunks, st.steps_per_chunk, s.sigma_max, s.mid_t))
+                           + (0 if st.noisy_context else len(chunks) - 1))
     bar = tqdm(total=len(jobs) * calls_per_video, unit="DiT call")
-    cache = stream_cache(net, 1, shape, cfg.streaming) if cfg.causal else None  # preallocated once, reset per video
+    cache = stream_cache(net, 1, shape, st) if cfg.causal else None  # preallocated once, reset per video
 
-    def dit(x, timestep, context, **causal):
+    def dit(x, timestep, context, **causal):  # the net, counted (CFG's two halves are one batched call)
         v = net(x, timestep, context, **causal)
         bar.update()
         return v
@@ -441,9 +375,9 @@ def sample_wan(cfg: Config):
         for k, (i, prompt) in enumerate(jobs):
             t0 = now(cfg.device)
             generator = torch.Generator(cfg.device).manual_seed(cfg.seed + k)
-            line = f"video {k}: text encoder {t5_seconds[i]:.2f} s, "
+            line = f"video {k}: "
             if cfg.causal:
-                z, frames, seconds = stream_video(dit, vae, [embeds[i]], shape, cfg.streaming, generator, cache)
+                z, frames, seconds = stream_video(dit, vae, [embeds[i]], shape, st, s, generator, cache)
                 line += stream_report(seconds, cfg.num_frames)
             else:
                 z = generate_latents(dit, [embeds[i]], None if neg is None else [neg], shape, s, generator)
@@ -471,33 +405,42 @@ def sample_wan(cfg: Config):
         print(f"peak GPU memory of DiT + VAE: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
-def sample_toy(cfg: Config):
-    """A toy checkpoint: num_samples clips of every prompt of the world, its exact metrics, and a grid mp4."""
-    world = make_world(cfg.world)
-    net = load_dit(cfg.toy_dit, cfg)
-    prompt = torch.arange(cfg.world.prompts).repeat_interleave(cfg.num_samples)
-    context = world.text[prompt].to(cfg.device)
+def sample_toy(cfg: Config, settings: dict) -> dict:
+    """A toy checkpoint on the world it was trained on: num_samples clips of every prompt at each step count (the
+    run's evaluated ones unless --steps), their exact metrics as the run printed them, and a grid mp4 per row."""
+    stored = settings.get("toy", {}).get("world", {})
+    world = toy.make_world(toy.ToyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}))
+    net = load_dit(architecture(cfg, settings), cfg)
+    prompt, context = toy.eval_prompts(world, cfg.num_samples)
+    context = context.to(cfg.device)
     neg_context = world.negative.expand(len(prompt), -1, -1).to(cfg.device)
-    generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
-    t0 = now(cfg.device)
-    if cfg.causal:
-        x = stream_video(net, None, context, world.cfg.shape, cfg.streaming, generator)[0].cpu()
-        name = "causal" + "-".join(map(str, cfg.streaming.steps_per_chunk))
-    else:
-        x = generate_latents(net, context, neg_context, world.cfg.shape, cfg.sampler, generator).cpu()
-        name = f"{cfg.sampler.mode}{num_steps(cfg.sampler)}"
-    print(f"DiT {now(cfg.device) - t0:.2f} s; " + ", ".join(f"{k} {v:.3f}" for k, v in metrics(world, x, prompt).items()))
-    path = cfg.save_path / f"toy_{name}_seed{cfg.seed}.mp4"
-    save_grid(world, x, rows=cfg.world.prompts, path=path)
-    print(f"grid (rows = prompts) -> {path}")
+    s = cfg.sampler
+    steps = [s.steps] if s.steps is not None or s.mode == "teacher" else settings.get("eval_steps", [num_steps(s)])
+    name = {"rcm": "student", "teacher": "teacher"}[s.mode] if not cfg.causal else settings.get("stage", "causal")
+    results = {}
+    for n in steps:
+        generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
+        sampler = dataclasses.replace(s, steps=n)
+        if cfg.causal:
+            st = dataclasses.replace(cfg.streaming, steps_per_chunk=(n,))  # n steps in every chunk, as evaluated
+            x = stream_video(net, None, context, world.cfg.shape, st, sampler, generator)[0].cpu()
+        else:
+            x = generate_latents(net, context, neg_context, world.cfg.shape, sampler, generator).cpu()
+        results[f"{name}-{n}"] = toy.metrics(world, x, prompt)
+        toy.save_grid(world, x, rows=world.cfg.prompts, path=cfg.save_path / f"toy_{name}-{n}_seed{cfg.seed}.mp4")
+    toy.print_table(results)
+    print(f"grids (rows = prompts) -> {cfg.save_path}/toy_*_seed{cfg.seed}.mp4")
+    return results
 
 
-def main(cfg: Config):
+def main(cfg: Config) -> dict:
+    """Sample as configured; returns the toy metrics ({} for Wan videos)."""
+    cfg, settings = with_settings(cfg)
     check(cfg)
     if cfg.toy:
-        sample_toy(cfg)
-    else:
-        sample_wan(cfg)
+        return sample_toy(cfg, settings)
+    sample_wan(cfg, settings)
+    return {}
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
-"""The toy video world (toy_world.md): a Gaussian mixture over small 16-channel latent clips whose velocity and
-quality/diversity metrics are exact, so that rCM can be checked end to end on a CPU in minutes.
+"""The toy video world (docs/toy_world.md): a Gaussian mixture over small 16-channel latent clips whose velocity and
+quality/diversity metrics are exact, so that rCM can be checked end to end on a CPU in minutes. The trainers use it
+as a data source (exact draws or shards), a cached teacher and an evaluator (`ToyRun`, the toy presets).
 
 Prompt p has M modes with unequal weights w_m; mode (p, m) is a blob whose colour names the prompt and whose motion
 across frames names the mode, x0 | (p, m) ~ N(μ_{p,m}, σ²I). The unconditional distribution is the mixture over
 all prompts (equal prompt weights). A tiny Wan DiT is the teacher (trained here by flow matching); `exact_velocity`
 has the Wan call signature, so any code path can use the exact teacher instead.
 """
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import imageio.v2 as imageio
 import torch
 
-from model import WanConfig, WanModel, save_checkpoint
-from losses import euler_sample
+from checkpoint import save_checkpoint
+from data import write_shards as write_data_shards
+from model import WanConfig, WanModel
+from samplers import flow_times, guidance, sample_euler
 
 
 @dataclass
@@ -160,15 +164,24 @@ def eval_prompts(world: World, per_prompt: int):
 # ------------------------------------------------------------------------------------------------- toy teacher
 @dataclass
 class TeacherConfig:
-    """Flow-matching training of the tiny Wan DiT teacher on the toy world."""
-    steps: int = 1500
-    batch: int = 64
-    lr: float = 1e-3
+    """Flow-matching training of the tiny Wan DiT teacher on the toy world (defaults: the toy presets' teacher; the
+    off-mode clips and the hard times are why its 50-step samples are precise, docs/toy_experiments.md)."""
+    steps: int = 3000
+    """optimizer steps"""
+    batch: int = 32
+    """clips per step"""
+    lr: float = 2e-3
+    """peak AdamW learning rate (linear warm-up, then cosine decay to 0)"""
     warmup: int = 100
-    p_uncond: float = 0.1      # prompt dropout to the negative embedding, so the teacher supports CFG
-    hard_fraction: float = 0.0  # share of the batch drawn at s ~ U(hard_from, 1) instead of U(0, 1) ...
-    hard_from: float = 0.7      # ... where the posterior over modes is decided and the net errs most
-    off_mode_fraction: float = 0.0  # share of the batch whose x0 moves in a random direction, no mode's (see below)
+    """warm-up steps"""
+    p_uncond: float = 0.1
+    """prompt dropout to the negative embedding, so the teacher supports CFG"""
+    hard_fraction: float = 0.5
+    """share of the batch drawn at s ~ U(hard_from, 1) instead of U(0, 1) ..."""
+    hard_from: float = 0.85
+    """... where the posterior over modes is decided and the net errs most"""
+    off_mode_fraction: float = 0.25
+    """share of the batch whose x0 moves in a random direction, no mode's (see train_teacher)"""
 
 
 def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, device="cpu", log=print) -> WanModel:
@@ -211,16 +224,13 @@ def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, 
     return net
 
 
+@torch.no_grad()
 def teacher_sample(velocity, world: World, prompt: torch.Tensor, w: float, steps: int, shift: float, seed: int,
                    device="cpu") -> torch.Tensor:
-    """Multi-step CFG Euler sampling, v = v_uncond + w·(v_cond − v_uncond), of any Wan-signature velocity."""
+    """Multi-step Euler sampling with CFG weight w of any Wan-signature velocity, for prompt ids [N]; seeded."""
     context, uncond = world.text[prompt].to(device), world.negative.expand(len(prompt), -1, -1).to(device)
     eps = torch.randn((len(prompt), *world.cfg.shape), generator=torch.Generator().manual_seed(seed)).to(device)
-
-    def guided(x, timestep):
-        v_c = velocity(x, timestep, context)
-        return v_c if w == 1 else v_c + (w - 1) * (v_c - velocity(x, timestep, uncond))
-    return euler_sample(guided, eps, steps, shift).cpu()
+    return sample_euler(guidance(velocity, uncond, w), eps, context, flow_times(steps, shift)).cpu()
 
 
 # -------------------------------------------------------------------------------------------------------- rendering
@@ -246,3 +256,60 @@ def save_grid(world: World, x: torch.Tensor, rows: int, path: Path, fps: int = 3
         imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
     else:
         raise ValueError(f"sample grids are written as .gif or .mp4, got {path}")
+
+
+# --------------------------------------------------------------------------------- the toy world in a training run
+@dataclass
+class ToyRun:
+    """The toy world as a trainer's data source, cached teacher and exact evaluator."""
+    world: ToyConfig = field(default_factory=ToyConfig)
+    """the toy data distribution"""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """flow-matching training of the toy teacher when no --teacher-ckpt is given (cached in checkpoints/)"""
+    eval_per_prompt: int = 256
+    """evaluation: samples per prompt for each sampler (0: no evaluation)"""
+    eval_seed: int = 2
+    """evaluation: seed of the samplers' noise (sample.py reproduces the evaluation with it)"""
+    preview_every: int = 500
+    """iterations between sample previews of the EMA net (gifs and exact metrics; 0: none)"""
+    data_clips: int = 0
+    """write this many clips of the world as shards to --data (if it holds none), then train on them"""
+
+
+def teacher_path(run: ToyRun, dit: WanConfig) -> Path:
+    """The cached toy teacher for this world, DiT and training config."""
+    key = hashlib.sha1(repr((run.world, dit, run.teacher)).encode()).hexdigest()[:10]
+    return Path("checkpoints") / f"toy_teacher_{key}.safetensors"
+
+
+def cached_teacher(run: ToyRun, dit: WanConfig, device, log=print) -> Path:
+    """The cached toy teacher's checkpoint, trained first if missing."""
+    path = teacher_path(run, dit)
+    if not path.exists():
+        log(f"no cached toy teacher: training one ({run.teacher.steps} steps) -> {path}")
+        train_teacher(make_world(run.world), run.teacher, dit, path, device, log=log)
+    return path
+
+
+def write_shards(world: World, n: int, folder: Path, seed: int):
+    """n clips of the world (drawn from a generator seeded by `seed`) as training shards in `folder` (data.py)."""
+    x0, cond, prompt = sample_data(world, n, generator=torch.Generator().manual_seed(seed))
+    # clone: a view would save the whole batch's storage with every sample
+    samples = ((x0[k].clone(), cond[k].clone(), f"toy prompt {prompt[k].item()}") for k in range(n))
+    write_data_shards(samples, folder, samples_per_shard=-(-n // 16))
+
+
+def print_table(results: dict):
+    """One row of exact metrics per sampler."""
+    width = max(12, max(map(len, results)) + 2)
+    print(f"{'sampler':<{width}}{'precision':>10}{'wrong':>8}{'mode TV':>9}{'mean ρ':>8}")
+    for name, m in results.items():
+        print(f"{name:<{width}}{m['precision']:>10.3f}{m['wrong_prompt']:>8.3f}{m['mode_tv']:>9.3f}"
+              f"{m['mean_rho']:>8.3f}")
+
+
+def save_grids(world: World, samples: dict, per_prompt: int, folder: Path, prefix: str, cols: int = 8):
+    """One gif per sampler of samples [P·per_prompt, ...] (rows = prompts, the first `cols` clips of each)."""
+    for name, x in samples.items():
+        grid = x.view(world.cfg.prompts, per_prompt, *x.shape[1:])[:, :cols].flatten(0, 1)
+        save_grid(world, grid, world.cfg.prompts, Path(folder) / f"{prefix}{name}.gif")

@@ -41,7 +41,7 @@ def test_round_trip_one_epoch(tmp_path, num_workers):
 def test_batches_are_shuffled_padded_and_split_by_rank(tmp_path):
     write_shards(toy_samples(16), tmp_path, samples_per_shard=4)
     cfg = DataConfig(path=str(tmp_path), batch_size=4, num_workers=0, shuffle_buffer=8, seed=3)
-    ranks = [list(islice(make_loader(cfg, rank=r, world=2), 2)) for r in range(2)]
+    ranks = [list(islice(make_loader(cfg, rank=r, ranks=2), 2)) for r in range(2)]
     for batches in ranks:
         for b in batches:
             assert b["latent"].shape == (4, 16, 3, 4, 4) and b["embed"].shape[::2] == (4, 8) and len(b["prompt"]) == 4
@@ -49,7 +49,7 @@ def test_batches_are_shuffled_padded_and_split_by_rank(tmp_path):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 16  # the two ranks read disjoint halves of an epoch
     order = [p for b in ranks[0] for p in b["prompt"]]
     assert order != sorted(order, key=lambda p: int(p.split()[1]))  # shuffled
-    again = [p for b in islice(make_loader(cfg, rank=0, world=2), 2) for p in b["prompt"]]
+    again = [p for b in islice(make_loader(cfg, rank=0, ranks=2), 2) for p in b["prompt"]]
     assert again == order  # the seed fixes the order
 
 

@@ -135,26 +135,6 @@ def test_time_samplers_and_schedules():
     s = losses.trig_to_rf(losses.sample_time(losses.TimeDist("shift", shift=5.0), 20000))
     u = s / (5 - 4 * s)    # inverse shift: uniform on [0, 1)
     assert u.mean().item() == pytest.approx(0.5, abs=0.01)
-    sim = losses.simulation_times(4, 8, losses.TimeDist("shift", shift=5.0))
-    assert sim.shape == (5, 8) and torch.all(sim[:-1] >= sim[1:]) and sim[0, 0] == math.pi / 2 and torch.all(sim[-1] == 0)
-    fixed = losses.simulation_times(3, 2, losses.TimeDist(), fixed=(1.5, 1.4, 1.0))
-    assert fixed[:, 0].tolist() == [math.pi / 2, 1.5, 1.4, 0.0]
-    assert losses.sampling_times(2, 1, 80.0)[:, 0].tolist() == [math.atan(80.0), 1.5, 0.0]
-
-
-def test_rcm_sample_keeps_graph_only_in_last_step():
-    w = torch.tensor(0.5, requires_grad=True)
-    grad_on = []
-
-    def f(x, t):
-        grad_on.append(torch.is_grad_enabled())
-        return w * x
-    eps = torch.randn(2, 1, 1, 2, 2)
-    out = losses.rcm_sample(f, eps, losses.sampling_times(3, 2), grad_last=True)
-    assert grad_on == [False, False, True] and out.requires_grad
-    torch.manual_seed(1)
-    one = losses.rcm_sample(lambda x, t: x * 0 + 3.0, eps, losses.sampling_times(1, 2))
-    assert torch.all(one == 3.0)
 
 
 def test_student_tangent_through_wan_model_matches_func_jvp(monkeypatch):

@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import data
-from losses import euler_sample
-from model import CONFIGS, WanModel, load_checkpoint, save_checkpoint
-from sample import Config, Sampler, generate_latents, main, unipc_sample
+from checkpoint import save_checkpoint
+from model import CONFIGS, WanModel, load_checkpoint
+from sample import Config, Sampler, generate_latents, main
+from samplers import flow_times, sample_euler, sample_unipc
 from text_encoder import UMT5Config, UMT5Encoder, encode_prompts, load_tokenizer, load_umt5
 from toy import TOY_DIT, ToyConfig, eval_prompts, exact_velocity, make_world, metrics
 from vae import VAEConfig, WanVAE
@@ -68,7 +69,7 @@ def shard_samples(folder):
             for m in tar.getmembers():
                 key, ext = m.name.split(".", 1)
                 members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        out += [data.decode(members[k]) for k in sorted(members)]
+        out += [data.decode_sample(members[k]) for k in sorted(members)]
     return out
 
 
@@ -97,7 +98,7 @@ def test_teacher_solvers_and_negative_embedding(files, tmp_path):
     neg = encode_prompts(load_umt5(files / "t5.safetensors", cfg=T5), tokenizer, ["bad blurry"])[0]
     torch.save(neg, tmp_path / "neg.pt")
     runs = {"text": tiny(files, tmp_path / "text", mode="teacher", steps=3, negative_prompt="bad blurry", videos=False),
-            "embed": tiny(files, tmp_path / "embed", mode="teacher", steps=3, neg_embed_path=tmp_path / "neg.pt",
+            "embed": tiny(files, tmp_path / "embed", mode="teacher", steps=3, neg_embed=tmp_path / "neg.pt",
                           videos=False),
             "other": tiny(files, tmp_path / "other", mode="teacher", steps=3, negative_prompt="dog", videos=False),
             "euler": tiny(files, tmp_path / "euler", mode="teacher", steps=3, solver="euler", negative_prompt="bad blurry",
@@ -138,7 +139,7 @@ def test_toy_mode_writes_mp4(tmp_path):
     world = ToyConfig()
     save_checkpoint(randomise(WanModel(TOY_DIT), 5), tmp_path / "toy.safetensors")
     cfg = Config(dit_path=tmp_path / "toy.safetensors", toy=True, num_samples=2, save_path=tmp_path, device="cpu",
-                 dtype="float32", world=world, sampler=Sampler(steps=2))
+                 dtype="float32", sampler=Sampler(steps=2))   # weights without stored settings: the default world
     main(cfg)
     (path,) = tmp_path.glob("*.mp4")
     frames = imageio.mimread(path)
@@ -196,8 +197,9 @@ def test_unipc_beats_euler_on_a_gaussian():
         return mu + sigma0 * (z.double() - (1 - s) * mu) / math.sqrt((1 - s) ** 2 * sigma0**2 + s**2)
 
     z = torch.randn(256, 1, 1, 1, 1, generator=torch.Generator().manual_seed(0))
-    err_unipc = (unipc_sample(velocity, z, steps=10, shift=1.0) - exact(z, 0.999)).abs().max().item()
-    err_euler = (euler_sample(velocity, z, steps=10, shift=1.0) - exact(z, 1.0)).abs().max().item()
+    net = lambda x, timestep, context: velocity(x, timestep)
+    err_unipc = (sample_unipc(net, z, None, flow_times(10, 1.0, 0.999)) - exact(z, 0.999)).abs().max().item()
+    err_euler = (sample_euler(net, z, None, flow_times(10, 1.0)) - exact(z, 1.0)).abs().max().item()
     assert err_unipc < 0.03 and err_unipc < err_euler / 10
-    err_unipc_50 = (unipc_sample(velocity, z, steps=50, shift=5.0) - exact(z, 0.999)).abs().max().item()
+    err_unipc_50 = (sample_unipc(net, z, None, flow_times(50, 5.0, 0.999)) - exact(z, 0.999)).abs().max().item()
     assert err_unipc_50 < 0.01

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+import sample
+import samplers
 import toy
 import train_rcm
 
@@ -39,8 +41,7 @@ def test_unconditional_velocity_covers_all_prompts():
     uncond = world.negative.expand(n, -1, -1)
     eps = torch.randn((n, *SMALL.shape), generator=torch.Generator().manual_seed(0))
     v = functools.partial(toy.exact_velocity, world)
-    from losses import euler_sample
-    x = euler_sample(lambda x, ts: v(x, ts, uncond), eps, 50, 5.0)
+    x = samplers.sample_euler(v, eps, uncond, samplers.flow_times(50, 5.0))
     mu = world.mu.flatten(2).flatten(0, 1)
     nearest_prompt = torch.cdist(x.flatten(1), mu).argmin(1) // len(SMALL.weights)
     share = torch.bincount(nearest_prompt, minlength=SMALL.prompts) / n
@@ -120,13 +121,20 @@ def test_short_toy_run_meets_loose_bounds(tmp_path):
     world_cfg = toy.ToyConfig(shape=(16, 2, 4, 4), sigma=0.3)
     dit = dataclasses.replace(toy.TOY_DIT, dim=64, ffn_dim=128, num_layers=2)
     teacher = tmp_path / "teacher.safetensors"
-    toy.train_teacher(toy.make_world(world_cfg), dataclasses.replace(preset.teacher_train, steps=400), dit, teacher,
+    toy.train_teacher(toy.make_world(world_cfg), dataclasses.replace(preset.toy.teacher, steps=400), dit, teacher,
                       log=lambda s: None)
     results = train_rcm.train(dataclasses.replace(
-        preset, world=world_cfg, dit=dit, teacher_ckpt=teacher, out_dir=tmp_path / "run", device="cpu",
-        iterations=90, batch=8, dcm_iterations=15, tangent_warmup=30, preview_every=10**6, ckpt_every=10**6,
-        eval_per_prompt=64))
+        preset, toy=dataclasses.replace(preset.toy, world=world_cfg, preview_every=10**6, eval_per_prompt=64), dit=dit,
+        teacher_ckpt=teacher, out_dir=tmp_path / "run", device="cpu", iterations=90, batch=8, dcm_iterations=15,
+        tangent_warmup=30, ckpt_every=10**6))
     assert results["exact"]["precision"] >= 0.98 and results["exact"]["mode_tv"] <= 0.2
     assert all(m["wrong_prompt"] <= 0.02 for m in results.values())     # every sampler follows its prompt
     for n in (1, 2, 4):  # measured 0.93 / 0.91 / 0.75 precision, TV 0.11 / 0.23 / 0.21
         assert results[f"student-{n}"]["precision"] >= 0.5 and results[f"student-{n}"]["mode_tv"] <= 0.35
+
+    # The exported student carries its sampling settings: sample.py with no sampling flags repeats the evaluation
+    # (same world, architecture, σ_max, mid_t, samples and seed), so it prints the run's student figures.
+    again = sample.main(sample.Config(dit_path=tmp_path / "run" / "ema.safetensors", toy=True, device="cpu",
+                                      save_path=tmp_path / "samples"))
+    assert again == {k: v for k, v in results.items() if k.startswith("student-")}
+    assert len(list((tmp_path / "samples").glob("*.mp4"))) == 3

@@ -14,6 +14,8 @@ import tyro
 import attention_jvp
 import losses
 import model as wan
+import sample
+import samplers
 import toy
 import train_causal
 from model import WanConfig, WanModel, chunk_frames, load_checkpoint
@@ -45,7 +47,7 @@ def test_tf_loss_weights_frames_and_ignores_the_clean_half():
     def net(x, t, context, chunks, teacher_forcing):
         seen.update(x=x, t=t, chunks=chunks, tf=teacher_forcing)
         return torch.where(torch.arange(2 * T)[None, None, :, None, None] < T, math.nan, out)
-    loss = train_causal.tf_loss(net, x0, None, (1, 2), train_causal.TFConfig())
+    loss = losses.tf_loss(net, x0, None, (1, 2), train_causal.TFConfig().p_s)
     assert seen["tf"] and seen["chunks"] == (1, 2)
     torch.testing.assert_close(seen["x"][:, :, :T], x0)
     assert (seen["t"][:, :T] == 0).all() and (seen["t"][:, T:] == seen["t"][:, T:T + 1]).all()
@@ -56,7 +58,7 @@ def test_tf_loss_weights_frames_and_ignores_the_clean_half():
     torch.testing.assert_close(loss, expected.float(), rtol=1e-4, atol=1e-4)
     loss.sum().backward()
     assert (out.grad[:, :, :T] == 0).all() and (out.grad[:, :, T:] != 0).any()
-    assert train_causal.tf_weight(torch.tensor([0.0, 1.0])).abs().max() < 1e-7   # no weight at the ends
+    assert losses.tf_weight(torch.tensor([0.0, 1.0])).abs().max() < 1e-7   # no weight at the ends
 
 
 def test_diffusion_forcing_draws_one_time_per_chunk():
@@ -65,8 +67,7 @@ def test_diffusion_forcing_draws_one_time_per_chunk():
     def net(x, t, context, chunks):
         seen.update(t=t, chunks=chunks)
         return torch.zeros_like(x)
-    cfg = train_causal.TFConfig(forcing="diffusion")
-    loss = train_causal.tf_loss(net, torch.randn(4, 16, 5, 4, 4), None, (1, 2, 2), cfg)
+    loss = losses.tf_loss(net, torch.randn(4, 16, 5, 4, 4), None, (1, 2, 2), train_causal.TFConfig().p_s, "diffusion")
     t = seen["t"]
     assert t.shape == (4, 5) and seen["chunks"] == (1, 2, 2) and loss.shape == (4,)
     assert (t[:, 1] == t[:, 2]).all() and (t[:, 3] == t[:, 4]).all() and (t[:, 0] != t[:, 1]).any()
@@ -82,11 +83,11 @@ def test_tf_scm_tangent_is_the_jvp_with_a_constant_clean_half(monkeypatch, devic
     x0, x_s, v_T = (torch.randn(B, 16, T, 4, 4, device=device) for _ in range(3))
     context, s = torch.randn(B, 8, 32, device=device), torch.tensor([0.3, 0.8], device=device)
     tangent = (v_T, torch.full((B,), 1000.0, device=device))
-    f = train_causal.teacher_forced(net, x0, chunks)
+    f = losses.teacher_forced(net, x0, chunks)
     with torch.no_grad():
         v, dv = f(x_s, 1000 * s, context, tangent=tangent)
         # a clean half that mattered would change the tangent: noisy chunk 0 sees no clean frame, the others do
-        _, dv_other = train_causal.teacher_forced(net, x0 + 1, chunks)(x_s, 1000 * s, context, tangent=tangent)
+        _, dv_other = losses.teacher_forced(net, x0 + 1, chunks)(x_s, 1000 * s, context, tangent=tangent)
     monkeypatch.setattr(wan, "attention", functools.partial(attention_jvp.attention, backend="reference"))
     v_ref, dv_ref = torch.func.jvp(lambda x, s_: f(x, 1000 * s_, context), (x_s, s), (v_T, torch.ones_like(s)))
     tol = dict(rtol=1e-3, atol=1e-4) if device == "cpu" else dict(rtol=1e-2, atol=1e-3)
@@ -109,14 +110,14 @@ def test_tf_scm_is_the_trigflow_scm_of_losses_py(monkeypatch):
     def v_teacher(x_s, timestep):
         seen.update(x_s=x_s, s=timestep.double() / 1000)
         return v_T
-    monkeypatch.setattr(train_causal, "scm_objective", lambda v, g, loss_scale: (seen.update(g=g), (g.sum(), 0))[1])
-    train_causal.tf_scm_loss(net, v_teacher, x0, context, (1, 1, 1), train_causal.CMConfig(), r=1.0)
+    monkeypatch.setattr(losses, "scm_objective", lambda v, g, loss_scale: (seen.update(g=g), (g.sum(), 0))[1])
+    losses.tf_scm_loss(net, v_teacher, x0, context, (1, 1, 1), train_causal.CMConfig().p_G, r=1.0)
 
     t = losses.rf_to_trig(seen["s"])
-    cos, sin = (losses._per_sample(a, x0).double() for a in (torch.cos(t), torch.sin(t)))
+    cos, sin = (losses.per_sample(a, x0).double() for a in (torch.cos(t), torch.sin(t)))
     x_t = seen["x_s"] * (cos + sin)                                      # TrigFlow x_t = (cos t + sin t)·x_s
-    F_T = (cos * x_t - (seen["x_s"] - losses._per_sample(seen["s"], x0).double() * v_T)) / sin  # same x̂0 as v_T
-    f = train_causal.teacher_forced(net, x0, (1, 1, 1))
+    F_T = (cos * x_t - (seen["x_s"] - losses.per_sample(seen["s"], x0).double() * v_T)) / sin  # same x̂0 as v_T
+    f = losses.teacher_forced(net, x0, (1, 1, 1))
     with torch.no_grad():
         tangent = (cos * sin * F_T, torch.cos(t) * torch.sin(t))
         (_, F_minus), (_, dF) = losses.denoise(f, x_t, t, context, tangent=tangent)
@@ -128,7 +129,7 @@ def test_tf_scm_loss_pulls_v_along_the_normalised_tangent():
     net, chunks = tiny_net(), (1, 2)
     x0, context = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 8, 32)
     v_teacher = lambda x, timestep: torch.zeros_like(x)
-    loss, n_nan = train_causal.tf_scm_loss(net, v_teacher, x0, context, chunks, train_causal.CMConfig(), r=1.0)
+    loss, n_nan = losses.tf_scm_loss(net, v_teacher, x0, context, chunks, train_causal.CMConfig().p_G, r=1.0)
     assert loss.shape == (2,) and n_nan == 0
     # L = 100·‖v − sg(v) − g‖² = 100·‖g‖² at the current weights, and ‖g‖ < 1 after the normalisation
     assert ((loss > 0) & (loss < 100)).all()
@@ -144,9 +145,10 @@ def test_rollout_keeps_the_graph_only_at_each_chunks_last_step(noisy_context):
         lambda m, args, kwargs: calls.append((torch.is_grad_enabled(), kwargs.get("kv_append", False),
                                               float(args[1][0]) / 1000)), with_kwargs=True)
     eps, context = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 8, 32)
-    times = train_causal.chunk_times((3,) * 3, 1.0, (15 / 16, 5 / 6, 5 / 8))
-    cache = train_causal.kv_cache(net, 2, eps.shape[1:], chunks, "cpu")
-    video = train_causal.rollout(net, context, eps, chunks, times, cache, grad_last=True, noisy_context=noisy_context)
+    times = [samplers.rcm_times(3, math.inf, samplers.CAUSAL_MID_T)] * 3   # s = 1, 15/16, 5/6
+    cache = samplers.kv_cache(net, 2, eps.shape[1:], chunks)
+    video = torch.cat(list(samplers.stream(net, eps, context, chunks, times, cache, grad_last=True,
+                                           noisy_context=noisy_context)), 2)
     assert video.shape == eps.shape and video.requires_grad
     steps = [(False, False, 1.0), (False, False, 15 / 16), (True, noisy_context, 5 / 6)]
     clean_pass = [] if noisy_context else [(False, True, 0.0)]   # appends the chunk's K/V (not after the last chunk)
@@ -161,16 +163,17 @@ def test_rollout_chunk_sees_the_cached_past():
     """Chunk 1 of a rollout depends on chunk 0 through the cache (not on the noise of later chunks)."""
     net, chunks = tiny_net(), (1, 1, 1)
     eps, context = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 8, 32)
-    times = train_causal.chunk_times((1, 1, 1), 1.0, ())
-    cache = train_causal.kv_cache(net, 1, (16, 3, 4, 4), chunks, "cpu")
+    times = [samplers.rcm_times(1, math.inf, ())] * 3
+    cache = samplers.kv_cache(net, 1, (16, 3, 4, 4), chunks)
+    rollout = lambda *args: torch.cat(list(samplers.stream(*args)), 2)
     with torch.no_grad():
-        a = train_causal.rollout(net, context, eps, chunks, times, cache)
+        a = rollout(net, eps, context, chunks, times, cache)
         eps_b = eps.clone()
         eps_b[:, :, 0] += 1
-        b = train_causal.rollout(net, context, eps_b, chunks, times, cache)
+        b = rollout(net, eps_b, context, chunks, times, cache)
         eps_c = eps.clone()
         eps_c[:, :, 2] += 1
-        c = train_causal.rollout(net, context, eps_c, chunks, times, cache)   # (the cache is reused: emptied first)
+        c = rollout(net, eps_c, context, chunks, times, cache)   # (the cache is reused: emptied first)
     assert (a[:, :, 1] - b[:, :, 1]).abs().max() > 1e-5
     torch.testing.assert_close(a[:, :, :2], c[:, :, :2])
 
@@ -179,18 +182,19 @@ def test_rollout_steps_cycle_and_fixed_steps_per_chunk():
     sf = train_causal.SFConfig()
     assert [train_causal.rollout_steps(sf, 2, k) for k in range(5)] == [(1, 1), (2, 2), (3, 3), (4, 4), (1, 1)]
     assert train_causal.rollout_steps(dataclasses.replace(sf, steps_per_chunk=(4, 2)), 3, 0) == (4, 2, 2)
-    assert train_causal.chunk_times((2, 1), 0.5, (0.4, 0.2)) == [[0.5, 0.4], [0.5]]
-    with pytest.raises(ValueError, match="steps per chunk"):
-        train_causal.chunk_times((5,), 1.0, (0.9,))
+    times = samplers.stream_times((1, 1, 1), (2, 1), 1.0, (0.4, 0.2))
+    assert [t.tolist() for t in times] == [[math.pi / 4, 0.4, 0.0], [math.pi / 4, 0.0], [math.pi / 4, 0.0]]
+    with pytest.raises(ValueError, match="takes 1..2 steps"):
+        samplers.stream_times((1,), (5,), 1.0, (0.9,))
 
 
-def tiny_config(tmp_path, teacher, **kw):
+def tiny_config(tmp_path, teacher, data_clips=0, **kw):
     base = train_causal.PRESETS["toy"][1]
     small = dict(iterations=6, lr_warmup=2)
     kw = {"device": "cpu", **kw}  # tests on CUDA pass device="cuda"
+    run = dataclasses.replace(base.toy, world=TINY_WORLD, eval_per_prompt=2, data_clips=data_clips)
     return dataclasses.replace(
-        base, dit=TINY_DIT, world=TINY_WORLD, teacher_ckpt=teacher, batch=2, log_every=1,
-        ckpt_every=3, eval_per_prompt=2, eval_teacher_steps=3,
+        base, dit=TINY_DIT, toy=run, teacher_ckpt=teacher, batch=2, log_every=1, ckpt_every=3, eval_teacher_steps=3,
         tf=dataclasses.replace(base.tf, **small), cm=dataclasses.replace(base.cm, tangent_warmup=2, **small),
         sf=dataclasses.replace(base.sf, student_update_freq=2, **small), **kw)
 
@@ -232,6 +236,11 @@ def test_stages_run_and_an_interrupted_run_resumes_with_the_same_losses(tmp_path
     assert set(full) == {"exact", "teacher-3", "causal-teacher-3", *(f"{s}-{n}" for s in ("tf", "tf_scm", "sf_dmd")
                                                                      for n in (1, 2, 4))}
     load_checkpoint(WanModel(TINY_DIT), tmp_path / "run" / "sf_dmd" / "ema.safetensors")   # official key names
+    # the exported student carries its streaming settings: `sample.py --causal --toy` with no sampling flags streams
+    # the run's evaluation again
+    again = sample.main(sample.Config(dit_path=tmp_path / "full" / "sf_dmd" / "ema.safetensors", toy=True, causal=True,
+                                      device="cpu", save_path=tmp_path / "samples"))
+    assert again == {k: v for k, v in full.items() if k.startswith("sf_dmd-")}
 
 
 def test_tf_dcm_and_diffusion_forcing_stages_run_on_toy_shards(tmp_path):
@@ -240,7 +249,7 @@ def test_tf_dcm_and_diffusion_forcing_stages_run_on_toy_shards(tmp_path):
                       log=lambda s: None)
     # ... trained on toy clips written as shards (train_rcm's RunConfig flags and data stream)
     cfg = tiny_config(tmp_path, teacher, out_dir=tmp_path / "dcm", stages=("tf", "tf_dcm"), data=tmp_path / "shards",
-                      toy_data_clips=8, num_workers=0, shuffle_buffer=4)
+                      data_clips=8, num_workers=0, shuffle_buffer=4)
     cfg = dataclasses.replace(cfg, tf=dataclasses.replace(cfg.tf, forcing="diffusion", iterations=2),
                               cm=dataclasses.replace(cfg.cm, iterations=2))
     out = train_causal.train(cfg)
@@ -256,15 +265,19 @@ def test_presets_take_every_knob_as_a_documented_flag(capsys):
     """The Wan preset is the 1.3B recipe (bf16, block checkpointing); every field of CausalConfig, train_rcm's
     RunConfig ones included, is a flag."""
     cfg = tyro.extras.overridable_config_cli(train_causal.PRESETS, args=["wan1.3b", "--cp-size", "2"])
-    assert (cfg.task, cfg.dit, cfg.precision, cfg.checkpointing, cfg.cp_size) == (
-        "wan", wan.CONFIGS["t2v-1.3B"], "bf16", "block", 2)
+    assert (cfg.toy, cfg.dit, cfg.precision, cfg.checkpointing, cfg.cp_size) == (
+        None, wan.CONFIGS["t2v-1.3B"], "bf16", "block", 2)
     with pytest.raises(SystemExit):
         tyro.extras.overridable_config_cli(train_causal.PRESETS, args=["wan1.3b", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(train_causal.CausalConfig):
-        if f.name not in ("dit", "world", "teacher_train", "tf", "cm", "sf"):  # nested configs: --tf.lr, ...
+        if f.name not in ("dit", "toy", "tf", "cm", "sf"):  # nested configs: --tf.lr, ...
             assert re.search(f"--{f.name.replace('_', '-')}[ ,]", text), f.name
-    assert "--sf.lr-fake" in text and "--cm.p-G.p-mean" in text and "--toy-data-clips" in text
+    assert "--sf.lr-fake" in text and "--cm.p-G.p-mean" in text
+    toy_help = tyro.extras.overridable_config_cli
+    with pytest.raises(SystemExit):
+        toy_help(train_causal.PRESETS, args=["toy", "--help"])
+    assert "--toy.data-clips" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.gpu

@@ -1,0 +1,66 @@
+"""Weights on disk: reading a state dict from the formats the official releases and NVlabs/rcm use, the strict check
+against a module, and writing safetensors with the sampling settings a checkpoint was trained with in its header
+(other tools ignore the metadata; sample.py reads it for its defaults). Nothing here unpickles arbitrary objects:
+.pt/.pth files go through torch.load(weights_only=True)."""
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+
+def read_state_dict(path, device="cpu") -> dict:
+    """{name: tensor} of a .safetensors file, a sharded *.safetensors.index.json, or a .pt/.pth file (a state dict,
+    read with weights_only=True and mmap)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.name.endswith(".index.json"):
+        sd = {}
+        for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+            sd.update(load_file(path.parent / shard, device=str(device)))
+        return sd
+    if path.suffix == ".safetensors":
+        return load_file(path, device=str(device))
+    if path.suffix in (".pt", ".pth"):
+        return torch.load(path, map_location=device, weights_only=True, mmap=True)
+    raise ValueError(f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors, .index.json, .pt or .pth")
+
+
+def check_state_dict(model: nn.Module, sd: dict, header: str):
+    """Raise one ValueError, opening with `header`, that lists every missing, unexpected and mis-shaped key of `sd`
+    against `model`'s state dict."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    problems = {
+        "missing": sorted(expected.keys() - sd.keys()),
+        "unexpected": sorted(sd.keys() - expected.keys()),
+        "mis-shaped": [f"{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(expected[k])})"
+                       for k in sorted(expected.keys() & sd.keys()) if sd[k].shape != expected[k]]}
+    if any(problems.values()):
+        raise ValueError(header + "\n" + "\n".join(
+            f"  {len(keys)} {kind}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}"
+            for kind, keys in problems.items() if keys))
+
+
+def save_checkpoint(module_or_state_dict, path, settings: dict | None = None):
+    """Write weights (official key names) as one safetensors file; `settings` (JSON-able) go into its header."""
+    sd = module_or_state_dict
+    if isinstance(sd, nn.Module):
+        sd = sd.state_dict()
+    metadata = {"format": "pt"}
+    if settings is not None:
+        metadata["settings"] = json.dumps(settings)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(path), metadata=metadata)
+
+
+def read_settings(path) -> dict:
+    """The settings stored with a safetensors checkpoint ({} for other files, or none stored)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return json.loads(metadata["settings"]) if "settings" in metadata else {}

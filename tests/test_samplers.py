@@ -1,0 +1,73 @@
+"""samplers.py: the time grids, the few-step rCM sampler (graph only in the last step, the x̂0 it returns), the CFG
+wrapper (guided denoising is the guided combination of x̂0 and F), and that streaming one chunk equals sampling it."""
+import math
+
+import pytest
+import torch
+
+import losses
+import samplers
+from model import CONFIGS, WanModel
+
+
+def test_time_grids():
+    torch.manual_seed(0)
+    sim = samplers.simulation_times(4, 8, losses.TimeDist("shift", shift=5.0))
+    assert sim.shape == (5, 8) and torch.all(sim[:-1] >= sim[1:]) and sim[0, 0] == math.pi / 2 and torch.all(sim[-1] == 0)
+    fixed = samplers.simulation_times(3, 2, losses.TimeDist(), fixed=(1.5, 1.4, 1.0))
+    assert fixed[:, 0].tolist() == [math.pi / 2, 1.5, 1.4, 0.0]
+    assert samplers.rcm_times(2, 80.0, (1.5, 1.4, 1.0)).tolist() == [math.atan(80.0), 1.5, 0.0]
+    assert samplers.rcm_times(1, math.inf, ())[0].item() == math.pi / 2
+    with pytest.raises(ValueError, match="takes 1..3 steps"):
+        samplers.rcm_times(4, 80.0, (1.0, 0.5))
+    s = samplers.flow_times(4, 1.0, 0.999)
+    assert s.tolist() == pytest.approx([0.999, 0.74925, 0.4995, 0.24975, 0.0])
+    assert samplers.steps_of_chunks((4, 2), 3) == (4, 2, 2)
+
+
+def test_rcm_sample_keeps_graph_only_in_last_step_and_returns_x0():
+    w = torch.tensor(0.5, requires_grad=True)
+    grad_on = []
+
+    def net(x, timestep, context):
+        grad_on.append(torch.is_grad_enabled())
+        return w * x
+    eps = torch.randn(2, 1, 1, 2, 2)
+    out = samplers.sample_rcm(net, eps, None, samplers.rcm_times(3, 80.0, (1.5, 1.4)), grad_last=True)
+    assert grad_on == [False, False, True] and out.requires_grad
+    # a net whose x̂0 = x_s − s·v is 3 everywhere: one step returns 3 (the time reaches the net as 1000·s)
+    three = lambda x, timestep, context: (x - 3.0) / (timestep / 1000).view(-1, 1, 1, 1, 1)
+    one = samplers.sample_rcm(three, eps, None, samplers.rcm_times(1, 80.0, ()))
+    torch.testing.assert_close(one, torch.full_like(one, 3.0))
+
+
+def test_guided_denoising_is_the_guided_combination():
+    """x̂0 and F are affine in v with weights summing to one: denoising the CFG-wrapped net gives
+    uncond + w·(cond − uncond) of the two denoisings, and w = 1 is the plain net."""
+    torch.manual_seed(0)
+    net = WanModel(CONFIGS["t2v-tiny"]).eval()
+    with torch.no_grad():
+        net.head.head.weight.normal_(std=0.1)
+    x, t = torch.randn(2, 16, 1, 4, 4), torch.tensor([0.4, 1.2], dtype=torch.float64)
+    cond, uncond = torch.randn(2, 5, 48), torch.randn(2, 7, 48)   # different lengths: batched as a list
+    with torch.no_grad():
+        guided = losses.denoise(samplers.guidance(net, uncond, 3.0), x, t, cond)
+        (x0_c, F_c), (x0_u, F_u) = losses.denoise(net, x, t, cond), losses.denoise(net, x, t, uncond)
+    torch.testing.assert_close(guided[0], x0_u + 3.0 * (x0_c - x0_u), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(guided[1], F_u + 3.0 * (F_c - F_u), rtol=1e-4, atol=1e-4)
+    assert samplers.guidance(net, uncond, 1.0) is net
+
+
+def test_streaming_one_chunk_is_the_few_step_sampler():
+    """A clip that is one chunk: streaming through an empty KV cache gives the bidirectional few-step samples."""
+    torch.manual_seed(0)
+    net = WanModel(CONFIGS["t2v-tiny"]).eval()
+    with torch.no_grad():
+        net.head.head.weight.normal_(std=0.1)
+    context, shape = torch.randn(2, 5, 48), (16, 2, 4, 4)
+    with torch.no_grad():
+        plain = samplers.generate(net, context, shape, 2, 80.0, (1.0,), torch.Generator().manual_seed(3))
+        streamed = list(samplers.generate_stream(net, context, shape, (2,), (2,), 80.0, (1.0,),
+                                                 torch.Generator().manual_seed(3)))
+    assert len(streamed) == 1
+    torch.testing.assert_close(streamed[0], plain, rtol=1e-5, atol=1e-5)

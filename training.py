@@ -1,0 +1,432 @@
+"""What train_rcm.py and train_causal.py share: the run config, building and sharding the nets, reading weights, the
+optimiser and the EMA, the data stream, metric reduction, saving and resuming the training state, and the one
+training loop, which takes the method's step as a parameter.
+
+Scale-out (parallel.py): the processes form a (data-parallel × context-parallel) mesh; every net is built on the meta
+device, sharded by FSDP2 over all ranks and filled from rank 0's copy of its checkpoint; with --cp-size P each clip's
+tokens are split over P ranks (Ulysses), which see the same clip, noise and times. Every random draw of micro-batch
+m of iteration i comes from a stream seeded by (seed, i, global micro-batch index), so N ranks equal one process
+with N-fold gradient accumulation, and a resumed run redraws exactly what the interrupted one drew.
+
+A run folder holds metrics.jsonl, state/ (a torch.distributed.checkpoint folder per checkpoint with everything a
+resume needs, and latest.json naming the newest: rerun the same command, on as many processes), ema.safetensors
+(the EMA of the trained net in official key names, with the sampling settings of the run in its metadata) and
+previews/.
+"""
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import torch.distributed as dist
+import tyro
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+import parallel
+import toy
+from toy import ToyRun
+from checkpoint import check_state_dict, save_checkpoint
+from data import DataConfig, make_loader
+from model import WanConfig, WanModel, load_checkpoint, read_state_dict
+from text_encoder import read_negative_embedding
+
+
+@dataclass
+class RunConfig:
+    """What a training run needs besides its method: checkpoints, data, scale-out, logging, the toy world."""
+    out_dir: Path = Path("runs/rcm")
+    """run folder: metrics.jsonl, state/ (resume), ema.safetensors, previews/, eval.json (train_causal: per stage)"""
+    teacher_ckpt: Path | None = None
+    """teacher weights, official key names (Wan2.1 folder, .safetensors, .index.json, .pt); toy: cached if unset"""
+    student_ckpt: Path | None = None
+    """initialise the (first) trained net from these weights instead of the teacher (e.g. a dCM warm-up's EMA)"""
+    dit: WanConfig = field(default_factory=WanConfig)
+    """network config of every net"""
+    device: Literal["cuda", "cpu"] = "cuda" if torch.cuda.is_available() else "cpu"
+    """cuda: one GPU per process (NCCL); cpu: gloo"""
+    seed: int = 0
+    """seed of every random draw (noise, times, data order; the toy world's clips)"""
+
+    # data
+    data: Path | None = None
+    """folder of shard*.tar (latent.pt [16,T,H,W], embed.pt [L,4096], prompt.txt); toy: unset = fresh exact draws"""
+    neg_embed: Path | None = None
+    """negative-prompt umT5 embedding [L,4096] (.safetensors or .pt): the teacher's unconditional input (Wan)"""
+    num_workers: int = 2
+    """data reader processes per rank"""
+    shuffle_buffer: int = 64
+    """samples held for shuffling inside a data reader"""
+    toy: tyro.conf.AvoidSubcommands[ToyRun | None] = None
+    """the toy world as data source, cached teacher and exact evaluator (the toy presets); None: a Wan run"""
+
+    # scale-out
+    precision: Literal["bf16", "fp32"] = "fp32"
+    """bf16: fp32 masters, bf16 compute, fp32 grad reduction, bf16 teacher (Wan); fp32: all fp32 (toy)"""
+    cp_size: int = 1
+    """context-parallel (Ulysses) ranks per clip; must divide the number of processes and the head count"""
+    checkpointing: Literal["none", "block", "matmul"] = "none"
+    """activation checkpointing of the trained nets: block (keep block inputs), matmul (keep matmul outputs)"""
+    compile: bool = False
+    """torch.compile every transformer block (the attention kernel launch stays eager)"""
+    batch: int = 1
+    """clips per iteration on each data-parallel rank"""
+    grad_accum: int = 1
+    """split each rank's batch into this many micro-batches, their gradients accumulated (less activation memory)"""
+
+    # logging
+    log_every: int = 10
+    """iterations between lines of metrics.jsonl (losses averaged over the ranks)"""
+    ckpt_every: int = 500
+    """iterations between checkpoints (state/ and ema.safetensors)"""
+
+
+@dataclass
+class Optim:
+    """AdamW with a linear LR warm-up, and the power-function EMA (EDM2) of the trained net."""
+    iterations: int = 2000
+    """iterations of the run (or stage)"""
+    lr: float = 2e-6
+    """AdamW learning rate of the trained net"""
+    betas: tuple[float, float] = (0.0, 0.999)
+    """AdamW betas"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+    lr_warmup: int = 100
+    """linear learning-rate warm-up (optimizer steps), then constant"""
+    ema_sigma_rel: float = 0.1
+    """relative width σ_rel of the power-function EMA, updated on every update of the trained net"""
+
+
+def check_config(cfg: RunConfig):
+    """Every user mistake that can be seen before loading anything, as one clear message."""
+    if cfg.batch % cfg.grad_accum:
+        raise ValueError(f"--batch {cfg.batch} is not divisible by --grad-accum {cfg.grad_accum}: each rank splits "
+                         f"its batch into grad_accum equal micro-batches")
+    if cfg.dit.num_heads % cfg.cp_size:
+        raise ValueError(f"the model has {cfg.dit.num_heads} attention heads, not divisible by --cp-size "
+                         f"{cfg.cp_size}: pick a divisor of {cfg.dit.num_heads}")
+    if cfg.toy is None:
+        for flag, path in (("--teacher-ckpt", cfg.teacher_ckpt), ("--data", cfg.data), ("--neg-embed", cfg.neg_embed)):
+            if path is None:
+                raise ValueError(f"a Wan run needs {flag} (see --help)")
+    elif cfg.toy.data_clips and cfg.data is None:
+        raise ValueError("--toy.data-clips writes shards to --data: pass --data DIR")
+    for flag, path in (("--teacher-ckpt", cfg.teacher_ckpt), ("--student-ckpt", cfg.student_ckpt),
+                       ("--neg-embed", cfg.neg_embed),
+                       ("--data", None if cfg.toy is not None and cfg.toy.data_clips else cfg.data)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+
+
+def run_in_process_group(cfg: RunConfig, run: Callable[[parallel.Dist], dict]) -> dict:
+    """run(d) in torchrun's process group, or in a one-process group made for it (an existing group, e.g. a test's,
+    is used and left as it is)."""
+    own_group = not dist.is_initialized()
+    try:
+        return run(parallel.init_distributed(cfg.cp_size, cfg.device))
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------------ the nets
+def teacher_checkpoint(cfg: RunConfig, d: parallel.Dist) -> Path:
+    """The teacher's checkpoint: --teacher-ckpt, or in the toy world the cached toy teacher (trained first if
+    missing); toy runs with --toy.data-clips also get their shards written. Rank 0 does the work, the others wait."""
+    path = cfg.teacher_ckpt
+    if cfg.toy is not None and d.is_main:
+        if path is None:
+            path = toy.cached_teacher(cfg.toy, cfg.dit, d.device, log=tqdm.write)
+        if cfg.toy.data_clips and not any(Path(cfg.data).glob("shard*.tar")):
+            toy.write_shards(toy.make_world(cfg.toy.world), cfg.toy.data_clips, cfg.data, cfg.seed)
+    dist.barrier()
+    return path if path is not None else toy.teacher_path(cfg.toy, cfg.dit)
+
+
+def read_weights(d: parallel.Dist, path, dit: WanConfig) -> dict:
+    """Rank 0 reads a checkpoint (official key names) and checks it against the config; the other ranks get {}.
+    A bad file raises on every rank (rank 0 with the message), never leaving the others waiting."""
+    state_dict, error = {}, None
+    if d.is_main:
+        try:
+            state_dict = read_state_dict(path, patch_size=dit.patch_size)
+            with torch.device("meta"):
+                check_state_dict(WanModel(dit), state_dict, f"checkpoint {path} does not match --dit:")
+        except (OSError, ValueError) as e:
+            error = e
+    failed = torch.tensor(float(error is not None), device=d.device)
+    dist.all_reduce(failed)
+    if failed.item():
+        raise error or RuntimeError(f"rank 0 could not load {path} (its message says why)")
+    return state_dict
+
+
+def build_net(cfg: RunConfig, d: parallel.Dist, state_dict: dict, role: Literal["teacher", "trained", "ema"]):
+    """One net, built on the meta device (nothing allocated), wrapped, sharded by FSDP2 over all ranks, then filled
+    from rank 0's full state dict. trained (student, fake score): fp32 masters, checkpointed activations; teacher:
+    frozen, stored in bf16 under bf16 precision; ema: fp32, never differentiated."""
+    bf16 = cfg.precision == "bf16"
+    with torch.device("meta"):
+        net = WanModel(cfg.dit)
+    if role == "teacher" and bf16:
+        net.to(torch.bfloat16)
+    net.requires_grad_(role == "trained").train(role == "trained")
+    if role == "trained":
+        parallel.checkpoint_activations(net, cfg.checkpointing)
+    if cfg.cp_size > 1:
+        parallel.context_parallel(net, d.cp_group)
+    if cfg.compile and role != "ema":  # the EMA only samples previews, at other batch sizes
+        for block in net.blocks:
+            block.compile()
+    # a bf16-stored teacher computes in its own dtype; fp32 masters are gathered in bf16 under bf16 precision
+    parallel.shard_model(net, d.fsdp_mesh, compute_dtype=torch.bfloat16 if bf16 and role != "teacher" else None)
+    net.to_empty(device=d.device)
+    parallel.load_full_state_dict(net, state_dict)
+    return net
+
+
+def load_frozen(cfg: RunConfig, path: Path) -> WanModel:
+    """A plain (unsharded) frozen net on this process's device in the run's precision: the toy evaluation runs the
+    exported files, as sample.py does."""
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    return load_checkpoint(WanModel(cfg.dit), path, dtype=dtype).to(cfg.device).requires_grad_(False).eval()
+
+
+@dataclass
+class Nets:
+    """The nets of a run: a frozen teacher (None when the method has none), the trained net (the student; the causal
+    teacher in stage tf), a fake score (None when off) and the EMA of the trained net; the optimisers and LR schedules
+    of the two that train."""
+    teacher: WanModel | None
+    trained: WanModel
+    fake: WanModel | None
+    ema: WanModel
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    opt_fake: torch.optim.Optimizer | None = None
+    sched_fake: torch.optim.lr_scheduler.LRScheduler | None = None
+
+
+def adamw(optim: Optim, net: WanModel, lr: float):
+    """Fused AdamW with a linear warm-up to lr, then constant."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=optim.betas, weight_decay=optim.weight_decay, fused=True)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / optim.lr_warmup))
+
+
+def build_nets(cfg: RunConfig, d: parallel.Dist, optim: Optim, *, teacher: Path | dict | None, trained: Path | dict,
+               fake: Path | dict | None = None, lr_fake: float = 0.0) -> Nets:
+    """The nets from their checkpoints (each file read once, by rank 0; or state dicts, e.g. bench.py's random
+    weights): teacher (frozen), trained net and EMA (from `trained`), fake score (from `fake`, trained at lr_fake)."""
+    weights = {}
+
+    def read(source):
+        if isinstance(source, dict):
+            return source
+        if str(source) not in weights:
+            weights[str(source)] = read_weights(d, source, cfg.dit)
+        return weights[str(source)]
+    nets = dict(teacher=build_net(cfg, d, read(teacher), "teacher") if teacher is not None else None,
+                trained=build_net(cfg, d, read(trained), "trained"),
+                fake=build_net(cfg, d, read(fake), "trained") if fake is not None else None,
+                ema=build_net(cfg, d, read(trained), "ema"))
+    opt, sched = adamw(optim, nets["trained"], optim.lr)
+    opt_fake, sched_fake = adamw(optim, nets["fake"], lr_fake) if fake is not None else (None, None)
+    return Nets(**nets, opt=opt, sched=sched, opt_fake=opt_fake, sched_fake=sched_fake)
+
+
+def ema_gamma(sigma_rel: float) -> float:
+    """EDM2 power-function EMA: the exponent γ with σ_rel² = (γ + 1)/((γ + 2)²(γ + 3)), found by bisection."""
+    if not 0 < sigma_rel < 12**-0.5:
+        raise ValueError(f"ema_sigma_rel must lie in (0, {12**-0.5:.3f}), got {sigma_rel}")
+    lo, hi = 0.0, 1e9
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if (mid + 1) / ((mid + 2) ** 2 * (mid + 3)) > sigma_rel**2 else (lo, mid)
+    return lo
+
+
+@torch.no_grad()
+def ema_update(ema: WanModel, net: WanModel, n: int, gamma: float):
+    """θ_ema ← β·θ_ema + (1 − β)·θ with β = (1 − 1/(n + 1))^(γ + 1) after n earlier updates (n = 0 copies).
+    Works shard by shard on FSDP nets (the EMA is sharded as the trained net)."""
+    beta = (1 - 1 / (n + 1)) ** (gamma + 1)
+    local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # FSDP: this rank's shards, alike on both nets
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        local(p_ema).lerp_(local(p).to(p_ema.dtype), 1 - beta)
+
+
+def optimizer_step(nets: Nets, optim: Optim, n: int) -> dict:
+    """The trained net's AdamW step and LR schedule, then its EMA (n earlier updates); returns the LR."""
+    nets.opt.step()
+    nets.sched.step()
+    ema_update(nets.ema, nets.trained, n, ema_gamma(optim.ema_sigma_rel))
+    return {"lr": nets.sched.get_last_lr()[0]}
+
+
+def critic_update(nets: Nets, batches, loss_of, accum: int) -> dict:
+    """One fake-score update: loss_of(x0, cond) -> (loss [B], metrics) on each micro-batch, gradients accumulated into
+    one AdamW step. Returns the metrics (micro-batch means) and the LR."""
+    nets.opt_fake.zero_grad(set_to_none=True)
+    metrics = {}
+    for x0, cond, _ in batches:
+        loss, record = loss_of(x0, cond)
+        (loss.mean() / accum).backward()
+        accumulate_metrics(metrics, {"loss/critic": loss.mean().item(), **record}, accum)
+    nets.opt_fake.step()
+    nets.sched_fake.step()
+    return {**metrics, "lr_fake": nets.sched_fake.get_last_lr()[0]}
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def data_stream(cfg: RunConfig, d: parallel.Dist, start_batch: int):
+    """(draw, skipped): draw() -> one micro-batch (x0 [b,C,T,H,W], cond [b,L,D], uncond [b,L',D]) on the device,
+    b = batch/grad_accum; skipped counts the corrupt samples and shards the loader passed over (the caller clears
+    it). Shards are split by data-parallel rank and resume after `start_batch` micro-batches; the toy world without
+    --data draws fresh clips from the global RNG (seeded per micro-batch)."""
+    micro, skipped = cfg.batch // cfg.grad_accum, {"data/bad_samples": 0, "data/bad_shards": 0}
+    world = toy.make_world(cfg.toy.world) if cfg.toy is not None else None
+    negative = world.negative if world is not None and cfg.neg_embed is None else \
+        read_negative_embedding(cfg.neg_embed, cfg.dit.text_dim)
+    uncond = negative.to(d.device).expand(micro, -1, -1)
+    if cfg.data is None:
+        def draw():
+            x0, cond, _ = toy.sample_data(world, micro)
+            return x0.to(d.device), cond.to(d.device), uncond
+        return draw, skipped
+
+    loader = make_loader(DataConfig(path=str(cfg.data), batch_size=micro, num_workers=cfg.num_workers,
+                                    shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed),
+                         rank=d.dp_rank, ranks=d.dp_size, start_batch=start_batch)
+
+    def draw():
+        b = next(loader)
+        skipped["data/bad_samples"] += b["bad_samples"]
+        skipped["data/bad_shards"] += b["bad_shards"]
+        x0, cond = b["latent"], b["embed"]
+        if x0.shape[1] != cfg.dit.in_dim or cond.shape[-1] != cfg.dit.text_dim:
+            raise ValueError(f"--data latents have {x0.shape[1]} channels and embeddings width {cond.shape[-1]}; "
+                             f"the model takes {cfg.dit.in_dim} and {cfg.dit.text_dim}")
+        return x0.to(d.device), cond.to(d.device), uncond
+    return draw, skipped
+
+
+def micro_batches(cfg: RunConfig, d: parallel.Dist, i: int, draw):
+    """The grad_accum micro-batches of iteration i. The RNG is seeded right before each is drawn (a generator runs
+    on demand), so its data, noise and times depend only on (seed, i, global micro-batch index)."""
+    for m in range(cfg.grad_accum):
+        parallel.seed_everything(cfg.seed, d, i, m, cfg.grad_accum)
+        yield draw()
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+COUNTS = ("scm/nan_samples", "data/bad_samples", "data/bad_shards")  # metrics that add up (the others are means)
+
+
+def accumulate_metrics(metrics: dict, record: dict, n: int):
+    """Add one of n micro-batches' metrics into `metrics`."""
+    for k, v in record.items():
+        metrics[k] = metrics.get(k, 0.0) + (v if k in COUNTS else v / n)
+
+
+def reduce_metrics(record: dict, d: parallel.Dist) -> dict:
+    """Average the training metrics over the data-parallel ranks (counts add up; a CP group counts its clip once)."""
+    keys = [k for k in record if k != "iteration"]
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=d.device)
+    dist.all_reduce(values)
+    ranks = d.dp_size * d.cp_size
+    return {"iteration": record["iteration"], **{k: v / (d.cp_size if k in COUNTS else ranks)
+                                                 for k, v in zip(keys, values.tolist())}}
+
+
+# ------------------------------------------------------------------------------------------- checkpoints (resume)
+def training_state(nets: Nets) -> dict:
+    """What parallel.save_training_state / load_training_state keep, besides the counters and RNG states."""
+    trained = {"trained": (nets.opt, nets.sched)}
+    if nets.fake is not None:
+        trained["fake"] = (nets.opt_fake, nets.sched_fake)
+    return dict(nets={"ema": nets.ema, **{name: getattr(nets, name) for name in trained}},
+                optimizers={name: opt for name, (opt, _) in trained.items()},
+                schedulers={name: sched for name, (_, sched) in trained.items()})
+
+
+def save_state(folder: Path, d: parallel.Dist, nets: Nets, iteration: int, data_batches: int, settings: dict):
+    """state/{iteration}/ (every rank writes its shards), then state/latest.json names it (written atomically, so a
+    run killed mid-save resumes from the previous one) and older folders go; the EMA is gathered to rank 0 and
+    exported as ema.safetensors (official key names; the run's sampling `settings` in its metadata)."""
+    ckpt = folder / "state" / f"{iteration:09d}"
+    parallel.save_training_state(ckpt, **training_state(nets),
+                                 counters={"iteration": iteration, "data_batches": data_batches})
+    ema = parallel.full_state_dict(nets.ema)
+    if d.is_main:
+        latest = folder / "state" / "latest.json"
+        tmp = latest.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"folder": ckpt.name, "iteration": iteration, "processes": dist.get_world_size()}))
+        tmp.replace(latest)
+        for old in (folder / "state").iterdir():
+            if old.is_dir() and old.name != ckpt.name:
+                shutil.rmtree(old)
+        save_checkpoint(ema, folder / "ema.safetensors.tmp", settings)
+        (folder / "ema.safetensors.tmp").replace(folder / "ema.safetensors")
+    dist.barrier()
+
+
+def saved_iteration(folder: Path) -> int:
+    """The iteration of the newest checkpoint in a run folder (0 without one)."""
+    latest = folder / "state" / "latest.json"
+    return json.loads(latest.read_text())["iteration"] if latest.exists() else 0
+
+
+def load_state(folder: Path, nets: Nets) -> tuple[int, int]:
+    """Restore the newest checkpoint of the run folder, if any. Returns (iteration, data micro-batches consumed)."""
+    latest = folder / "state" / "latest.json"
+    if not latest.exists():
+        return 0, 0
+    info = json.loads(latest.read_text())
+    if info["processes"] != dist.get_world_size():
+        raise ValueError(f"{folder} was checkpointed by {info['processes']} processes; resume it on as many "
+                         f"(this run has {dist.get_world_size()}) or pick another --out-dir")
+    counters = parallel.load_training_state(folder / "state" / info["folder"], **training_state(nets),
+                                            counters={"iteration": 0, "data_batches": 0})
+    return counters["iteration"], counters["data_batches"]
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def train_loop(cfg: RunConfig, d: parallel.Dist, nets: Nets, iterations: int, step, *, settings: dict,
+               desc: str = "train", preview=None, preview_every: int = 0):
+    """Run (or resume) the iterations of cfg.out_dir: step(i, micro_batches) -> metrics of iteration i; every
+    log_every iterations a line of metrics.jsonl (reduced over the ranks), every preview_every (and at the end)
+    preview(i + 1) -> its metrics, every ckpt_every (and at the end) a checkpoint with the EMA export."""
+    # Resume: weights, optimisers, schedules, counters; the random draws are seeded per iteration, the data stream
+    # skips what the interrupted run consumed, so the continued run repeats the losses it would have had.
+    start, start_batches = load_state(cfg.out_dir, nets)
+    log_path = cfg.out_dir / "metrics.jsonl"
+    if d.is_main:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        if start:
+            tqdm.write(f"{desc}: resumed from {cfg.out_dir / 'state'} at iteration {start}")
+        if log_path.exists():  # drop log lines written after the checkpoint by the interrupted run
+            lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["iteration"] < start]
+            log_path.write_text("".join(ln + "\n" for ln in lines))
+    draw, skipped = data_stream(cfg, d, start_batches)
+
+    bar = tqdm(range(start, iterations), initial=start, total=iterations, desc=desc, disable=not d.is_main)
+    t0 = time.time()
+    for i in bar:
+        record = {"iteration": i, **step(i, micro_batches(cfg, d, i, draw)), **skipped}
+        skipped.update({k: 0 for k in skipped})
+        previewing = preview is not None and preview_every > 0 and ((i + 1) % preview_every == 0 or i + 1 == iterations)
+        if i % cfg.log_every == 0 or previewing:
+            record = reduce_metrics(record, d)
+            if previewing:
+                record.update(preview(i + 1))
+            record["time_s"] = round(time.time() - t0, 2)
+            if d.is_main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")})
+        if (i + 1) % cfg.ckpt_every == 0 or i + 1 == iterations:
+            save_state(cfg.out_dir, d, nets, i + 1, start_batches + (i + 1 - start) * cfg.grad_accum, settings)
