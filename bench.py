@@ -141,9 +141,9 @@ def bench_attn(cfg: AttnBench):
             if A._sm90_supported(q):
                 add("block-causal, Triton tile kernel", lambda: jvp(mask, "triton"), 6 * (1 + 1 / cfg.chunks))
             if cfg.teacher_forcing and L % 2 == 0:  # each half does a block-causal pass's work over L/2
-                tf = A.teacher_forcing(_even_chunks(L // 2, cfg.chunks))
-                first = _first_call_s(lambda: jvp(tf))
-                add(f"ours teacher-forcing, {cfg.chunks} chunks", lambda: jvp(tf), 3 * (1 + 1 / cfg.chunks), first)
+                tf_mask = A.teacher_forcing(_even_chunks(L // 2, cfg.chunks))
+                first = _first_call_s(lambda: jvp(tf_mask))
+                add(f"ours teacher-forcing, {cfg.chunks} chunks", lambda: jvp(tf_mask), 3 * (1 + 1 / cfg.chunks), first)
 
             if rcm_attention is not None:
                 args = [x.transpose(1, 2).contiguous() for x in (q, k, v, tq, tk, tv)]
@@ -476,11 +476,11 @@ def bench_iteration(cfg: IterationBench):
     rcm = dataclasses.replace(train_rcm.PRESETS[cfg.preset][1], device="cuda", batch=cfg.batch, cp_size=cfg.cp_size,
                               checkpointing=cfg.checkpointing, compile=cfg.compile)
     d = parallel.init_distributed(rcm.cp_size, "cuda")
-    dit, world = rcm.dit, dist.get_world_size()
+    dit, processes = rcm.dit, dist.get_world_size()
     T, (H, W) = 1 + (cfg.frames - 1) // 4, LATENT[cfg.resolution]
     L = T * (H // 2) * (W // 2)
     if d.is_main:
-        print(f"# {torch.cuda.get_device_name()} x{world} (dp {d.dp_size} x cp {d.cp_size}), torch {torch.__version__}, "
+        print(f"# {torch.cuda.get_device_name()} x{processes} (dp {d.dp_size} x cp {d.cp_size}), torch {torch.__version__}, "
               f"{cfg.preset}, {cfg.resolution}, {cfg.frames} frames ({L} tokens), batch {cfg.batch} per dp rank, "
               f"SAC {cfg.checkpointing}, compile {cfg.compile}, {time.strftime('%Y-%m-%d')}", flush=True)
     with torch.device("meta"):
@@ -514,8 +514,8 @@ def bench_iteration(cfg: IterationBench):
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         for sec, record in runs:
             n_sim = int(record.get("dmd/steps", record.get("critic/steps")))
-            flops = rcm_iteration_flops(dit, L, n_sim)[offset] * cfg.batch * d.dp_size  # every clip of the world
-            rows.append((name, n_sim, sec, peak.item(), flops / sec / world / 1e12))
+            flops = rcm_iteration_flops(dit, L, n_sim)[offset] * cfg.batch * d.dp_size  # every clip of every rank
+            rows.append((name, n_sim, sec, peak.item(), flops / sec / processes / 1e12))
     if d.is_main:
         print("\n| iteration | sim steps | seconds | peak GiB (max over ranks) | TFLOP/s per GPU | MFU |")
         print("|---|---:|---:|---:|---:|---:|")
@@ -525,7 +525,7 @@ def bench_iteration(cfg: IterationBench):
             secs = sorted(r[2] for r in rows if r[0] == name)
             mean_tflops = sum(r[4] * r[2] for r in rows if r[0] == name) / sum(secs)
             print(f"{name}: median {secs[len(secs) // 2]:.2f} s, mean over the cycle {sum(secs) / len(secs):.2f} s, "
-                  f"MFU {mean_tflops / cfg.peak_tflops:.1%}; clips/s for the world: "
+                  f"MFU {mean_tflops / cfg.peak_tflops:.1%}; clips/s over all ranks: "
                   f"{cfg.batch * d.dp_size * len(secs) / sum(secs):.2f}")
     dist.destroy_process_group()
 

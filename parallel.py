@@ -69,18 +69,18 @@ def init_distributed(cp_size: int = 1, device: str | None = None) -> Dist:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    world = dist.get_world_size()
-    if world % cp_size:
-        raise ValueError(f"the context-parallel size {cp_size} must divide the number of processes {world}")
+    processes = dist.get_world_size()
+    if processes % cp_size:
+        raise ValueError(f"the context-parallel size {cp_size} must divide the number of processes {processes}")
     # NCCL ranks own one GPU each; a gloo group computes on the CPU
     device = torch.device("cpu")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
         torch.cuda.set_device(device)
-    mesh = init_device_mesh(device.type, (world // cp_size, cp_size), mesh_dim_names=("dp", "cp"))
+    mesh = init_device_mesh(device.type, (processes // cp_size, cp_size), mesh_dim_names=("dp", "cp"))
     fsdp_mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
     rank = dist.get_rank()
-    return Dist(mesh, fsdp_mesh, device, rank, rank // cp_size, world // cp_size, cp_size)
+    return Dist(mesh, fsdp_mesh, device, rank, rank // cp_size, processes // cp_size, cp_size)
 
 
 def seed_everything(seed: int, d: Dist, step: int = 0, micro: int = 0, accumulation: int = 1):

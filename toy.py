@@ -166,20 +166,13 @@ def eval_prompts(world: World, per_prompt: int):
 class TeacherConfig:
     """Flow-matching training of the tiny Wan DiT teacher on the toy world (defaults: the toy presets' teacher; the
     off-mode clips and the hard times are why its 50-step samples are precise, docs/toy_experiments.md)."""
-    steps: int = 3000
-    """optimizer steps"""
-    batch: int = 32
-    """clips per step"""
-    lr: float = 2e-3
-    """peak AdamW learning rate (linear warm-up, then cosine decay to 0)"""
-    warmup: int = 100
-    """warm-up steps"""
-    p_uncond: float = 0.1
-    """prompt dropout to the negative embedding, so the teacher supports CFG"""
-    hard_fraction: float = 0.5
-    """share of the batch drawn at s ~ U(hard_from, 1) instead of U(0, 1) ..."""
-    hard_from: float = 0.85
-    """... where the posterior over modes is decided and the net errs most"""
+    steps: int = 3000  # optimizer steps
+    batch: int = 32  # clips per step
+    lr: float = 2e-3  # peak AdamW learning rate (linear warm-up, then cosine decay to 0)
+    warmup: int = 100  # warm-up steps
+    p_uncond: float = 0.1  # prompt dropout to the negative embedding, so the teacher supports CFG
+    hard_fraction: float = 0.5  # share of the batch drawn at s ~ U(hard_from, 1) instead of U(0, 1) ...
+    hard_from: float = 0.85  # ... where the posterior over modes is decided and the net errs most
     off_mode_fraction: float = 0.25
     """share of the batch whose x0 moves in a random direction, no mode's (see train_teacher)"""
 
@@ -262,18 +255,13 @@ def save_grid(world: World, x: torch.Tensor, rows: int, path: Path, fps: int = 3
 @dataclass
 class ToyRun:
     """The toy world as a trainer's data source, cached teacher and exact evaluator."""
-    world: ToyConfig = field(default_factory=ToyConfig)
-    """the toy data distribution"""
+    world: ToyConfig = field(default_factory=ToyConfig)  # the toy data distribution
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """flow-matching training of the toy teacher when no --teacher-ckpt is given (cached in checkpoints/)"""
-    eval_per_prompt: int = 256
-    """evaluation: samples per prompt for each sampler (0: no evaluation)"""
-    eval_seed: int = 2
-    """evaluation: seed of the samplers' noise (sample.py reproduces the evaluation with it)"""
-    preview_every: int = 500
-    """iterations between sample previews of the EMA net (gifs and exact metrics; 0: none)"""
-    data_clips: int = 0
-    """write this many clips of the world as shards to --data (if it holds none), then train on them"""
+    eval_per_prompt: int = 256  # evaluation: samples per prompt for each sampler (0: no evaluation)
+    eval_seed: int = 2  # evaluation: seed of the samplers' noise (sample.py reproduces the evaluation with it)
+    preview_every: int = 500  # iterations between sample previews of the EMA net (gifs and exact metrics; 0: none)
+    data_clips: int = 0  # write this many clips of the world as shards to --data (if it holds none), then train on them
 
 
 def teacher_path(run: ToyRun, dit: WanConfig) -> Path:

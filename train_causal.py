@@ -53,42 +53,31 @@ class TFConfig(Optim):
     """distribution of the noisy half's time (as TrigFlow t; UniformShift(5) in s)"""
     forcing: Literal["teacher", "diffusion"] = "teacher"
     """teacher: packed [clean | noisy] clip, one s per clip; diffusion: block-causal mask, one s per chunk"""
-    loss_scale: float = 100.0
-    """weight of the flow-matching loss"""
+    loss_scale: float = 100.0  # weight of the flow-matching loss
 
 
 @dataclass
 class CMConfig(Optim):
     """Stages tf_scm and tf_dcm: teacher-forcing consistency distillation from the causal teacher."""
-    teacher_guidance: float = 3.0
-    """classifier-free guidance weight of the causal teacher"""
+    teacher_guidance: float = 3.0  # classifier-free guidance weight of the causal teacher
     p_G: TimeDist = field(default_factory=lambda: TimeDist("lognormal", p_mean=-0.8, p_std=1.6))
     """sCM: distribution of the time (EDM σ = s/(1 − s) log-normal)"""
-    tangent_warmup: int = 1000
-    """sCM: iterations over which the tangent warm-up ratio r grows to 1"""
-    loss_scale: float = 100.0
-    """weight of the consistency loss"""
-    dcm_total_steps: int = 48
-    """dCM: number of steps N of the discretisation grid"""
-    dcm_shift: float = 3.0
-    """dCM: timestep shift of the grid"""
+    tangent_warmup: int = 1000  # sCM: iterations over which the tangent warm-up ratio r grows to 1
+    loss_scale: float = 100.0  # weight of the consistency loss
+    dcm_total_steps: int = 48  # dCM: number of steps N of the discretisation grid
+    dcm_shift: float = 3.0  # dCM: timestep shift of the grid
 
 
 @dataclass
 class SFConfig(Optim):
     """Stage sf_dmd: self-forcing DMD against the bidirectional teacher, with a bidirectional fake score."""
-    lr_fake: float = 4e-7
-    """fake-score AdamW learning rate"""
-    teacher_guidance: float = 5.0
-    """classifier-free guidance weight of the bidirectional teacher"""
+    lr_fake: float = 4e-7  # fake-score AdamW learning rate
+    teacher_guidance: float = 5.0  # classifier-free guidance weight of the bidirectional teacher
     p_D: TimeDist = field(default_factory=lambda: TimeDist("shift", shift=5.0))
     """time distribution of DMD and the critic"""
-    loss_scale_dmd: float = 1.0
-    """weight of the DMD loss"""
-    student_update_freq: int = 6
-    """one student iteration per this many iterations; the others train the fake score"""
-    max_simulation_steps: int = 4
-    """the rollout's steps per chunk cycle through 1..this many"""
+    loss_scale_dmd: float = 1.0  # weight of the DMD loss
+    student_update_freq: int = 6  # one student iteration per this many iterations; the others train the fake score
+    max_simulation_steps: int = 4  # the rollout's steps per chunk cycle through 1..this many
     steps_per_chunk: tuple[int, ...] = ()
     """fixed steps per chunk instead of the cycle: chunk i takes entry min(i, len − 1), e.g. 4 2"""
     noisy_context: bool = False
@@ -105,16 +94,11 @@ class CausalConfig(RunConfig):
     """the causal teacher, needed by tf_scm / tf_dcm when the stage tf is not run"""
 
     # chunks and stages
-    first_chunk_t: int = 3
-    """latent frames of the first chunk"""
-    chunk_t: int = 3
-    """latent frames of every later chunk (3: chunk-wise, 1: frame-wise)"""
-    tf: TFConfig = field(default_factory=TFConfig)
-    """stage tf"""
-    cm: CMConfig = field(default_factory=CMConfig)
-    """stages tf_scm and tf_dcm"""
-    sf: SFConfig = field(default_factory=SFConfig)
-    """stage sf_dmd"""
+    first_chunk_t: int = 3  # latent frames of the first chunk
+    chunk_t: int = 3  # latent frames of every later chunk (3: chunk-wise, 1: frame-wise)
+    tf: TFConfig = field(default_factory=TFConfig)  # stage tf
+    cm: CMConfig = field(default_factory=CMConfig)  # stages tf_scm and tf_dcm
+    sf: SFConfig = field(default_factory=SFConfig)  # stage sf_dmd
     sigma_max: float = 1600.0
     """streaming inference starts each chunk at t = arctan(sigma_max) (training rollouts at pure noise)"""
     mid_t: tuple[float, ...] = CAUSAL_MID_T

@@ -44,22 +44,18 @@ class RunConfig:
     """teacher weights, official key names (Wan2.1 folder, .safetensors, .index.json, .pt); toy: cached if unset"""
     student_ckpt: Path | None = None
     """initialise the (first) trained net from these weights instead of the teacher (e.g. a dCM warm-up's EMA)"""
-    dit: WanConfig = field(default_factory=WanConfig)
-    """network config of every net"""
+    dit: WanConfig = field(default_factory=WanConfig)  # network config of every net
     device: Literal["cuda", "cpu"] = "cuda" if torch.cuda.is_available() else "cpu"
     """cuda: one GPU per process (NCCL); cpu: gloo"""
-    seed: int = 0
-    """seed of every random draw (noise, times, data order; the toy world's clips)"""
+    seed: int = 0  # seed of every random draw (noise, times, data order; the toy world's clips)
 
     # data
     data: Path | None = None
     """folder of shard*.tar (latent.pt [16,T,H,W], embed.pt [L,4096], prompt.txt); toy: unset = fresh exact draws"""
     neg_embed: Path | None = None
     """negative-prompt umT5 embedding [L,4096] (.safetensors or .pt): the teacher's unconditional input (Wan)"""
-    num_workers: int = 2
-    """data reader processes per rank"""
-    shuffle_buffer: int = 64
-    """samples held for shuffling inside a data reader"""
+    num_workers: int = 2  # data reader processes per rank
+    shuffle_buffer: int = 64  # samples held for shuffling inside a data reader
     toy: tyro.conf.AvoidSubcommands[ToyRun | None] = None
     """the toy world as data source, cached teacher and exact evaluator (the toy presets); None: a Wan run"""
 
@@ -70,33 +66,24 @@ class RunConfig:
     """context-parallel (Ulysses) ranks per clip; must divide the number of processes and the head count"""
     checkpointing: Literal["none", "block", "matmul"] = "none"
     """activation checkpointing of the trained nets: block (keep block inputs), matmul (keep matmul outputs)"""
-    compile: bool = False
-    """torch.compile every transformer block (the attention kernel launch stays eager)"""
-    batch: int = 1
-    """clips per iteration on each data-parallel rank"""
+    compile: bool = False  # torch.compile every transformer block (the attention kernel launch stays eager)
+    batch: int = 1  # clips per iteration on each data-parallel rank
     grad_accum: int = 1
     """split each rank's batch into this many micro-batches, their gradients accumulated (less activation memory)"""
 
     # logging
-    log_every: int = 10
-    """iterations between lines of metrics.jsonl (losses averaged over the ranks)"""
-    ckpt_every: int = 500
-    """iterations between checkpoints (state/ and ema.safetensors)"""
+    log_every: int = 10  # iterations between lines of metrics.jsonl (losses averaged over the ranks)
+    ckpt_every: int = 500  # iterations between checkpoints (state/ and ema.safetensors)
 
 
 @dataclass
 class Optim:
     """AdamW with a linear LR warm-up, and the power-function EMA (EDM2) of the trained net."""
-    iterations: int = 2000
-    """iterations of the run (or stage)"""
-    lr: float = 2e-6
-    """AdamW learning rate of the trained net"""
-    betas: tuple[float, float] = (0.0, 0.999)
-    """AdamW betas"""
-    weight_decay: float = 0.01
-    """AdamW weight decay"""
-    lr_warmup: int = 100
-    """linear learning-rate warm-up (optimizer steps), then constant"""
+    iterations: int = 2000  # iterations of the run (or stage)
+    lr: float = 2e-6  # AdamW learning rate of the trained net
+    betas: tuple[float, float] = (0.0, 0.999)  # AdamW betas
+    weight_decay: float = 0.01  # AdamW weight decay
+    lr_warmup: int = 100  # linear learning-rate warm-up (optimizer steps), then constant
     ema_sigma_rel: float = 0.1
     """relative width σ_rel of the power-function EMA, updated on every update of the trained net"""
 
