@@ -132,6 +132,8 @@ def with_settings(cfg: Config) -> tuple[Config, dict]:
         return DEFAULTS[name]
     sampler = dataclasses.replace(cfg.sampler, sigma_max=pick("sigma_max", cfg.sampler.sigma_max),
                                   mid_t=pick("mid_t", cfg.sampler.mid_t))
+    if cfg.sampler.mode == "rcm" and cfg.sampler.steps is None and "steps" in settings and not cfg.toy:
+        sampler = dataclasses.replace(sampler, steps=pick("steps", None))  # (--toy: every evaluated step count)
     st = cfg.streaming
     streaming = dataclasses.replace(st, **{k: pick(k, getattr(st, k))
                                            for k in ("first_chunk_t", "chunk_t", "steps_per_chunk", "noisy_context")})
@@ -260,9 +262,10 @@ def read_prompts(cfg: Config) -> list[str]:
     return [cfg.prompt]
 
 
-def check(cfg: Config):
+def check(cfg: Config, settings: dict):
     """Every user error found before anything is loaded, each with what to change (cfg: with its settings)."""
-    steps, s = num_steps(cfg.sampler), cfg.sampler
+    s = cfg.sampler
+    steps = max(toy_steps(cfg, settings)) if cfg.toy else num_steps(s)
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     if s.mode == "rcm" and not cfg.causal and steps > len(s.mid_t) + 1:
@@ -405,6 +408,12 @@ def sample_wan(cfg: Config, settings: dict):
         print(f"peak GPU memory of DiT + VAE: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
+def toy_steps(cfg: Config, settings: dict) -> list[int]:
+    """--steps, else every step count the run evaluated."""
+    s = cfg.sampler
+    return [num_steps(s)] if s.steps is not None or s.mode == "teacher" else settings.get("eval_steps", [num_steps(s)])
+
+
 def sample_toy(cfg: Config, settings: dict) -> dict:
     """A toy checkpoint on the world it was trained on: num_samples clips of every prompt at each step count (the
     run's evaluated ones unless --steps), their exact metrics as the run printed them, and a grid mp4 per row."""
@@ -415,7 +424,7 @@ def sample_toy(cfg: Config, settings: dict) -> dict:
     context = context.to(cfg.device)
     neg_context = world.negative.expand(len(prompt), -1, -1).to(cfg.device)
     s = cfg.sampler
-    steps = [s.steps] if s.steps is not None or s.mode == "teacher" else settings.get("eval_steps", [num_steps(s)])
+    steps = toy_steps(cfg, settings)
     name = {"rcm": "student", "teacher": "teacher"}[s.mode] if not cfg.causal else settings.get("stage", "causal")
     results = {}
     for n in steps:
@@ -436,7 +445,7 @@ def sample_toy(cfg: Config, settings: dict) -> dict:
 def main(cfg: Config) -> dict:
     """Sample as configured; returns the toy metrics ({} for Wan videos)."""
     cfg, settings = with_settings(cfg)
-    check(cfg)
+    check(cfg, settings)
     if cfg.toy:
         return sample_toy(cfg, settings)
     sample_wan(cfg, settings)

@@ -1,7 +1,9 @@
 """sample.py end to end on tiny random nets saved to disk (so the CLI's real loading path runs): reproducible seeds,
 the teacher solvers and CFG inputs, checkpoint layouts, shards in data.py's format, the toy mode's mp4, user errors,
 and UniPC's accuracy on a Gaussian whose flow-matching velocity is exact."""
+import dataclasses
 import functools
+import json
 import math
 import tarfile
 
@@ -203,3 +205,29 @@ def test_unipc_beats_euler_on_a_gaussian():
     assert err_unipc < 0.03 and err_unipc < err_euler / 10
     err_unipc_50 = (sample_unipc(net, z, None, flow_times(50, 5.0, 0.999)) - exact(z, 0.999)).abs().max().item()
     assert err_unipc_50 < 0.01
+
+
+def test_defaults_come_from_the_checkpoint_settings(tmp_path, capsys):
+    """Weights saved with sampling settings: unset flags take them (and the first line says so), flags override them,
+    and the toy world, architecture, sample count and seed travel too."""
+    world = ToyConfig(prompts=2, weights=(0.7, 0.3), shape=(16, 2, 4, 4))
+    settings = {"method": "rcm", "dit": dataclasses.asdict(TOY_DIT), "sigma_max": 5.0, "mid_t": [1.0],
+                "eval_steps": [1, 2], "dtype": "float32",
+                "toy": {"world": dataclasses.asdict(world), "num_samples": 3, "seed": 7}}
+    save_checkpoint(randomise(WanModel(TOY_DIT), 5), tmp_path / "toy.safetensors", settings)
+    run = lambda **kw: main(Config(dit_path=tmp_path / "toy.safetensors", toy=True, save_path=tmp_path / "out",
+                                   device="cpu", **kw))
+    stored = run()
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "from its stored settings: sigma_max, mid_t" in first and "architecture" in first
+    assert set(stored) == {"student-1", "student-2"}                     # the run's evaluated step counts
+    grids = sorted(p.name for p in (tmp_path / "out").glob("*.mp4"))
+    assert grids == ["toy_student-1_seed7.mp4", "toy_student-2_seed7.mp4"]
+    frames = lambda: np.stack(imageio.mimread(tmp_path / "out" / grids[0]))
+    stored_frames = frames()
+    assert stored_frames.shape[1:] == (2 * 4 * 8, 3 * 4 * 8, 3)         # rows = prompts, columns = samples
+    assert json.dumps(run(num_samples=3, seed=7, dtype="float32")) == json.dumps(stored)  # the stored values as flags
+    assert np.array_equal(frames(), stored_frames)
+    run(sampler=Sampler(sigma_max=1.0))                                 # a flag overrides the stored value
+    assert "from its stored settings: mid_t," in capsys.readouterr().out.splitlines()[-5]
+    assert not np.array_equal(frames(), stored_frames)
