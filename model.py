@@ -245,26 +245,23 @@ class KVCache:
     index the next chunk gets: frames appended so far with keys after RoPE, `frames` with keys before RoPE).
     """
 
-    def __init__(self, net: "WanModel", batch: int, frame_tokens: int, cfg: CacheConfig, max_chunk_t: int,
-                 device=None, dtype=None):
+    def __init__(self, cfg: CacheConfig, *, layers: int, batch: int, frame_tokens: int, heads: int, head_dim: int,
+                 max_chunk_t: int, device=None, dtype=torch.float32):
+        """Buffers for `layers` blocks of `heads` heads (this rank's, under context parallelism) of head_dim; dtype:
+        the unquantised storage (samplers.kv_cache builds one for a net)."""
         if cfg.max_frames < 1 or max_chunk_t < 1 or cfg.sink_chunks < 0:
             raise ValueError(f"a KV cache needs max_frames ≥ 1, max_chunk_t ≥ 1 and sink_chunks ≥ 0, got {cfg}, "
                              f"max_chunk_t={max_chunk_t}")
-        weight = net.blocks[0].self_attn.q.weight
-        device = weight.device if device is None else device
-        dtype = weight.dtype if dtype is None else dtype  # unquantised storage (bf16 halves an fp32 master's cache)
         self.cfg, self.frame_tokens, self.max_chunk_t = cfg, frame_tokens, max_chunk_t
-        P = 1 if net.cp_group is None else net.cp_group.size()
-        heads, head_dim = net.cfg.num_heads // P, net.cfg.dim // net.cfg.num_heads
         capacity = cfg.max_frames + max_chunk_t
         shape = (batch, capacity * frame_tokens, heads, head_dim)
         store = {"none": dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[cfg.quant]
-        self.k, self.v = ([torch.empty(shape, dtype=store, device=device) for _ in net.blocks] for _ in range(2))
+        self.k, self.v = ([torch.empty(shape, dtype=store, device=device) for _ in range(layers)] for _ in range(2))
         self.k_scale = self.v_scale = None
         if cfg.quant != "none":
             scale_shape = (batch, capacity * frame_tokens, heads, 1) if cfg.scale == "token" else \
                 (batch, capacity, heads, head_dim)
-            self.k_scale, self.v_scale = ([torch.empty(scale_shape, device=device) for _ in net.blocks]
+            self.k_scale, self.v_scale = ([torch.empty(scale_shape, device=device) for _ in range(layers)]
                                           for _ in range(2))
         self.rope_tables = None  # set by WanModel.forward for each call: RoPE of [kept frames | this chunk]
         self.reset()

@@ -8,12 +8,18 @@ import torch
 
 import attention_jvp
 import model as wan
-from model import CONFIGS, CacheConfig, KVCache, WanModel, chunk_frames, dequantize, quantize, rope_tables
-from sample import Streaming, decode, main, stream_video
+import samplers
+from model import CONFIGS, CacheConfig, WanModel, chunk_frames, dequantize, quantize, rope_tables
+from sample import Sampler, Streaming, decode, main, stream_video
 from test_sample import files, mp4s, tiny  # noqa: F401 (files is a fixture)
 
 B, T, H, W = 2, 5, 4, 6  # 5 latent frames of 2x3 tokens
 FRAME_TOKENS = (H // 2) * (W // 2)
+
+
+def cache_for(net, batch, frame_tokens, cfg, max_chunk_t, dtype=None):
+    """samplers.kv_cache (the one cache builder) for frames of `frame_tokens` tokens and chunks of ≤ max_chunk_t."""
+    return samplers.kv_cache(net, batch, (16, max_chunk_t, 2, 2 * frame_tokens), (max_chunk_t,), cfg, dtype)
 
 
 def rel(a, b):
@@ -41,7 +47,7 @@ def inputs():
 
 def stream(net, x, t, context, chunks, cfg):
     """Every chunk's velocity through a KV cache that each chunk joins after its forward."""
-    cache = KVCache(net, B, FRAME_TOKENS, cfg, max(chunks))
+    cache = cache_for(net, B, FRAME_TOKENS, cfg, max(chunks))
     out, f = [], 0
     for c in chunks:
         out.append(net(x[:, :, f:f + c], t[:, f:f + c], context, kv_cache=cache, kv_append=True))
@@ -73,7 +79,7 @@ def test_block_causal_clip_equals_streaming_through_kv_cache(net, inputs, rope):
 
 def test_read_only_forward_leaves_the_cache_alone(net, inputs):
     x, t, context = inputs
-    cache = KVCache(net, B, FRAME_TOKENS, CacheConfig(max_frames=T), 2)
+    cache = cache_for(net, B, FRAME_TOKENS, CacheConfig(max_frames=T), 2)
     with torch.no_grad():
         net(x[:, :, :1], t[:, :1], context, kv_cache=cache, kv_append=True)
         a = net(x[:, :, 1:3], t[:, 1:3], context, kv_cache=cache)
@@ -92,7 +98,7 @@ def test_teacher_forcing_halves_equal_block_causal_and_the_cached_clean_context(
         v = net(torch.cat([x_clean, x_noisy], 2), torch.cat([t_clean, t_noisy], 1), context, chunks=chunks,
                 teacher_forcing=True)
         v_clean = net(x_clean, t_clean, context, chunks=chunks)
-        cache = KVCache(net, B, FRAME_TOKENS, CacheConfig(max_frames=T), max(chunks))
+        cache = cache_for(net, B, FRAME_TOKENS, CacheConfig(max_frames=T), max(chunks))
         per_chunk, f = [], 0
         for c in chunks:
             per_chunk.append(net(x_noisy[:, :, f:f + c], t_noisy[:, f:f + c], context, kv_cache=cache))
@@ -128,7 +134,7 @@ def test_sliding_window_keeps_sinks_and_bounds_memory(net, inputs):
     """Eight one-frame chunks into a 3-frame window with one sink chunk: the buffers never grow or move, the cache
     holds [sink | the newest chunks] in order, and keys cached before RoPE keep positions below window + chunk."""
     cfg = CacheConfig(max_frames=3, sink_chunks=1, rope="before")
-    cache = KVCache(net, 1, FRAME_TOKENS, cfg, max_chunk_t=1)
+    cache = cache_for(net, 1, FRAME_TOKENS, cfg, max_chunk_t=1)
     D = net.cfg.dim // net.cfg.num_heads
     nbytes, ptr = cache.nbytes(), cache.k[0].data_ptr()
     for j in range(8):  # chunk j's keys and values are all j, so the buffer says which chunks it holds
@@ -144,13 +150,13 @@ def test_sliding_window_keeps_sinks_and_bounds_memory(net, inputs):
     # through the model: positions stay bounded with keys before RoPE and keep counting with keys after RoPE
     x, t, context = inputs
     for rope, position in (("before", 3), ("after", 8)):
-        cache = KVCache(net, B, FRAME_TOKENS, CacheConfig(max_frames=3, sink_chunks=1, rope=rope), 1)
+        cache = cache_for(net, B, FRAME_TOKENS, CacheConfig(max_frames=3, sink_chunks=1, rope=rope), 1)
         with torch.no_grad():
             for j in range(8):
                 v = net(x[:, :, j % T:j % T + 1], t[:, j % T:j % T + 1], context, kv_cache=cache, kv_append=True)
         assert torch.isfinite(v).all() and cache.frames == 3 and cache.position == position
     with pytest.raises(ValueError, match="raise max_frames"):
-        cache = KVCache(net, B, FRAME_TOKENS, CacheConfig(max_frames=1, sink_chunks=1), 1)
+        cache = cache_for(net, B, FRAME_TOKENS, CacheConfig(max_frames=1, sink_chunks=1), 1)
         with torch.no_grad():
             for j in range(2):
                 net(x[:, :, :1], t[:, :1], context, kv_cache=cache, kv_append=True)
@@ -194,7 +200,7 @@ def test_causal_mode_user_errors(net, inputs):
         net(x, t, context, chunks=(1, 2))
     with pytest.raises(ValueError, match="needs chunks"):
         net(x, t, context, teacher_forcing=True)
-    cache = KVCache(net, B, FRAME_TOKENS, CacheConfig(max_frames=4), 1)
+    cache = cache_for(net, B, FRAME_TOKENS, CacheConfig(max_frames=4), 1)
     with pytest.raises(ValueError, match="build a KVCache to match"):
         net(x[:, :, :2], t[:, :2], context, kv_cache=cache)
     with pytest.raises(ValueError, match="one chunk"):
@@ -214,12 +220,13 @@ def test_sample_causal_writes_streamed_mp4(files, tmp_path):  # noqa: F811
     cfg = tiny(files, tmp_path / "b")
     dit, vae = load_dit(CONFIGS["t2v-tiny"], cfg), load_vae(files / "vae.safetensors", cfg=cfg.vae_cfg)
     context = [torch.randn(4, 48, generator=torch.Generator().manual_seed(0))]
-    z, frames, seconds = stream_video(dit, vae, context, (16, 3, 4, 4), Streaming(1, 1, (2,)),
+    sampler = Sampler(sigma_max=1600.0, mid_t=samplers.CAUSAL_MID_T)
+    z, frames, seconds = stream_video(dit, vae, context, (16, 3, 4, 4), Streaming(1, 1, (2,), False), sampler,
                                       torch.Generator().manual_seed(1))
     assert z.shape == (1, 16, 3, 4, 4) and frames.shape == (1, 9, 32, 32, 3) and len(seconds) == 3
     assert torch.equal(decode(vae, z), frames)  # chunk-by-chunk decoding is exact
-    for st in (Streaming(1, 1, (2,), noisy_context=True), Streaming(1, 1, (4, 2))):
-        other = stream_video(dit, None, context, (16, 3, 4, 4), st, torch.Generator().manual_seed(1))[0]
+    for st in (Streaming(1, 1, (2,), noisy_context=True), Streaming(1, 1, (4, 2), noisy_context=False)):
+        other = stream_video(dit, None, context, (16, 3, 4, 4), st, sampler, torch.Generator().manual_seed(1))[0]
         assert torch.equal(other[:, :, :1], z[:, :, :1]) == st.noisy_context  # chunk 0 has no context to differ by
         assert rel(other, z) > 1e-4
 
@@ -233,7 +240,7 @@ def test_cache_storage_dtype_differs_from_compute(net, inputs):
     with torch.no_grad():
         outs = [torch.cat([half(x[:, :, f:f + c], t[:, f:f + c], context, kv_cache=cache, kv_append=True)
                            for f, c in zip((0, 1, 3), chunks)], 2)
-                for cache in (KVCache(half, B, FRAME_TOKENS, CacheConfig(max_frames=T), 2, dtype=dtype)
+                for cache in (cache_for(half, B, FRAME_TOKENS, CacheConfig(max_frames=T), 2, dtype=dtype)
                               for dtype in (torch.float32, torch.bfloat16))]
         v = net(x, t, context, chunks=chunks)
     assert rel(outs[0], outs[1]) < 1e-2 and rel(outs[0], v) < 3e-2
@@ -260,7 +267,7 @@ def test_gpu_bf16_causal_modes(net, inputs):
     context = [c.cuda() for c in context]
     with torch.no_grad():
         v = gpu(x, t, context, chunks=chunks)
-        cache = KVCache(gpu, B, FRAME_TOKENS, CacheConfig(max_frames=T), max(chunks))
+        cache = cache_for(gpu, B, FRAME_TOKENS, CacheConfig(max_frames=T), max(chunks))
         v_stream = torch.cat([gpu(x[:, :, f:f + c], t[:, f:f + c], context, kv_cache=cache, kv_append=True)
                               for f, c in zip((0, 1, 3), chunks)], 2)
         tf, ttf = gpu(x_tf, t_tf, context, tangent=(tx, tt), chunks=chunks, teacher_forcing=True)
@@ -301,7 +308,7 @@ def _causal_cp_equals_one_device(rank, tmp):
     for cfg in (CacheConfig(max_frames=6), CacheConfig(max_frames=3, sink_chunks=1, rope="before", quant="int8")):
         outs = []
         for m in (ref, net):  # one-frame chunks; the window slides from the fourth on
-            cache = KVCache(m, 1, 3, cfg, max_chunk_t=1)
+            cache = cache_for(m, 1, 3, cfg, max_chunk_t=1)
             assert cache.k[0].shape[2] == (2 if m is ref else 1)  # each rank caches its head shard
             with torch.no_grad():
                 outs.append(torch.cat([m(x[:, :, f:f + 1], t[:, f:f + 1], context, kv_cache=cache, kv_append=True)
@@ -325,7 +332,7 @@ def test_with_grad_chunk_under_activation_checkpointing(net, inputs, rope):
     x, t, context = inputs
 
     def grad(model):
-        cache = KVCache(model, B, FRAME_TOKENS, CacheConfig(max_frames=T, rope=rope), 2)
+        cache = cache_for(model, B, FRAME_TOKENS, CacheConfig(max_frames=T, rope=rope), 2)
         model.zero_grad()
         with torch.no_grad():
             model(x[:, :, :2], t[:, :2], context, kv_cache=cache, kv_append=True)
@@ -338,7 +345,7 @@ def test_with_grad_chunk_under_activation_checkpointing(net, inputs, rope):
     ref = grad(net)
     assert rel(grad(parallel.checkpoint_activations(copy.deepcopy(net), "block")), ref) < 1e-6
     windowed = parallel.checkpoint_activations(copy.deepcopy(net), "block")
-    cache = KVCache(windowed, B, FRAME_TOKENS, CacheConfig(max_frames=2, rope=rope), 2)
+    cache = cache_for(windowed, B, FRAME_TOKENS, CacheConfig(max_frames=2, rope=rope), 2)
     with torch.no_grad():
         windowed(x[:, :, :2], t[:, :2], context, kv_cache=cache, kv_append=True)
     out = windowed(x[:, :, 2:3], t[:, 2:3], context, kv_cache=cache)
