@@ -44,6 +44,17 @@ def check_state_dict(model: nn.Module, sd: dict, header: str):
             for kind, keys in problems.items() if keys))
 
 
+def load_strict(build, path, header: str, *, dtype, device="cpu") -> nn.Module:
+    """build() on the meta device, filled strictly from `path` (the tensors are assigned: a large model is never in
+    memory twice), in eval mode and frozen; a mismatch raises one error opening with `header`."""
+    sd = read_state_dict(path)
+    with torch.device("meta"):
+        module = build()
+    check_state_dict(module, sd, header)
+    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
 def save_checkpoint(module_or_state_dict, path, settings: dict | None = None):
     """Write weights (official key names) as one safetensors file; `settings` (JSON-able) go into its header."""
     sd = module_or_state_dict

@@ -21,7 +21,6 @@ ChunkMask, in the forward, the tangent and the with-grad passes), and at inferen
 values of the chunks already generated, so each new chunk costs a forward over its own tokens only.
 """
 import functools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
 
-from attention_jvp import attention, block_causal, teacher_forcing
+import checkpoint
+from attention_jvp import attention, block_causal
+from attention_jvp import teacher_forcing as teacher_forcing_mask
 from parallel import gather_tokens, shard_tokens, token_layout, ulysses_attention
 
 
@@ -61,7 +61,7 @@ CONFIGS = {
     "t2v-1.3B": WanConfig(),
     "t2v-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "i2v-14B": WanConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-    # the tiny shapes of ../shared/golden, for tests
+    # the tiny shapes of the golden fixtures (tests/golden)
     "t2v-tiny": WanConfig(**_TINY),
     "i2v-tiny": WanConfig(model_type="i2v", in_dim=36, **_TINY),
 }
@@ -263,7 +263,6 @@ class KVCache:
                 (batch, capacity, heads, head_dim)
             self.k_scale, self.v_scale = ([torch.empty(scale_shape, device=device) for _ in range(layers)]
                                           for _ in range(2))
-        self.rope_tables = None  # set by WanModel.forward for each call: RoPE of [kept frames | this chunk]
         self.reset()
 
     def reset(self):
@@ -297,11 +296,14 @@ class KVCache:
         f = self.frame_tokens if self.cfg.scale == "channel" else 1
         scale[:, n // f:(n + x.shape[1]) // f] = s
 
-    def snapshot(self) -> dict:
-        """The cache state one forward reads (frames, RoPE tables, evictions so far). Blocks get it frozen, so that
+    def snapshot(self, chunk_t: int, rope) -> dict:
+        """The cache state a forward of a chunk_t-frame chunk reads: the frames kept, the RoPE tables of the keys of
+        [kept frames | chunk] (rope(frames, first frame index) -> tables: the chunk's own with keys cached after RoPE,
+        all of them re-indexed from 0 with keys cached before it), the evictions so far. Blocks get it frozen, so that
         activation checkpointing, which re-runs a with-grad chunk's blocks in the backward after later chunks were
         appended, reads the same cached keys and values again."""
-        return dict(frames=self.frames, freqs=self.rope_tables, evictions=self.evictions)
+        freqs = rope(chunk_t, self.position) if self.cfg.rope == "after" else rope(self.frames + chunk_t, 0)
+        return dict(frames=self.frames, freqs=freqs, evictions=self.evictions)
 
     def extend(self, block: int, k, v, append: bool, frames: int, freqs, evictions: int):
         """Keys/values of a chunk, k (before RoPE) and v [B,Lc,H,D], -> those of [cached frames | chunk] with RoPE
@@ -594,8 +596,10 @@ class WanModel(nn.Module):
         grid = (T // pt, H // ph, W // pw)
         if t.ndim == 2 and t.shape[1] != grid[0]:
             raise ValueError(f"per-frame t has {t.shape[1]} entries but the clip has {grid[0]} latent frames")
-        mask, freqs = self.causal_layout(grid, x.device, chunks, teacher_forcing, kv_cache, kv_append, frame_offset,
-                                         B, tangent is not None)
+        mask, segments = causal_layout(grid, chunks, teacher_forcing, kv_cache, kv_append, frame_offset, B,
+                                       tangent is not None)
+        tables = [self.rope(n, grid[1:], x.device, first) for n, first in segments]
+        freqs = tables[0] if len(tables) == 1 else torch.cat(tables)
 
         if y is not None:
             x = torch.cat([x, y], dim=1)
@@ -617,7 +621,8 @@ class WanModel(nn.Module):
         cp = None if self.cp_group is None else token_layout(self.cp_group, grid[0], grid[1] * grid[2], x.device)
         if cp is not None:  # this rank keeps its slice of every frame's tokens (see parallel.py)
             x, tx, freqs = shard_tokens(x, cp), shard_tokens(tx, cp), shard_tokens(freqs, cp, dim=0)
-        state = None if kv_cache is None else kv_cache.snapshot()  # frozen for activation checkpointing
+        state = None if kv_cache is None else \
+            kv_cache.snapshot(grid[0], lambda n, first: self.rope(n, grid[1:], x.device, first))
         for i, block in enumerate(self.blocks):
             kv = None if kv_cache is None else functools.partial(kv_cache.extend, i, append=kv_append, **state)
             x, tx = block(x, tx, e0, te0, freqs, context, context_img, cp, mask, kv)
@@ -630,39 +635,38 @@ class WanModel(nn.Module):
         v = self.unpatchify(h, grid)
         return v if tangent is None else (v, self.unpatchify(th, grid))
 
-    def causal_layout(self, grid, device, chunks, tf, kv_cache, kv_append, frame_offset, batch, tangent):
-        """The attention mask (None or a ChunkMask) and the RoPE tables of the queries for forward's causal
-        arguments, each checked; with a KV cache also the tables of its keys (kv_cache.rope_tables)."""
-        frames, hw = grid[0], grid[1:]
-        frame_tokens = hw[0] * hw[1]
-        if kv_cache is None:
-            if kv_append:
-                raise ValueError("kv_append=True needs a kv_cache to append to")
-            if chunks is None:
-                if tf:
-                    raise ValueError("teacher_forcing=True needs chunks=(frames per chunk, ...) of the clip")
-                return None, self.rope(frames, hw, device, frame_offset)
-            clip = frames // 2 if tf else frames
-            if sum(chunks) != clip or (tf and frames % 2):
-                raise ValueError(f"chunks {tuple(chunks)} cover {sum(chunks)} latent frames, but x holds {frames}"
-                                 + (" = [clean | noisy] copies of the clip" if tf else "")
-                                 + f": the chunks must add up to {'half of ' if tf else ''}the frames")
-            tokens = [c * frame_tokens for c in chunks]
-            if not tf:
-                return block_causal(tokens), self.rope(frames, hw, device, frame_offset)
-            copy = self.rope(clip, hw, device, frame_offset)  # a frame's clean and noisy copies share its index
-            return teacher_forcing(tokens), torch.cat([copy, copy])
-        if chunks is not None or tf or tangent or frame_offset:
-            raise ValueError("with a kv_cache x is one chunk: pass no chunks, teacher_forcing, tangent or "
-                             "frame_offset (the cache decides the RoPE position)")
-        if (kv_cache.frame_tokens, kv_cache.k[0].shape[0]) != (frame_tokens, batch) or frames > kv_cache.max_chunk_t:
-            raise ValueError(f"the KV cache was built for batch {kv_cache.k[0].shape[0]}, {kv_cache.frame_tokens} "
-                             f"tokens per frame and chunks of ≤ {kv_cache.max_chunk_t} frames; this chunk has batch "
-                             f"{batch}, {frame_tokens} tokens per frame, {frames} frames: build a KVCache to match")
-        freqs = self.rope(frames, hw, device, kv_cache.position)
-        kv_cache.rope_tables = freqs if kv_cache.cfg.rope == "after" else \
-            self.rope(kv_cache.frames + frames, hw, device)
-        return None, freqs
+
+def causal_layout(grid, chunks, teacher_forcing: bool, kv_cache, kv_append: bool, frame_offset: int, batch: int,
+                  tangent: bool):
+    """What WanModel.forward's causal arguments mean for a clip of grid (F', H', W') tokens, checked: the attention
+    mask (None or a ChunkMask) and the RoPE frames of the queries as [(frames, first frame index), ...] segments, in
+    token order. Reads the cache (kv_cache), never writes it."""
+    frames, frame_tokens = grid[0], grid[1] * grid[2]
+    if kv_cache is None:
+        if kv_append:
+            raise ValueError("kv_append=True needs a kv_cache to append to")
+        if chunks is None:
+            if teacher_forcing:
+                raise ValueError("teacher_forcing=True needs chunks=(frames per chunk, ...) of the clip")
+            return None, [(frames, frame_offset)]
+        clip = frames // 2 if teacher_forcing else frames
+        if sum(chunks) != clip or (teacher_forcing and frames % 2):
+            raise ValueError(f"chunks {tuple(chunks)} cover {sum(chunks)} latent frames, but x holds {frames}"
+                             + (" = [clean | noisy] copies of the clip" if teacher_forcing else "")
+                             + f": the chunks must add up to {'half of ' if teacher_forcing else ''}the frames")
+        tokens = [c * frame_tokens for c in chunks]
+        if not teacher_forcing:
+            return block_causal(tokens), [(frames, frame_offset)]
+        # a frame's clean and noisy copies share its RoPE index
+        return teacher_forcing_mask(tokens), [(clip, frame_offset), (clip, frame_offset)]
+    if chunks is not None or teacher_forcing or tangent or frame_offset:
+        raise ValueError("with a kv_cache x is one chunk: pass no chunks, teacher_forcing, tangent or "
+                         "frame_offset (the cache decides the RoPE position)")
+    if (kv_cache.frame_tokens, kv_cache.k[0].shape[0]) != (frame_tokens, batch) or frames > kv_cache.max_chunk_t:
+        raise ValueError(f"the KV cache was built for batch {kv_cache.k[0].shape[0]}, {kv_cache.frame_tokens} "
+                         f"tokens per frame and chunks of ≤ {kv_cache.max_chunk_t} frames; this chunk has batch "
+                         f"{batch}, {frame_tokens} tokens per frame, {frames} frames: build a KVCache to match")
+    return None, [(frames, kv_cache.position)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -685,19 +689,7 @@ def read_state_dict(path, prefix=None, device="cpu", patch_size=(1, 2, 2)):
         if not found:
             raise FileNotFoundError(f"{path} holds neither diffusion_pytorch_model.safetensors nor its .index.json")
         path = found[0]
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        sd = {}
-        for shard in shards:
-            sd.update(load_file(path.parent / shard, device=str(device)))
-    elif path.suffix == ".safetensors":
-        sd = load_file(path, device=str(device))
-    elif path.suffix in (".pt", ".pth"):
-        sd = torch.load(path, map_location=device, weights_only=True, mmap=True)
-    else:
-        raise ValueError(f"unknown checkpoint format {path.suffix!r}: use .safetensors, .index.json, .pt or .pth")
+    sd = checkpoint.read_state_dict(path, device)
     if prefix is None:
         prefix = next((p for p in ("net_ema.", "net.") if any(k.startswith(p) for k in sd)), "")
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -707,21 +699,6 @@ def read_state_dict(path, prefix=None, device="cpu", patch_size=(1, 2, 2)):
     return sd
 
 
-def check_state_dict(model: nn.Module, sd: dict, header: str):
-    """Raise one ValueError, opening with `header`, that lists every missing, unexpected and mis-shaped key of `sd`
-    against `model`'s state dict (the VAE and the text encoder load through this check too)."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    problems = {
-        "missing": sorted(expected.keys() - sd.keys()),
-        "unexpected": sorted(sd.keys() - expected.keys()),
-        "mis-shaped": [f"{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(expected[k])})"
-                       for k in sorted(expected.keys() & sd.keys()) if sd[k].shape != expected[k]]}
-    if any(problems.values()):
-        raise ValueError(header + "\n" + "\n".join(
-            f"  {len(keys)} {kind}: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}"
-            for kind, keys in problems.items() if keys))
-
-
 def load_checkpoint(model: WanModel, path, *, prefix=None, dtype=None):
     """Load weights strictly into `model` (which may live on the meta device: its tensors are then replaced,
     so a big model is never materialised twice). Tensors are converted to `dtype`, or to the model's dtypes.
@@ -729,18 +706,9 @@ def load_checkpoint(model: WanModel, path, *, prefix=None, dtype=None):
     sd = read_state_dict(path, prefix, patch_size=model.cfg.patch_size)
     if dtype is not None:
         model.to(dtype)
-    check_state_dict(model, sd, f"checkpoint {path} does not match the model config:")
+    checkpoint.check_state_dict(model, sd, f"checkpoint {path} does not match the model config:")
     expected = model.state_dict()
     sd = {k: v.to(expected[k].dtype) for k, v in sd.items()}
     on_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(sd, strict=True, assign=on_meta)
     return model
-
-
-def save_checkpoint(model_or_state_dict, path):
-    """Write weights in the official key names as one safetensors file."""
-    sd = model_or_state_dict
-    if isinstance(sd, nn.Module):
-        sd = sd.state_dict()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(path), metadata={"format": "pt"})

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 import torch
 import torch.nn as nn
 
-from model import check_state_dict
+from checkpoint import load_strict
 
 try:  # optional: Wan cleans prompts with ftfy; see clean_prompt for what changes without it
     import ftfy
@@ -156,19 +156,11 @@ def load_umt5(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: 
     float32. device='cpu' keeps the GPU free for the DiT. Returns the model in eval mode, frozen."""
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"dtype {dtype} is not supported: umT5 activations overflow float16; use bfloat16 or float32")
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"T5 checkpoint not found: {path} "
                                 "(expected models_t5_umt5-xxl-enc-bf16.pth from the Wan2.1 release)")
-    if path.suffix == ".safetensors":
-        state = load_file(path)
-    else:  # mmap: tensors are read from disk as they are converted, never held twice in memory
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    with torch.device("meta"):
-        model = UMT5Encoder(cfg)
-    check_state_dict(model, state, f"{path} does not fit UMT5Encoder({cfg}); is it the umT5-XXL encoder, and does the config match?")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return load_strict(lambda: UMT5Encoder(cfg), path, f"{path} does not fit UMT5Encoder({cfg}); is it the umT5-XXL "
+                       "encoder, and does the config match?", dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------- tokenizer

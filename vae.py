@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from einops import rearrange
-from safetensors.torch import load_file
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import check_state_dict
+from checkpoint import load_strict
 
 # Per-channel statistics of the encoder mean μ; the latents the DiT sees are (μ - mean) / std.
 LATENT_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -285,15 +284,7 @@ def load_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: st
 
     dtype: float32 (as released) or bfloat16. Returns the model in eval mode, requires_grad off.
     """
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {path} (expected Wan2.1_VAE.pth from the Wan2.1 release)")
-    if path.suffix == ".safetensors":
-        state = load_file(path)
-    else:  # mmap: tensors are read from disk as they are converted, never held twice in memory
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    with torch.device("meta"):
-        model = WanVAE(cfg)
-    check_state_dict(model, state, f"{path} does not fit WanVAE({cfg}); is it Wan2.1_VAE.pth, and does the config match?")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return load_strict(lambda: WanVAE(cfg), path, f"{path} does not fit WanVAE({cfg}); is it Wan2.1_VAE.pth, and does "
+                       "the config match?", dtype=dtype, device=device)

@@ -13,8 +13,9 @@ if not torch.cuda.is_available():
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# Golden outputs of the official Wan2.1 modules (see ../shared/golden/README.md); WAN_GOLDEN overrides the place.
-GOLDEN = Path(os.environ.get("WAN_GOLDEN", ROOT.parent / "shared" / "golden"))
+# Golden outputs of the official Wan2.1 modules (tests/golden/README.md says where they come from); WAN_GOLDEN
+# overrides the place.
+GOLDEN = Path(os.environ.get("WAN_GOLDEN", ROOT / "tests" / "golden"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def golden():
     if not GOLDEN.is_dir():
-        pytest.fail(f"golden data not found at {GOLDEN}: clone the project beside ../shared")
+        pytest.fail(f"golden data not found at {GOLDEN} (tests/golden, or WAN_GOLDEN)")
     return GOLDEN
 
 

@@ -138,10 +138,9 @@ def test_sliding_window_keeps_sinks_and_bounds_memory(net, inputs):
     D = net.cfg.dim // net.cfg.num_heads
     nbytes, ptr = cache.nbytes(), cache.k[0].data_ptr()
     for j in range(8):  # chunk j's keys and values are all j, so the buffer says which chunks it holds
-        n = cache.frames
-        cache.rope_tables = rope_tables((n + 1, H // 2, W // 2), D, "cpu")
+        rope = lambda frames, first: rope_tables((frames, H // 2, W // 2), D, "cpu", first)
         chunk = torch.full((1, FRAME_TOKENS, net.cfg.num_heads, D), float(j))
-        cache.extend(0, chunk, chunk, append=True, **cache.snapshot())
+        cache.extend(0, chunk, chunk, append=True, **cache.snapshot(1, rope))
         cache.commit(1)
         held = cache.k[0][0, :cache.frames * FRAME_TOKENS, 0, 0].view(cache.frames, FRAME_TOKENS)[:, 0].tolist()
         assert held == [0.0, *range(max(1, j - 1), j + 1)]

@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 import attention_jvp
 import model as wan
-from model import CONFIGS, WanConfig, WanModel, load_checkpoint, save_checkpoint
+from checkpoint import save_checkpoint
+from model import CONFIGS, WanConfig, WanModel, load_checkpoint
 
 
 def rel(a, b):

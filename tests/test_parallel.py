@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import parallel
-from model import CONFIGS, WanConfig, WanModel, load_checkpoint, save_checkpoint
+from checkpoint import save_checkpoint
+from model import CONFIGS, WanConfig, WanModel, load_checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,5 +1,5 @@
 """text_encoder.py against the official umT5 encoder (golden outputs of a tiny random config in
-../shared/golden, produced by the official code), the full-size checkpoint's names and shapes, the strict
+tests/golden, produced by the official code), the full-size checkpoint's names and shapes, the strict
 loader, and the tokenizer wrapper on a small tokenizer.json built here."""
 import json
 

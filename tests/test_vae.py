@@ -1,4 +1,4 @@
-"""vae.py against the official Wan2.1 VAE: golden outputs of a tiny random config (../shared/golden,
+"""vae.py against the official Wan2.1 VAE: golden outputs of a tiny random config (tests/golden,
 produced by the official code), the full-size checkpoint's names and shapes, the strict loader, causality."""
 import json
 
