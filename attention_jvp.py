@@ -234,14 +234,15 @@ def _no_grad_check(*tensors):
 
 
 @torch.compiler.disable  # torch.compile of a block (--compile) leaves the kernel launch to eager mode
-def _attention_triton(q, k, v, tq, tk, tv, scale, mask):
-    """(o, to, lse) from the Triton kernel; inputs [B, L, H, D], lse [B, H, Lq] fp32."""
+def _attention_triton(q, k, v, tq, tk, tv, scale, mask, tiles=None):
+    """(o, to, lse) from the Triton kernel; inputs [B, L, H, D], lse [B, H, Lq] fp32. tiles: (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) instead of the table's (bench.py tries others)."""
     _no_grad_check(q, k, v, tq, tk, tv)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     o, to = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(2))
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    block_m, block_n, num_warps, num_stages = _config(q)
+    block_m, block_n, num_warps, num_stages = tiles or _config(q)
 
     def desc(x, rows):  # [B, L, H, D] -> a descriptor over [B, L, H·D] with [1, rows, D] tiles
         return TensorDescriptor.from_tensor(x.contiguous().flatten(2), [1, rows, D])
@@ -530,7 +531,7 @@ def _attention_primal(q, k, v, scale, mask):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The entry point
-def attention(q, k, v, tq=None, tk=None, tv=None, *, scale=None, mask=None, backend="auto"):
+def attention(q, k, v, tq=None, tk=None, tv=None, *, scale=None, mask=None, backend="auto", tiles=None):
     """Softmax attention on q [B, Lq, H, D], k, v [B, Lk, H, D]; scale defaults to 1/√D.
 
     Returns o [B, Lq, H, D], or (o, to) when any tangent is given (missing tangents are zero).
@@ -538,9 +539,10 @@ def attention(q, k, v, tq=None, tk=None, tv=None, *, scale=None, mask=None, back
     mask.seq_len(). backend: "auto" (CUDA: SDPA/FlexAttention for o; for (o, to) the Hopper kernel where it applies,
     else the Triton tile kernel; CPU: SDPA or the reference for o, the reference for (o, to)), "sm90" or "triton"
     (force one JVP kernel; no gradient) or "reference" (plain torch, differentiable in reverse and forward mode: use
-    it under torch.func.jvp).
+    it under torch.func.jvp). tiles: the Triton tile kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages), with
+    backend="triton" only (default: CONFIGS).
     """
-    o, to, _ = _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse=False)
+    o, to, _ = _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse=False, tiles=tiles)
     return o if to is None else (o, to)
 
 
@@ -550,8 +552,11 @@ def attention_with_lse(q, k, v, tq=None, tk=None, tv=None, *, scale=None, mask=N
     return _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse=True)
 
 
-def _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse):
+def _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse, tiles=None):
     tangent = any(t is not None for t in (tq, tk, tv))
+    if tiles is not None and (backend != "triton" or len(tiles) != 4):
+        raise ValueError(f"tiles={tiles}: give (BLOCK_M, BLOCK_N, num_warps, num_stages) with backend='triton' "
+                         f"(got backend={backend!r})")
     if backend == "auto" and not (tangent or need_lse):
         backend = "primal"
     elif backend == "auto":
@@ -565,7 +570,7 @@ def _dispatch(q, k, v, tq, tk, tv, scale, mask, backend, need_lse):
     if backend == "sm90":
         o, to, lse = _attention_sm90(q, k, v, tq, tk, tv, scale, mask)
     elif backend == "triton":
-        o, to, lse = _attention_triton(q, k, v, tq, tk, tv, scale, mask)
+        o, to, lse = _attention_triton(q, k, v, tq, tk, tv, scale, mask, tiles)
     else:
         o, to, lse = _attention_reference(q, k, v, tq, tk, tv, scale, mask)
         o, to = o.to(q.dtype), None if to is None else to.to(q.dtype)
