@@ -144,3 +144,18 @@ def test_encode_prompts(golden, tokenizer_json):
     # The one-shot path finds the tokenizer beside the checkpoint and gives the same embeddings.
     once = encode_prompts_and_free(checkpoint, prompts, device="cpu", dtype=torch.float32, cfg=cfg)
     assert all(torch.equal(a, b) for a, b in zip(once, embeddings))
+
+
+def test_read_negative_embedding(tmp_path):
+    """The one reader of a precomputed negative embedding: safetensors or .pt, leading singleton dims dropped, and
+    one clear error for what is not a single [L, dim] tensor."""
+    emb = torch.randn(5, 8)
+    save_file({"neg": emb}, str(tmp_path / "neg.safetensors"))
+    torch.save(emb[None], tmp_path / "neg.pt")
+    torch.save({"a": emb, "b": emb}, tmp_path / "two.pt")
+    for name in ("neg.safetensors", "neg.pt"):
+        assert torch.equal(text_encoder.read_negative_embedding(tmp_path / name, 8), emb)
+    with pytest.raises(ValueError, match="holds 2 tensors"):
+        text_encoder.read_negative_embedding(tmp_path / "two.pt", 8)
+    with pytest.raises(ValueError, match=r"neg.pt has shape \(1, 5, 8\); expected \[L, 16\]"):
+        text_encoder.read_negative_embedding(tmp_path / "neg.pt", 16)
