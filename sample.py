@@ -143,7 +143,7 @@ def with_settings(cfg: Config) -> tuple[Config, dict]:
     if cfg.model is None and "dit" in settings:
         taken.append("architecture")
     if settings:
-        print(f"{cfg.dit_path}: a {settings.get('method', '?')} checkpoint; from its stored settings: "
+        print(f"{cfg.dit_path} ({settings.get('method', '?')} run): from its stored settings: "
               + (", ".join(taken) or "nothing (every flag given)"))
     return dataclasses.replace(cfg, sampler=sampler, streaming=streaming, causal=causal, **stored), settings
 

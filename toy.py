@@ -246,7 +246,7 @@ def save_grid(world: World, x: torch.Tensor, rows: int, path: Path, fps: int = 3
     if path.suffix == ".gif":
         imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
     elif path.suffix == ".mp4":
-        imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
+        imageio.mimsave(path, frames, fps=fps, macro_block_size=1, ffmpeg_log_level="error")
     else:
         raise ValueError(f"sample grids are written as .gif or .mp4, got {path}")
 
