@@ -74,4 +74,6 @@ def read_settings(path) -> dict:
         return {}
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-    return json.loads(metadata["settings"]) if "settings" in metadata else {}
+    # JSON has no tuples: the configs' tuples come back as lists
+    tuples = lambda pairs: {k: tuple(v) if isinstance(v, list) else v for k, v in pairs}
+    return json.loads(metadata["settings"], object_pairs_hook=tuples) if "settings" in metadata else {}

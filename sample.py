@@ -128,7 +128,7 @@ def with_settings(cfg: Config) -> tuple[Config, dict]:
             return value
         if name in stored:
             taken.append(name)
-            return tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
+            return stored[name]
         return DEFAULTS[name]
     sampler = dataclasses.replace(cfg.sampler, sigma_max=pick("sigma_max", cfg.sampler.sigma_max),
                                   mid_t=pick("mid_t", cfg.sampler.mid_t))
@@ -153,7 +153,7 @@ def architecture(cfg: Config, settings: dict) -> WanConfig:
     if cfg.model is not None:
         return CONFIGS[cfg.model]
     if "dit" in settings:
-        return WanConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["dit"].items()})
+        return WanConfig(**settings["dit"])
     return toy.TOY_DIT if cfg.toy else CONFIGS[DEFAULTS["model"]]
 
 
@@ -417,8 +417,7 @@ def toy_steps(cfg: Config, settings: dict) -> list[int]:
 def sample_toy(cfg: Config, settings: dict) -> dict:
     """A toy checkpoint on the world it was trained on: num_samples clips of every prompt at each step count (the
     run's evaluated ones unless --steps), their exact metrics as the run printed them, and a grid mp4 per row."""
-    stored = settings.get("toy", {}).get("world", {})
-    world = toy.make_world(toy.ToyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}))
+    world = toy.make_world(toy.ToyConfig(**settings.get("toy", {}).get("world", {})))
     net = load_dit(architecture(cfg, settings), cfg)
     prompt, context = toy.eval_prompts(world, cfg.num_samples)
     context = context.to(cfg.device)

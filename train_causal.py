@@ -23,7 +23,6 @@ folder holds one training.py run folder per stage (its ema.safetensors carries t
 `sample.py --causal` uses as defaults) and, for the toy world, eval.json with the exact metrics of samples streamed
 chunk by chunk, and their gifs.
 """
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -197,18 +196,6 @@ def critic_step(cfg: CausalConfig, nets: Nets, batches, i: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------- sampling settings, toy eval
-def sampling_settings(cfg: CausalConfig, stage: Stage) -> dict:
-    """What `sample.py --causal` needs to stream the exported net as this run evaluated it (its defaults)."""
-    settings = {"method": "causal", "stage": stage, "dit": dataclasses.asdict(cfg.dit), "sigma_max": cfg.sigma_max,
-                "mid_t": cfg.mid_t, "first_chunk_t": cfg.first_chunk_t, "chunk_t": cfg.chunk_t,
-                "steps_per_chunk": cfg.sf.steps_per_chunk or (2,), "eval_steps": [1, 2, 4],
-                "noisy_context": cfg.sf.noisy_context, "dtype": "bfloat16" if cfg.precision == "bf16" else "float32"}
-    if cfg.toy is not None:
-        settings["toy"] = {"world": dataclasses.asdict(cfg.toy.world), "num_samples": cfg.toy.eval_per_prompt,
-                           "seed": cfg.toy.eval_seed}
-    return settings
-
-
 @torch.no_grad()
 def student_streams(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanModel, prompt, seed: int) -> dict:
     """Streamed samples of a stage's net at 1, 2 and 4 steps per chunk (`sample.py --causal --toy` repeats them)."""
@@ -306,7 +293,11 @@ def train_stage(cfg: CausalConfig, d, stage: Stage, world: toy.World | None, bid
             return critic_step(cfg, nets, batches, i)
         return student_step(cfg, stage, nets, batches, i)
     preview_every = 0 if world is None else cfg.toy.preview_every
-    training.train_loop(run, d, nets, scfg.iterations, step, settings=sampling_settings(cfg, stage), desc=stage,
+    training.train_loop(run, d, nets, scfg.iterations, step, desc=stage,
+                        settings=training.sampling_settings(
+                            cfg, method="causal", stage=stage, sigma_max=cfg.sigma_max, mid_t=cfg.mid_t,
+                            first_chunk_t=cfg.first_chunk_t, chunk_t=cfg.chunk_t, eval_steps=[1, 2, 4],
+                            steps_per_chunk=cfg.sf.steps_per_chunk or (2,), noisy_context=cfg.sf.noisy_context),
                         preview=lambda i: preview(cfg, world, stage, nets.ema, folder, i, d),
                         preview_every=preview_every)
     return folder / "ema.safetensors"

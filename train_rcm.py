@@ -15,7 +15,6 @@ student and the critic; the "effective iteration" counts student iterations only
 ema.safetensors carries the sampling settings (σ_max, mid_t, ...) that `sample.py` then uses as its defaults, and
 toy runs add eval.json (the exact metrics printed at the end) and previews/.
 """
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,17 +159,6 @@ def critic_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------- sampling settings, toy eval
-def sampling_settings(cfg: RCMConfig) -> dict:
-    """What sample.py needs to sample the exported student as this run evaluated it (its defaults)."""
-    settings = {"method": "rcm", "dit": dataclasses.asdict(cfg.dit), "sigma_max": cfg.sigma_max, "mid_t": cfg.mid_t,
-                "steps": 4, "eval_steps": [1, 2, 4], "teacher_guidance": cfg.teacher_guidance,
-                "dtype": "bfloat16" if cfg.precision == "bf16" else "float32"}
-    if cfg.toy is not None:
-        settings["toy"] = {"world": dataclasses.asdict(cfg.toy.world), "num_samples": cfg.toy.eval_per_prompt,
-                           "seed": cfg.toy.eval_seed}
-    return settings
-
-
 @torch.no_grad()
 def student_samples(cfg: RCMConfig, world: toy.World, net: WanModel, per_prompt: int, seed: int, device) -> dict:
     """The student's samples at 1, 2 and 4 steps for per_prompt clips of every prompt (sample.py --toy repeats them)."""
@@ -216,7 +204,9 @@ def run(cfg: RCMConfig, d) -> dict:
                                fake=teacher if cfg.fake_score else None, lr_fake=cfg.lr_fake)
     world = toy.make_world(cfg.toy.world) if cfg.toy is not None else None
     step = lambda i, batches: (student_step if is_student_iteration(cfg, i) else critic_step)(cfg, nets, batches, i)
-    training.train_loop(cfg, d, nets, cfg.iterations, step, settings=sampling_settings(cfg), desc="rCM",
+    training.train_loop(cfg, d, nets, cfg.iterations, step, desc="rCM",
+                        settings=training.sampling_settings(cfg, method="rcm", sigma_max=cfg.sigma_max, mid_t=cfg.mid_t,
+                                                            steps=4, eval_steps=[1, 2, 4]),
                         preview=None if world is None else lambda i: preview(cfg, world, nets.ema, i, d),
                         preview_every=0 if world is None else cfg.toy.preview_every)
     if world is None or cfg.toy.eval_per_prompt == 0 or not d.is_main:

@@ -13,6 +13,7 @@ resume needs, and latest.json naming the newest: rerun the same command, on as m
 (the EMA of the trained net in official key names, with the sampling settings of the run in its metadata) and
 previews/.
 """
+import dataclasses
 import json
 import shutil
 import time
@@ -266,6 +267,17 @@ def critic_update(nets: Nets, batches, loss_of, accum: int) -> dict:
     nets.opt_fake.step()
     nets.sched_fake.step()
     return {**metrics, "lr_fake": nets.sched_fake.get_last_lr()[0]}
+
+
+def sampling_settings(cfg: RunConfig, **method) -> dict:
+    """What the exported EMA carries for sample.py (its defaults): the architecture, the precision, the toy world's
+    evaluation (world, samples per prompt, seed) and the method's sampler settings."""
+    settings = {"dit": dataclasses.asdict(cfg.dit), "dtype": "bfloat16" if cfg.precision == "bf16" else "float32",
+                **method}
+    if cfg.toy is not None:
+        settings["toy"] = {"world": dataclasses.asdict(cfg.toy.world), "num_samples": cfg.toy.eval_per_prompt,
+                           "seed": cfg.toy.eval_seed}
+    return settings
 
 
 # ------------------------------------------------------------------------------------------------------ data
