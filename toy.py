@@ -296,6 +296,17 @@ def print_table(results: dict):
               f"{m['mean_rho']:>8.3f}")
 
 
+def preview(world: World, sample, folder: Path, i: int, save: bool, per_prompt: int = 64) -> dict:
+    """A training run's preview at iteration i: sample(prompt ids, seed) -> {name: clips} for per_prompt clips of every
+    prompt (every rank samples: the net may be sharded); gif grids in folder/previews (when `save`) and the exact
+    metrics as log entries."""
+    prompt, _ = eval_prompts(world, per_prompt)
+    samples = sample(prompt, 1)
+    if save:
+        save_grids(world, samples, per_prompt, Path(folder) / "previews", f"{i:06d}_")
+    return {f"preview/{name}/{k}": v for name, x in samples.items() for k, v in metrics(world, x, prompt).items()}
+
+
 def save_grids(world: World, samples: dict, per_prompt: int, folder: Path, prefix: str, cols: int = 8):
     """One gif per sampler of samples [P·per_prompt, ...] (rows = prompts, the first `cols` clips of each)."""
     for name, x in samples.items():

@@ -229,15 +229,6 @@ def stage_samples(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanMod
     return out
 
 
-def preview(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanModel, folder: Path, i: int, d) -> dict:
-    """Streamed previews of the EMA net (every rank runs it: the net may be sharded): exact toy metrics and gifs."""
-    prompt, _ = toy.eval_prompts(world, 64)
-    samples = stage_samples(cfg, world, stage, net, prompt, seed=1)
-    if d.is_main:
-        toy.save_grids(world, samples, 64, folder / "previews", f"{i:06d}_")
-    return {f"preview/{name}/{k}": v for name, x in samples.items() for k, v in toy.metrics(world, x, prompt).items()}
-
-
 @torch.no_grad()
 def evaluate(cfg: CausalConfig, world: toy.World, bidirectional: Path, results: dict[Stage, Path]) -> dict:
     """Exact metrics of the exact-velocity sampler (200 Euler steps), the bidirectional teacher (Euler with CFG), and
@@ -298,7 +289,8 @@ def train_stage(cfg: CausalConfig, d, stage: Stage, world: toy.World | None, bid
                             cfg, method="causal", stage=stage, sigma_max=cfg.sigma_max, mid_t=cfg.mid_t,
                             first_chunk_t=cfg.first_chunk_t, chunk_t=cfg.chunk_t, eval_steps=[1, 2, 4],
                             steps_per_chunk=cfg.sf.steps_per_chunk or (2,), noisy_context=cfg.sf.noisy_context),
-                        preview=lambda i: preview(cfg, world, stage, nets.ema, folder, i, d),
+                        preview=lambda i: toy.preview(world, lambda p, seed: stage_samples(cfg, world, stage, nets.ema,
+                                                                                           p, seed), folder, i, d.is_main),
                         preview_every=preview_every)
     return folder / "ema.safetensors"
 

@@ -160,20 +160,10 @@ def critic_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
 
 # ------------------------------------------------------------------------------------- sampling settings, toy eval
 @torch.no_grad()
-def student_samples(cfg: RCMConfig, world: toy.World, net: WanModel, per_prompt: int, seed: int, device) -> dict:
-    """The student's samples at 1, 2 and 4 steps for per_prompt clips of every prompt (sample.py --toy repeats them)."""
-    _, context = toy.eval_prompts(world, per_prompt)
-    return {f"student-{n}": generate(net, context.to(device), world.cfg.shape, n, cfg.sigma_max, cfg.mid_t,
-                                     torch.Generator(device).manual_seed(seed)).cpu() for n in (1, 2, 4)}
-
-
-def preview(cfg: RCMConfig, world: toy.World, ema: WanModel, i: int, d) -> dict:
-    """Previews of the EMA student at 1, 2 and 4 steps: exact toy metrics and gif grids (rows = prompts)."""
-    prompt, _ = toy.eval_prompts(world, 64)
-    samples = student_samples(cfg, world, ema, 64, seed=1, device=d.device)
-    if d.is_main:
-        toy.save_grids(world, samples, 64, cfg.out_dir / "previews", f"{i:06d}_")
-    return {f"preview/{name}/{k}": v for name, x in samples.items() for k, v in toy.metrics(world, x, prompt).items()}
+def student_samples(cfg: RCMConfig, world: toy.World, net: WanModel, prompt, seed: int) -> dict:
+    """The student's samples at 1, 2 and 4 steps for prompt ids [N] (sample.py --toy repeats them)."""
+    return {f"student-{n}": generate(net, world.text[prompt].to(cfg.device), world.cfg.shape, n, cfg.sigma_max,
+                                     cfg.mid_t, torch.Generator(cfg.device).manual_seed(seed)).cpu() for n in (1, 2, 4)}
 
 
 @torch.no_grad()
@@ -187,7 +177,7 @@ def evaluate(cfg: RCMConfig, world: toy.World, teacher: Path, student: Path) -> 
                                     seed=seed, device=device),
         "teacher-50": toy.teacher_sample(training.load_frozen(cfg, teacher), world, prompt, cfg.teacher_guidance, 50,
                                          5.0, seed=seed, device=device),
-        **student_samples(cfg, world, training.load_frozen(cfg, student), per_prompt, seed, device)}
+        **student_samples(cfg, world, training.load_frozen(cfg, student), prompt, seed)}
     return {name: toy.metrics(world, x, prompt) for name, x in samples.items()}
 
 
@@ -207,7 +197,9 @@ def run(cfg: RCMConfig, d) -> dict:
     training.train_loop(cfg, d, nets, cfg.iterations, step, desc="rCM",
                         settings=training.sampling_settings(cfg, method="rcm", sigma_max=cfg.sigma_max, mid_t=cfg.mid_t,
                                                             steps=4, eval_steps=[1, 2, 4]),
-                        preview=None if world is None else lambda i: preview(cfg, world, nets.ema, i, d),
+                        preview=None if world is None else lambda i: toy.preview(
+                            world, lambda p, seed: student_samples(cfg, world, nets.ema, p, seed), cfg.out_dir, i,
+                            d.is_main),
                         preview_every=0 if world is None else cfg.toy.preview_every)
     if world is None or cfg.toy.eval_per_prompt == 0 or not d.is_main:
         return {}
