@@ -37,12 +37,13 @@ def _median_ms(fn, rep_ms):
     return do_bench(fn, warmup=max(100, rep_ms // 10), rep=rep_ms, return_mode="median")
 
 
-def _first_call_s(fn):
+def _timed(fn):
+    """(fn(), its wall seconds) of one call, synchronised (first calls: compilation included)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return out, time.perf_counter() - t0
 
 
 def _load_rcm_kernel(path):
@@ -113,7 +114,7 @@ def bench_attn(cfg: AttnBench):
                                                                             backend=backend, tiles=tiles)
 
             def add_jvp(name, backend, tiles=None):  # unmasked fwd+JVP: first call, accuracy, then the timing
-                first = _first_call_s(lambda: jvp(backend=backend, tiles=tiles))
+                first = _timed(lambda: jvp(backend=backend, tiles=tiles))[1]
                 o, to = jvp(backend=backend, tiles=tiles)
                 add(name, lambda: jvp(backend=backend, tiles=tiles), 12, first,
                     _rel_err_rows(o, to, q, k, v, tq, tk, tv, scale))
@@ -126,7 +127,7 @@ def bench_attn(cfg: AttnBench):
                 try:
                     add_jvp(f"ours fwd+JVP, tiles [{c}]", "triton", tiles)
                     mask = A.block_causal(_even_chunks(L, cfg.chunks))
-                    first = _first_call_s(lambda: jvp(mask, "triton", tiles))
+                    first = _timed(lambda: jvp(mask, "triton", tiles))[1]
                     add(f"ours block-causal, tiles [{c}]", lambda: jvp(mask, "triton", tiles), 6 * (1 + 1 / cfg.chunks),
                         first)
                 except Exception as e:  # e.g. out of shared memory
@@ -134,19 +135,19 @@ def bench_attn(cfg: AttnBench):
 
             # useful work of a block-causal pass: (1 + 1/chunks)/2 of the full one
             mask = A.block_causal(_even_chunks(L, cfg.chunks))
-            first = _first_call_s(lambda: jvp(mask))
+            first = _timed(lambda: jvp(mask))[1]
             add(f"ours block-causal, {cfg.chunks} chunks", lambda: jvp(mask), 6 * (1 + 1 / cfg.chunks), first)
             if A._sm90_supported(q):
                 add("block-causal, Triton tile kernel", lambda: jvp(mask, "triton"), 6 * (1 + 1 / cfg.chunks))
             if cfg.teacher_forcing and L % 2 == 0:  # each half does a block-causal pass's work over L/2
                 tf_mask = A.teacher_forcing(_even_chunks(L // 2, cfg.chunks))
-                first = _first_call_s(lambda: jvp(tf_mask))
+                first = _timed(lambda: jvp(tf_mask))[1]
                 add(f"ours teacher-forcing, {cfg.chunks} chunks", lambda: jvp(tf_mask), 3 * (1 + 1 / cfg.chunks), first)
 
             if rcm_attention is not None:
                 args = [x.transpose(1, 2).contiguous() for x in (q, k, v, tq, tk, tv)]
                 ref = lambda: rcm_attention(*args, scale)
-                first = _first_call_s(ref)
+                first = _timed(ref)[1]
                 o, to = ref()
                 add("rCM fwd+JVP (autotuned)", ref, 12, first,
                     _rel_err_rows(o.transpose(1, 2), to.transpose(1, 2), q, k, v, tq, tk, tv, scale))
@@ -264,7 +265,7 @@ def bench_model(cfg: ModelBench):
     def add(name, fn, flops):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        first = _first_call_s(fn)
+        first = _timed(fn)[1]
         sec = _cuda_median_s(fn, iters=cfg.iters)
         rows.append((name, sec, torch.cuda.max_memory_allocated() / 2**30, flops / sec / 1e12, first))
         print(f"{name:<48} {sec * 1e3:8.1f} ms", flush=True)
@@ -328,18 +329,11 @@ def bench_sample(cfg: SampleBench):
     context = [torch.randn(30, dit.text_dim, device="cuda", generator=g)]
     neg = [torch.randn(60, dit.text_dim, device="cuda", generator=g)]
 
-    def timed(fn):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        return out, time.perf_counter() - t0
-
     rcm = Sampler(mode="rcm", steps=cfg.rcm_steps, sigma_max=DEFAULTS["sigma_max"], mid_t=DEFAULTS["mid_t"])
     teacher = Sampler(mode="teacher", steps=cfg.teacher_steps)
     generate_latents(net, context, neg, (16, T, H, W), dataclasses.replace(rcm, steps=1), g)  # warm-up
     torch.cuda.reset_peak_memory_stats()
-    runs = [timed(lambda: generate_latents(net, context, neg, (16, T, H, W), rcm, g)) for _ in range(3)]
+    runs = [_timed(lambda: generate_latents(net, context, neg, (16, T, H, W), rcm, g)) for _ in range(3)]
     z, rcm_s = runs[-1][0], sorted(r[1] for r in runs)[1]
     dit_mem = torch.cuda.max_memory_allocated() / 2**30
     print(f"rCM {cfg.rcm_steps}-step DiT: {rcm_s:.2f} s (median of 3), peak {dit_mem:.1f} GiB", flush=True)
@@ -347,12 +341,12 @@ def bench_sample(cfg: SampleBench):
     if cfg.compile:
         for block in net.blocks:
             block.compile()
-        _, first = timed(lambda: generate_latents(net, context, neg, (16, T, H, W), rcm, g))
-        runs = [timed(lambda: generate_latents(net, context, neg, (16, T, H, W), rcm, g)) for _ in range(3)]
+        _, first = _timed(lambda: generate_latents(net, context, neg, (16, T, H, W), rcm, g))
+        runs = [_timed(lambda: generate_latents(net, context, neg, (16, T, H, W), rcm, g)) for _ in range(3)]
         rcm_s = sorted(r[1] for r in runs)[1]
         rows.append((f"rCM {cfg.rcm_steps}-step DiT, compiled blocks (first call {first:.0f} s)", rcm_s, None))
         print(f"{rows[-1][0]}: {rcm_s:.2f} s (median of 3)", flush=True)
-    _, teacher_s = timed(lambda: generate_latents(net, context, neg, (16, T, H, W), teacher, g))
+    _, teacher_s = _timed(lambda: generate_latents(net, context, neg, (16, T, H, W), teacher, g))
     rows.append((f"teacher {cfg.teacher_steps}-step UniPC + CFG DiT" + (", compiled" if cfg.compile else ""),
                  teacher_s, None))
     print(f"{rows[-1][0]}: {teacher_s:.1f} s", flush=True)
@@ -364,7 +358,7 @@ def bench_sample(cfg: SampleBench):
             vae = WanVAE(VAEConfig()).to(dtype).eval()
         decode(vae, z)  # warm-up
         torch.cuda.reset_peak_memory_stats()
-        video, sec = timed(lambda: decode(vae, z))
+        video, sec = _timed(lambda: decode(vae, z))
         vae_rows[dtype] = (sec, torch.cuda.max_memory_allocated() / 2**30)
         print(f"VAE decode ({dtype}) of {video.shape[1]} frames: {sec:.2f} s, peak {vae_rows[dtype][1]:.1f} GiB")
         rows.append((f"VAE decode ({str(dtype)[6:]})", sec, vae_rows[dtype][1]))
