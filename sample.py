@@ -55,7 +55,7 @@ SIZES = {("480p", "16:9"): (832, 480), ("480p", "9:16"): (480, 832), ("480p", "1
 
 # Flags whose unset value (None) is taken from the checkpoint's settings, else from here.
 DEFAULTS = dict(sigma_max=80.0, mid_t=(1.5, 1.4, 1.0), first_chunk_t=3, chunk_t=3, steps_per_chunk=(2,),
-                noisy_context=False, dtype="bfloat16", num_samples=1, seed=0, model="t2v-1.3B")
+                dtype="bfloat16", num_samples=1, seed=0, model="t2v-1.3B")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class Streaming:
     first_chunk_t: int | None = None  # latent frames of the first chunk [3]
     chunk_t: int | None = None  # latent frames of every later chunk [3]; 1 with first_chunk_t 1: frame-wise
     steps_per_chunk: tuple[int, ...] | None = None  # steps of chunk i: the i-th entry, the last one repeating [2]
-    noisy_context: bool | None = None  # the last step's noisy input appends its K/V, not a clean pass at s = 0 [no]
+    noisy_context: bool = False  # the last step's input appends its K/V, not a clean pass (on if trained so)
     window_frames: int | None = None  # KV cache: keep at most this many latent frames (sliding window); default all
     sink_chunks: int = 1  # KV cache: with a window, the first chunks are never evicted
     kv_rope: Literal["after", "before"] = "after"  # cache keys after RoPE, or before it (a window then re-indexes
@@ -108,7 +108,7 @@ class Config:
     dtype: Literal["bfloat16", "float32"] | None = None  # DiT weights [the run's precision, else bfloat16]; T5 bf16, VAE fp32
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the DiT, T5 and VAE run
     compile: bool = False  # torch.compile each DiT block (fuses the fp32 norm/modulation glue; the first video compiles)
-    causal: bool | None = None  # stream a Causal-rCM student chunk by chunk with a KV cache [yes for train_causal checkpoints]
+    causal: bool = False  # stream a Causal-rCM student chunk by chunk with a KV cache (train_causal's exports always are)
     streaming: Annotated[Streaming, tyro.conf.OmitArgPrefixes] = Streaming()
     toy: bool = False  # sample the toy world the checkpoint was trained on: its prompts, no T5/VAE, exact metrics, grid mp4s
     vae_cfg: tyro.conf.Suppress[VAEConfig] = VAEConfig()  # architectures: the releases' (tests use tiny ones)
@@ -135,11 +135,11 @@ def with_settings(cfg: Config) -> tuple[Config, dict]:
     if cfg.sampler.mode == "rcm" and cfg.sampler.steps is None and "steps" in settings and not cfg.toy:
         sampler = dataclasses.replace(sampler, steps=pick("steps", None))  # (--toy: every evaluated step count)
     st = cfg.streaming
-    streaming = dataclasses.replace(st, **{k: pick(k, getattr(st, k))
-                                           for k in ("first_chunk_t", "chunk_t", "steps_per_chunk", "noisy_context")})
+    streaming = dataclasses.replace(st, noisy_context=st.noisy_context or settings.get("noisy_context", False),
+                                    **{k: pick(k, getattr(st, k)) for k in ("first_chunk_t", "chunk_t", "steps_per_chunk")})
     stored = dict(num_samples=pick("num_samples", cfg.num_samples, toy_settings if cfg.toy else {}),
                   seed=pick("seed", cfg.seed, toy_settings if cfg.toy else {}), dtype=pick("dtype", cfg.dtype))
-    causal = cfg.causal if cfg.causal is not None else settings.get("method") == "causal"
+    causal = cfg.causal or settings.get("method") == "causal"
     if cfg.model is None and "dit" in settings:
         taken.append("architecture")
     if settings:
