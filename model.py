@@ -308,7 +308,7 @@ class KVCache:
     def extend(self, block: int, k, v, append: bool, frames: int, freqs, evictions: int):
         """Keys/values of a chunk, k (before RoPE) and v [B,Lc,H,D], -> those of [cached frames | chunk] with RoPE
         applied, in v's (the attention's) dtype. append: also store the chunk's (detached) in this block's buffers.
-        frames, freqs, evictions: the snapshot() taken when the forward began."""
+        frames, freqs, evictions: the snapshot(...) taken when the forward began."""
         if evictions != self.evictions:
             raise RuntimeError("the KV cache slid its window between a with-grad forward and its recomputation in the "
                                "backward (activation checkpointing): give the cache max_frames covering the whole "

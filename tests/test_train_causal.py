@@ -247,7 +247,7 @@ def test_tf_dcm_and_diffusion_forcing_stages_run_on_toy_shards(tmp_path):
     teacher = tmp_path / "teacher.safetensors"
     toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=2, batch=4), TINY_DIT, teacher,
                       log=lambda s: None)
-    # ... trained on toy clips written as shards (train_rcm's RunConfig flags and data stream)
+    # ... trained on toy clips written as shards (training.py's RunConfig flags and data stream)
     cfg = tiny_config(tmp_path, teacher, out_dir=tmp_path / "dcm", stages=("tf", "tf_dcm"), data=tmp_path / "shards",
                       data_clips=8, num_workers=0, shuffle_buffer=4)
     cfg = dataclasses.replace(cfg, tf=dataclasses.replace(cfg.tf, forcing="diffusion", iterations=2),
@@ -262,7 +262,7 @@ def test_tf_dcm_and_diffusion_forcing_stages_run_on_toy_shards(tmp_path):
 
 
 def test_presets_take_every_knob_as_a_documented_flag(capsys):
-    """The Wan preset is the 1.3B recipe (bf16, block checkpointing); every field of CausalConfig, train_rcm's
+    """The Wan preset is the 1.3B recipe (bf16, block checkpointing); every field of CausalConfig, training.py's
     RunConfig ones included, is a flag."""
     cfg = tyro.extras.overridable_config_cli(train_causal.PRESETS, args=["wan1.3b", "--cp-size", "2"])
     assert (cfg.toy, cfg.dit, cfg.precision, cfg.checkpointing, cfg.cp_size) == (
