@@ -150,37 +150,32 @@ def student_step(cfg: CausalConfig, stage: Stage, nets: Nets, batches, i: int) -
     """One update of the trained net: the stage's loss on each micro-batch (x0, cond, uncond) of `batches`, gradients
     accumulated into one AdamW step, then the EMA. Returns the metrics (micro-batch means)."""
     n_eff = i // cfg.sf.student_update_freq if stage == "sf_dmd" else i   # student updates before this one
-    nets.opt.zero_grad(set_to_none=True)
-    metrics = {}
-    for x0, cond, uncond in batches:
+
+    def loss_of(x0, cond, uncond):
         chunks = chunk_frames(x0.shape[2], cfg.first_chunk_t, cfg.chunk_t)
         if stage == "tf":
             loss = tf_loss(nets.trained, x0, cond, chunks, cfg.tf.p_s, cfg.tf.forcing, cfg.tf.loss_scale).mean()
-            record = {"loss/tf": loss.item()}
-        elif stage == "tf_scm":
+            return loss, {"loss/tf": loss.item()}
+        if stage == "tf_scm":
             r = 1.0 if cfg.cm.tangent_warmup == 0 else min(1.0, i / cfg.cm.tangent_warmup)
             teacher = teacher_forced(guidance(nets.teacher, uncond, cfg.cm.teacher_guidance), x0, chunks)
             l_cm, n_nan = tf_scm_loss(nets.trained, lambda x, timestep: teacher(x, timestep, cond), x0, cond, chunks,
                                       cfg.cm.p_G, r, cfg.cm.loss_scale)
-            loss = l_cm.mean()
-            record = {"loss/scm": loss.item(), "scm/nan_samples": n_nan, "scm/r": r}
-        elif stage == "tf_dcm":
+            return l_cm.mean(), {"loss/scm": l_cm.mean().item(), "scm/nan_samples": n_nan, "scm/r": r}
+        if stage == "tf_dcm":
             # the bidirectional dCM of losses.py on the teacher-forced nets (the same x̂0 = x_s − s·v): one Euler step
             # of the CFG causal teacher, the target from the same online student
             teacher = teacher_forced(guidance(nets.teacher, uncond, cfg.cm.teacher_guidance), x0, chunks)
             loss = dcm_loss(teacher_forced(nets.trained, x0, chunks), cond,
                             lambda x, t: denoise(teacher, x, t, cond)[1], x0, cfg.cm.dcm_total_steps, 1,
                             cfg.cm.dcm_shift, cfg.cm.loss_scale).mean()
-            record = {"loss/dcm": loss.item()}
-        else:
-            G, steps = rollout(cfg, nets.trained, cond, x0, n_eff, grad_last=True)
-            teacher = guidance(nets.teacher, uncond, cfg.sf.teacher_guidance)
-            loss = dmd_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0],
-                            lambda x, t: denoise(teacher, x, t, cond)[0], cfg.sf.p_D, cfg.sf.loss_scale_dmd).mean()
-            record = {"loss/dmd": loss.item(), "dmd/steps": steps[-1]}
-        (loss / cfg.grad_accum).backward()
-        training.accumulate_metrics(metrics, record, cfg.grad_accum)
-    return {**metrics, **training.optimizer_step(nets, stage_config(cfg, stage), n_eff)}
+            return loss, {"loss/dcm": loss.item()}
+        G, steps = rollout(cfg, nets.trained, cond, x0, n_eff, grad_last=True)
+        teacher = guidance(nets.teacher, uncond, cfg.sf.teacher_guidance)
+        loss = dmd_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0],
+                        lambda x, t: denoise(teacher, x, t, cond)[0], cfg.sf.p_D, cfg.sf.loss_scale_dmd).mean()
+        return loss, {"loss/dmd": loss.item(), "dmd/steps": steps[-1]}
+    return training.student_update(nets, stage_config(cfg, stage), n_eff, batches, loss_of, cfg.grad_accum)
 
 
 def critic_step(cfg: CausalConfig, nets: Nets, batches, i: int) -> dict:
@@ -188,14 +183,15 @@ def critic_step(cfg: CausalConfig, nets: Nets, batches, i: int) -> dict:
     fake score's denoising loss on it (as rCM's critic); one AdamW step."""
     critic_before = i - i // cfg.sf.student_update_freq - 1   # the cycle of rollout steps runs over critic updates
 
-    def loss_of(x0, cond):
+    def loss_of(x0, cond, _):
         with torch.no_grad():
             G, steps = rollout(cfg, nets.trained, cond, x0, critic_before)
-        return critic_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0], cfg.sf.p_D), {"critic/steps": steps[-1]}
+        loss = critic_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0], cfg.sf.p_D).mean()
+        return loss, {"loss/critic": loss.item(), "critic/steps": steps[-1]}
     return training.critic_update(nets, batches, loss_of, cfg.grad_accum)
 
 
-# ------------------------------------------------------------------------------------- sampling settings, toy eval
+# --------------------------------------------------------------------------------------------------- toy evaluation
 @torch.no_grad()
 def student_streams(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanModel, prompt, seed: int) -> dict:
     """Streamed samples of a stage's net at 1, 2 and 4 steps per chunk (`sample.py --causal --toy` repeats them)."""

@@ -117,12 +117,10 @@ def student_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
     the tangent warm-up, the DMD loss through a backward simulation of 1..max_simulation_steps student steps; their
     gradients accumulate into one AdamW step, then the EMA follows. Returns the metrics (micro-batch means)."""
     n_eff = effective_iteration(cfg, i)
-    nets.opt.zero_grad(set_to_none=True)
-    metrics = {}
-    for x0, cond, uncond in batches:
+
+    def loss_of(x0, cond, uncond):
         teacher = guidance(nets.teacher, uncond, cfg.teacher_guidance)
-        record = {}
-        loss = torch.zeros((), device=x0.device, dtype=torch.float64)
+        record, loss = {}, torch.zeros((), device=x0.device, dtype=torch.float64)
         if cfg.loss_scale > 0:
             F_teacher = lambda x, t: denoise(teacher, x, t, cond)[1]
             if i < cfg.dcm_iterations:
@@ -141,10 +139,8 @@ def student_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
                              lambda x, t: denoise(teacher, x, t, cond)[0], cfg.p_D, cfg.loss_scale_dmd)
             record.update({"loss/dmd": l_dmd.mean().item(), "dmd/steps": n_sim})
             loss = loss + l_dmd.mean()
-        if loss.requires_grad:  # (pure DMD has no student loss during the tangent warm-up)
-            (loss / cfg.grad_accum).backward()
-        training.accumulate_metrics(metrics, record, cfg.grad_accum)
-    return {**metrics, **training.optimizer_step(nets, cfg, n_eff)}
+        return loss, record
+    return training.student_update(nets, cfg, n_eff, batches, loss_of, cfg.grad_accum)
 
 
 def critic_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
@@ -152,13 +148,14 @@ def critic_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
     score's denoising loss on its samples; one AdamW step."""
     n_sim = (i - effective_iteration(cfg, i) - 1) % cfg.max_simulation_steps + 1  # cycles over the critic's iterations
 
-    def loss_of(x0, cond):
+    def loss_of(x0, cond, _):
         G = backward_simulation(cfg, nets.trained, cond, x0, n_sim)
-        return critic_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0], cfg.p_D), {"critic/steps": n_sim}
+        loss = critic_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0], cfg.p_D).mean()
+        return loss, {"loss/critic": loss.item(), "critic/steps": n_sim}
     return training.critic_update(nets, batches, loss_of, cfg.grad_accum)
 
 
-# ------------------------------------------------------------------------------------- sampling settings, toy eval
+# --------------------------------------------------------------------------------------------------- toy evaluation
 @torch.no_grad()
 def student_samples(cfg: RCMConfig, world: toy.World, net: WanModel, prompt, seed: int) -> dict:
     """The student's samples at 1, 2 and 4 steps for prompt ids [N] (sample.py --toy repeats them)."""

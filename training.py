@@ -247,26 +247,33 @@ def ema_update(ema: WanModel, net: WanModel, n: int, gamma: float):
         local(p_ema).lerp_(local(p).to(p_ema.dtype), 1 - beta)
 
 
-def optimizer_step(nets: Nets, optim: Optim, n: int) -> dict:
-    """The trained net's AdamW step and LR schedule, then its EMA (n earlier updates); returns the LR."""
-    nets.opt.step()
-    nets.sched.step()
+def optimizer_step(opt, sched, batches, loss_of, accum: int) -> dict:
+    """One AdamW step over an iteration's micro-batches: loss_of(x0, cond, uncond) -> (loss, metrics) on each, their
+    gradients accumulated; then the LR schedule. Returns the metrics (micro-batch means) and the LR."""
+    opt.zero_grad(set_to_none=True)
+    metrics = {}
+    for x0, cond, uncond in batches:
+        loss, record = loss_of(x0, cond, uncond)
+        if loss.requires_grad:  # (pure DMD has no student loss during the tangent warm-up)
+            (loss / accum).backward()
+        accumulate_metrics(metrics, record, accum)
+    opt.step()
+    sched.step()
+    return {**metrics, "lr": sched.get_last_lr()[0]}
+
+
+def student_update(nets: Nets, optim: Optim, n: int, batches, loss_of, accum: int) -> dict:
+    """An update of the trained net (optimizer_step), then its EMA after n earlier updates."""
+    metrics = optimizer_step(nets.opt, nets.sched, batches, loss_of, accum)
     ema_update(nets.ema, nets.trained, n, ema_gamma(optim.ema_sigma_rel))
-    return {"lr": nets.sched.get_last_lr()[0]}
+    return metrics
 
 
 def critic_update(nets: Nets, batches, loss_of, accum: int) -> dict:
-    """One fake-score update: loss_of(x0, cond) -> (loss [B], metrics) on each micro-batch, gradients accumulated into
-    one AdamW step. Returns the metrics (micro-batch means) and the LR."""
-    nets.opt_fake.zero_grad(set_to_none=True)
-    metrics = {}
-    for x0, cond, _ in batches:
-        loss, record = loss_of(x0, cond)
-        (loss.mean() / accum).backward()
-        accumulate_metrics(metrics, {"loss/critic": loss.mean().item(), **record}, accum)
-    nets.opt_fake.step()
-    nets.sched_fake.step()
-    return {**metrics, "lr_fake": nets.sched_fake.get_last_lr()[0]}
+    """An update of the fake score (optimizer_step); its LR is logged as lr_fake."""
+    metrics = optimizer_step(nets.opt_fake, nets.sched_fake, batches, loss_of, accum)
+    metrics["lr_fake"] = metrics.pop("lr")
+    return metrics
 
 
 def sampling_settings(cfg: RunConfig, **method) -> dict:
