@@ -12,12 +12,11 @@ from pathlib import Path
 import re
 
 from einops import rearrange
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 import torch
 import torch.nn as nn
 
-from checkpoint import load_strict
+from checkpoint import load_strict, read_state_dict
 
 try:  # optional: Wan cleans prompts with ftfy; see clean_prompt for what changes without it
     import ftfy
@@ -243,24 +242,14 @@ def encode_prompts_and_free(checkpoint: str | Path, prompts: list[str], *, devic
 
 
 def read_negative_embedding(path, text_dim: int) -> torch.Tensor:
-    """A precomputed negative-prompt embedding [L, text_dim] (the CFG unconditional input): a .safetensors file
-    holding one tensor, or a .pt/.pth file holding a tensor or a dict with one (read with weights_only=True);
-    leading singleton dims are dropped."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        content = load_file(path)
-    elif path.suffix in (".pt", ".pth"):
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise ValueError(f"negative embedding {path}: use a .safetensors or .pt file")
-    if isinstance(content, dict):
-        if len(content) != 1:
-            raise ValueError(f"negative embedding {path} holds {len(content)} tensors ({', '.join(content)}); "
-                             f"expected one")
-        content = next(iter(content.values()))
-    emb = content.float()
+    """A precomputed negative-prompt embedding [L, text_dim] (the CFG unconditional input): one tensor in a
+    .safetensors file, or a .pt/.pth file holding a tensor or a dict with one (weights_only); leading 1s dropped."""
+    content = read_state_dict(path)
+    tensors = list(content.values()) if isinstance(content, dict) else [content]
+    emb = tensors[0].float()
     while emb.ndim > 2 and emb.shape[0] == 1:
         emb = emb[0]
-    if emb.ndim != 2 or emb.shape[1] != text_dim:
-        raise ValueError(f"negative embedding {path} has shape {tuple(content.shape)}; expected [L, {text_dim}]")
+    if len(tensors) != 1 or emb.ndim != 2 or emb.shape[1] != text_dim:
+        raise ValueError(f"negative embedding {path} holds {', '.join(str(tuple(t.shape)) for t in tensors)}; "
+                         f"expected one tensor [L, {text_dim}]")
     return emb

@@ -153,7 +153,7 @@ def test_user_errors_are_clear(tmp_path, teacher):
                       other, log=lambda s: None)
     error("does not match --dit", teacher_ckpt=other)
     torch.save(torch.zeros(5, 7), tmp_path / "neg.pt")
-    error(r"\(5, 7\).*\[L, 32\]", wan=True, data=tmp_path, neg_embed=tmp_path / "neg.pt")
+    error(r"neg.pt holds \(5, 7\); expected one tensor \[L, 32\]", wan=True, data=tmp_path, neg_embed=tmp_path / "neg.pt")
     assert not dist.is_initialized()  # every failed run took its process group down
 
 
