@@ -1,17 +1,13 @@
-"""What train_rcm.py and train_causal.py share: the run config, building and sharding the nets, reading weights, the
-optimiser and the EMA, the data stream, metric reduction, saving and resuming the training state, and the one
-training loop, which takes the method's step as a parameter.
+"""What train_rcm.py and train_causal.py share: the run config, the nets (built on the meta device, FSDP2-sharded
+over all ranks, filled from rank 0's read of each checkpoint), the optimiser and the EMA, the data stream, metrics,
+saving and resuming, and the one training loop, which takes the method's step as a parameter.
 
-Scale-out (parallel.py): the processes form a (data-parallel × context-parallel) mesh; every net is built on the meta
-device, sharded by FSDP2 over all ranks and filled from rank 0's copy of its checkpoint; with --cp-size P each clip's
-tokens are split over P ranks (Ulysses), which see the same clip, noise and times. Every random draw of micro-batch
-m of iteration i comes from a stream seeded by (seed, i, global micro-batch index), so N ranks equal one process
-with N-fold gradient accumulation, and a resumed run redraws exactly what the interrupted one drew.
-
-A run folder holds metrics.jsonl, state/ (a torch.distributed.checkpoint folder per checkpoint with everything a
-resume needs, and latest.json naming the newest: rerun the same command, on as many processes), ema.safetensors
-(the EMA of the trained net in official key names, with the sampling settings of the run in its metadata) and
-previews/.
+The processes form a (data-parallel × context-parallel) mesh (parallel.py); with --cp-size P each clip's tokens are
+split over P ranks, which see the same clip, noise and times. Every random draw of micro-batch m of iteration i comes
+from a stream seeded by (seed, i, global micro-batch index): N ranks equal one process with N-fold gradient
+accumulation, and a resumed run redraws what the interrupted one drew. A run folder holds metrics.jsonl, state/ (a
+torch.distributed.checkpoint folder and latest.json: rerun the same command, on as many processes), ema.safetensors
+(official key names, the run's sampling settings in its metadata) and previews/.
 """
 import dataclasses
 import json
