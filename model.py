@@ -1,4 +1,4 @@
-"""Wan2.1 DiT (T2V and I2V), exact to the official checkpoints, with a tangent (JVP) path through every layer.
+"""Wan2.1/2.2 DiT (T2V, I2V, TI2V), exact to the official checkpoints, with a tangent (JVP) path through every layer.
 
     v = model(x, t, context)                              x [B,C,F,H,W]; t [B] or per-frame [B,F] (= 1000·σ)
     v, tv = model(x, t, context, tangent=(tx, tt))        tv = directional derivative of v along (tx, tt)
@@ -40,7 +40,7 @@ from parallel import gather_tokens, shard_tokens, token_layout, ulysses_attentio
 @dataclass(frozen=True)
 class WanConfig:
     """The official WanModel constructor arguments (defaults: T2V-1.3B)."""
-    model_type: str = "t2v"          # "t2v" or "i2v" (adds CLIP image tokens and the y conditioning channels)
+    model_type: str = "t2v"          # "t2v", "i2v" (the y conditioning channels) or "ti2v" (Wan2.2 5B: t2v-shaped)
     patch_size: tuple[int, int, int] = (1, 2, 2)
     text_len: int = 512              # text context is zero-padded to this many rows
     in_dim: int = 16                 # latent channels (+20 conditioning channels for I2V)
@@ -54,6 +54,7 @@ class WanConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     eps: float = 1e-6
+    clip: bool = True                # i2v: CLIP image tokens in the cross-attention (Wan2.1); Wan2.2's i2v has none
 
 
 _TINY = dict(text_len=32, dim=128, ffn_dim=256, freq_dim=64, text_dim=48, num_heads=2, num_layers=2)
@@ -61,6 +62,12 @@ CONFIGS = {
     "t2v-1.3B": WanConfig(),
     "t2v-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "i2v-14B": WanConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # Wan2.2: each A14B expert is a Wan2.1-14B-shaped net (the i2v ones without CLIP); TI2V-5B takes 48 channels
+    "t2v-A14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "i2v-A14B": WanConfig(model_type="i2v", clip=False, in_dim=36, dim=5120, ffn_dim=13824, num_heads=40,
+                          num_layers=40),
+    "ti2v-5B": WanConfig(model_type="ti2v", in_dim=48, out_dim=48, dim=3072, ffn_dim=14336, num_heads=24,
+                         num_layers=30),
     # the tiny shapes of the golden fixtures (tests/golden)
     "t2v-tiny": WanConfig(**_TINY),
     "i2v-tiny": WanConfig(model_type="i2v", in_dim=36, **_TINY),
@@ -407,7 +414,7 @@ class CrossAttention(SelfAttention):
 
     def __init__(self, cfg: WanConfig):
         super().__init__(cfg)
-        if cfg.model_type == "i2v":
+        if cfg.model_type == "i2v" and cfg.clip:
             self.k_img, self.v_img = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
             self.norm_k_img = RMSNorm(cfg.dim) if cfg.qk_norm else None
 
@@ -480,7 +487,7 @@ class WanModel(nn.Module):
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
-        assert cfg.model_type in ("t2v", "i2v"), f"model_type must be 't2v' or 'i2v', got {cfg.model_type!r}"
+        assert cfg.model_type in ("t2v", "i2v", "ti2v"), f"model_type must be t2v, i2v or ti2v, got {cfg.model_type!r}"
         assert cfg.dim % cfg.num_heads == 0 and (cfg.dim // cfg.num_heads) % 2 == 0
         self.cfg = cfg
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -490,7 +497,7 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
         self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
-        if cfg.model_type == "i2v":
+        if cfg.model_type == "i2v" and cfg.clip:
             self.img_emb = nn.Module()
             self.img_emb.proj = nn.Sequential(nn.LayerNorm(CLIP_DIM, eps=1e-5), nn.Linear(CLIP_DIM, CLIP_DIM), nn.GELU(),
                                               nn.Linear(CLIP_DIM, cfg.dim), nn.LayerNorm(cfg.dim, eps=1e-5))
@@ -575,7 +582,7 @@ class WanModel(nn.Module):
         """Velocity v [B,out_dim,F,H,W] (fp32), or (v, tv) when tangent=(tx, tt) is given.
 
         x [B,in_dim(−20 for I2V),F,H,W]; t [B] or [B,F] timesteps 1000·σ; context: see `embed_context`;
-        y [B,20,F,H,W] and clip_fea [B,257,1280] for I2V. tx has x's shape, tt has t's shape.
+        y [B,20,F,H,W] for I2V, and clip_fea [B,257,1280] for Wan2.1 I2V. tx has x's shape, tt has t's shape.
         The causal mode (causal_rcm.md; with no causal argument attention is bidirectional):
         - chunks: latent frames per chunk (e.g. chunk_frames(F, 3, 3)): block-causal attention over the clip.
         - teacher_forcing (with chunks): x = torch.cat([clean, noisy], 2) packs two copies of a sum(chunks)-frame
@@ -587,8 +594,10 @@ class WanModel(nn.Module):
         """
         cfg = self.cfg
         tx, tt = (None, None) if tangent is None else tangent
-        if cfg.model_type == "i2v" and (y is None or clip_fea is None):
-            raise ValueError("an i2v model needs y [B,20,F,H,W] and clip_fea [B,257,1280]")
+        if cfg.model_type == "i2v" and (y is None or (cfg.clip and clip_fea is None)):
+            raise ValueError("an i2v model needs y [B,20,F,H,W]" + (" and clip_fea [B,257,1280]" if cfg.clip else ""))
+        if clip_fea is not None and not (cfg.model_type == "i2v" and cfg.clip):
+            raise ValueError("clip_fea is for Wan2.1's i2v models (WanConfig(model_type='i2v', clip=True)) only")
         B, _, T, H, W = x.shape
         pt, ph, pw = cfg.patch_size
         if T % pt or H % ph or W % pw:

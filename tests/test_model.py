@@ -18,10 +18,11 @@ def rel(a, b):
 
 def golden_case(golden, name):
     meta = json.loads((golden / f"{name}.json").read_text())
-    cfg = WanConfig(model_type=meta["model_type"], **{**meta["config"], "patch_size": tuple(meta["config"]["patch_size"])})
     io = load_file(golden / f"{name}.io.safetensors")
+    cfg = WanConfig(model_type=meta["model_type"], clip="clip_fea" in io,  # Wan2.2's i2v has no CLIP tokens
+                    **{**meta["config"], "patch_size": tuple(meta["config"]["patch_size"])})
     context = [io[f"context.{i}"] for i in range(len(meta["context_lengths"]))]
-    cond = dict(y=io["y"], clip_fea=io["clip_fea"]) if "y" in io else {}
+    cond = {k: io[k] for k in ("y", "clip_fea") if k in io}
     return cfg, io, context, cond
 
 
@@ -65,10 +66,27 @@ def test_golden_gpu_bf16(golden, name):
     assert rel(tangent_out, io["tangent_out"]) < 3e-2
 
 
-@pytest.mark.parametrize("preset, official", [("t2v-1.3B", "Wan2.1-T2V-1.3B"), ("t2v-14B", "Wan2.1-T2V-14B"),
-                                              ("i2v-14B", "Wan2.1-I2V-14B")])
-def test_full_size_state_dict_names_and_shapes(golden, preset, official):
-    expected = json.loads((golden / "checkpoint_keys.json").read_text())[official]
+@pytest.mark.parametrize("name", ["dit22_i2v_tiny", "dit22_ti2v_tiny"])
+def test_golden_wan22_fp32(golden, name):
+    """Wan2.2's DiT: i2v without CLIP tokens (the A14B experts), and ti2v (TI2V-5B) with the image frame at t = 0
+    through per-frame times."""
+    cfg, io, context, cond = golden_case(golden, name)
+    net = load_checkpoint(WanModel(cfg), golden / f"{name}.weights.safetensors")
+    with torch.no_grad():
+        out = net(io["x"], io.get("t_per_frame", io["t"]), context, **cond)
+    assert not hasattr(net, "img_emb") and rel(out, io["out"]) < 1e-5
+    with pytest.raises(ValueError, match="clip_fea is for Wan2.1"):
+        net(io["x"], io["t"], context, **cond, clip_fea=torch.zeros(len(io["x"]), 257, 1280))
+
+
+@pytest.mark.parametrize("preset, official, keys", [
+    ("t2v-1.3B", "Wan2.1-T2V-1.3B", "checkpoint_keys.json"), ("t2v-14B", "Wan2.1-T2V-14B", "checkpoint_keys.json"),
+    ("i2v-14B", "Wan2.1-I2V-14B", "checkpoint_keys.json"),
+    ("t2v-A14B", "Wan2.2-T2V-A14B (each of high_noise_model, low_noise_model)", "checkpoint_keys_i2v.json"),
+    ("i2v-A14B", "Wan2.2-I2V-A14B (each of high_noise_model, low_noise_model)", "checkpoint_keys_i2v.json"),
+    ("ti2v-5B", "Wan2.2-TI2V-5B", "checkpoint_keys_i2v.json")])
+def test_full_size_state_dict_names_and_shapes(golden, preset, official, keys):
+    expected = json.loads((golden / keys).read_text())[official]
     with torch.device("meta"):
         net = WanModel(CONFIGS[preset])
     sd = net.state_dict()
