@@ -173,8 +173,7 @@ class TeacherConfig:
     p_uncond: float = 0.1  # prompt dropout to the negative embedding, so the teacher supports CFG
     hard_fraction: float = 0.5  # share of the batch drawn at s ~ U(hard_from, 1) instead of U(0, 1) ...
     hard_from: float = 0.85  # ... where the posterior over modes is decided and the net errs most
-    off_mode_fraction: float = 0.25
-    """share of the batch whose x0 moves in a random direction, no mode's (see train_teacher)"""
+    off_mode_fraction: float = 0.25  # share of clips moving in no mode's direction (train_teacher)
 
 
 def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, device="cpu", log=print) -> WanModel:
@@ -256,8 +255,7 @@ def save_grid(world: World, x: torch.Tensor, rows: int, path: Path, fps: int = 3
 class ToyRun:
     """The toy world as a trainer's data source, cached teacher and exact evaluator."""
     world: ToyConfig = field(default_factory=ToyConfig)  # the toy data distribution
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    """flow-matching training of the toy teacher when no --teacher-ckpt is given (cached in checkpoints/)"""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the toy teacher's training (cached in checkpoints/)
     eval_per_prompt: int = 256  # evaluation: samples per prompt for each sampler (0: no evaluation)
     eval_seed: int = 2  # evaluation: seed of the samplers' noise (sample.py reproduces the evaluation with it)
     preview_every: int = 500  # iterations between sample previews of the EMA net (gifs and exact metrics; 0: none)

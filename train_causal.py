@@ -50,8 +50,7 @@ class TFConfig(Optim):
     betas: tuple[float, float] = (0.9, 0.999)
     p_s: TimeDist = field(default_factory=lambda: TimeDist("shift", shift=5.0))
     """distribution of the noisy half's time (as TrigFlow t; UniformShift(5) in s)"""
-    forcing: Literal["teacher", "diffusion"] = "teacher"
-    """teacher: packed [clean | noisy] clip, one s per clip; diffusion: block-causal mask, one s per chunk"""
+    forcing: Literal["teacher", "diffusion"] = "teacher"  # teacher: packed [clean | noisy]; diffusion: s per chunk
     loss_scale: float = 100.0  # weight of the flow-matching loss
 
 
@@ -77,20 +76,16 @@ class SFConfig(Optim):
     loss_scale_dmd: float = 1.0  # weight of the DMD loss
     student_update_freq: int = 6  # one student iteration per this many iterations; the others train the fake score
     max_simulation_steps: int = 4  # the rollout's steps per chunk cycle through 1..this many
-    steps_per_chunk: tuple[int, ...] = ()
-    """fixed steps per chunk instead of the cycle: chunk i takes entry min(i, len − 1), e.g. 4 2"""
-    noisy_context: bool = False
-    """cache the K/V of each chunk's last noisy input instead of running an extra clean pass at s = 0"""
+    steps_per_chunk: tuple[int, ...] = ()  # fixed steps per chunk, chunk i: entry min(i, len − 1); () cycles
+    noisy_context: bool = False  # cache each chunk's last noisy input, not a clean pass at s = 0
 
 
 @dataclass
 class CausalConfig(RunConfig):
     """Causal-rCM (stage defaults: the Wan2.1 T2V 1.3B recipe of docs/causal_rcm.md; presets below). A run folder
     holds one sub-folder per stage; stage k draws its randomness from seed + k."""
-    stages: tuple[Stage, ...] = ("tf", "tf_scm", "sf_dmd")
-    """stages to run in order, each initialised from the EMA of the one before"""
-    causal_teacher_ckpt: Path | None = None
-    """the causal teacher, needed by tf_scm / tf_dcm when the stage tf is not run"""
+    stages: tuple[Stage, ...] = ("tf", "tf_scm", "sf_dmd")  # stages in order, each from the EMA of the one before
+    causal_teacher_ckpt: Path | None = None  # the causal teacher of tf_scm / tf_dcm when tf is not run
 
     # chunks and stages
     first_chunk_t: int = 3  # latent frames of the first chunk
@@ -98,12 +93,9 @@ class CausalConfig(RunConfig):
     tf: TFConfig = field(default_factory=TFConfig)  # stage tf
     cm: CMConfig = field(default_factory=CMConfig)  # stages tf_scm and tf_dcm
     sf: SFConfig = field(default_factory=SFConfig)  # stage sf_dmd
-    sigma_max: float = 1600.0
-    """streaming inference starts each chunk at t = arctan(sigma_max) (training rollouts at pure noise)"""
-    mid_t: tuple[float, ...] = CAUSAL_MID_T
-    """intermediate TrigFlow times of the few-step rollout, in training and in streaming inference"""
-    eval_teacher_steps: int = 50
-    """toy evaluation: Euler steps (per chunk for the causal teacher) of the teachers' samplers"""
+    sigma_max: float = 1600.0  # streaming starts each chunk at t = arctan(sigma_max)
+    mid_t: tuple[float, ...] = CAUSAL_MID_T  # intermediate TrigFlow times of the rollout and of streaming
+    eval_teacher_steps: int = 50  # toy evaluation: Euler steps of the teachers' samplers
 
 
 PRESETS = {

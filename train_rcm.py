@@ -40,10 +40,8 @@ class RCMConfig(Optim, RunConfig):
     loss_scale: float = 100.0  # weight of the consistency loss; 0 disables it (pure DMD)
     p_G: TimeDist = field(default_factory=lambda: TimeDist("lognormal", p_mean=0.7, p_std=1.6))
     """time distribution of the consistency loss"""
-    tangent_warmup: int = 1000
-    """iterations over which the sCM tangent warm-up ratio r grows to 1; DMD and the critic start after it"""
-    dcm_iterations: int = 0
-    """use the JVP-free discrete-time CM loss (dCM) instead of sCM for the first N iterations (a warm-up)"""
+    tangent_warmup: int = 1000  # iterations over which sCM's warm-up ratio r grows to 1; then DMD and critic
+    dcm_iterations: int = 0  # JVP-free discrete-time CM (dCM) instead of sCM for the first N iterations
     dcm_total_steps: int = 48  # dCM: number of steps N of the discretisation grid
     dcm_skip: int = 1  # dCM: teacher Euler steps k between the two student evaluations
     dcm_shift: float = 5.0  # dCM: timestep shift of the grid
@@ -54,15 +52,12 @@ class RCMConfig(Optim, RunConfig):
     loss_scale_dmd: float = 1.0  # weight of the DMD loss
     p_D: TimeDist = field(default_factory=lambda: TimeDist("shift", shift=5.0))
     """time distribution of DMD, the critic and the random backward-simulation times"""
-    student_update_freq: int = 5
-    """after the tangent warm-up, one student iteration per this many iterations; the others train the critic"""
+    student_update_freq: int = 5  # after the warm-up, a student iteration every N; the others train the critic
     max_simulation_steps: int = 4  # backward simulation cycles through 1..this many student steps
-    dmd_fix_timesteps: bool = False
-    """backward simulation at the fixed --mid-t instead of random draws from p_D (pure DMD prefers it)"""
+    dmd_fix_timesteps: bool = False  # backward simulation at --mid-t, not random p_D draws (pure DMD)
 
     # the few-step sampler (saved with the student: sample.py's defaults)
-    mid_t: tuple[float, ...] = (1.5, 1.4, 1.0)
-    """intermediate TrigFlow times of the few-step sampler (and of the fixed backward simulation)"""
+    mid_t: tuple[float, ...] = (1.5, 1.4, 1.0)  # intermediate TrigFlow times of the few-step sampler
     sigma_max: float = 80.0  # the sampler starts at t = arctan(sigma_max)
 
 

@@ -35,38 +35,27 @@ from text_encoder import read_negative_embedding
 @dataclass
 class RunConfig:
     """What a training run needs besides its method: checkpoints, data, scale-out, logging, the toy world."""
-    out_dir: Path = Path("runs/rcm")
-    """run folder: metrics.jsonl, state/ (resume), ema.safetensors, previews/, eval.json (train_causal: per stage)"""
-    teacher_ckpt: Path | None = None
-    """teacher weights, official key names (Wan2.1 folder, .safetensors, .index.json, .pt); toy: cached if unset"""
-    student_ckpt: Path | None = None
-    """initialise the (first) trained net from these weights instead of the teacher (e.g. a dCM warm-up's EMA)"""
+    out_dir: Path = Path("runs/rcm")  # run folder: metrics.jsonl, state/ (resume), ema.safetensors, previews/
+    teacher_ckpt: Path | None = None  # teacher weights (folder, .safetensors, .index.json, .pt); toy: cached
+    student_ckpt: Path | None = None  # start the (first) trained net from these weights, not the teacher's
     dit: WanConfig = field(default_factory=WanConfig)  # network config of every net
-    device: Literal["cuda", "cpu"] = "cuda" if torch.cuda.is_available() else "cpu"
-    """cuda: one GPU per process (NCCL); cpu: gloo"""
+    device: Literal["cuda", "cpu"] = "cuda" if torch.cuda.is_available() else "cpu"  # cuda (NCCL) or cpu (gloo)
     seed: int = 0  # seed of every random draw (noise, times, data order; the toy world's clips)
 
     # data
-    data: Path | None = None
-    """folder of shard*.tar (latent.pt [16,T,H,W], embed.pt [L,4096], prompt.txt); toy: unset = fresh exact draws"""
-    neg_embed: Path | None = None
-    """negative-prompt umT5 embedding [L,4096] (.safetensors or .pt): the teacher's unconditional input (Wan)"""
+    data: Path | None = None  # folder of shard*.tar (data.py's format); toy: unset = fresh exact draws
+    neg_embed: Path | None = None  # negative-prompt umT5 embedding [L,4096]: the teacher's CFG input (Wan)
     num_workers: int = 2  # data reader processes per rank
     shuffle_buffer: int = 64  # samples held for shuffling inside a data reader
-    toy: tyro.conf.AvoidSubcommands[ToyRun | None] = None
-    """the toy world as data source, cached teacher and exact evaluator (the toy presets); None: a Wan run"""
+    toy: tyro.conf.AvoidSubcommands[ToyRun | None] = None  # the toy world (data, teacher, exact eval); None: Wan
 
     # scale-out
-    precision: Literal["bf16", "fp32"] = "fp32"
-    """bf16: fp32 masters, bf16 compute, fp32 grad reduction, bf16 teacher (Wan); fp32: all fp32 (toy)"""
-    cp_size: int = 1
-    """context-parallel (Ulysses) ranks per clip; must divide the number of processes and the head count"""
-    checkpointing: Literal["none", "block", "matmul"] = "none"
-    """activation checkpointing of the trained nets: block (keep block inputs), matmul (keep matmul outputs)"""
+    precision: Literal["bf16", "fp32"] = "fp32"  # bf16: fp32 masters, bf16 compute and teacher; fp32: all fp32
+    cp_size: int = 1  # Ulysses context-parallel ranks per clip (divides processes and heads)
+    checkpointing: Literal["none", "block", "matmul"] = "none"  # activation checkpointing of the trained nets
     compile: bool = False  # torch.compile every transformer block (the attention kernel launch stays eager)
     batch: int = 1  # clips per iteration on each data-parallel rank
-    grad_accum: int = 1
-    """split each rank's batch into this many micro-batches, their gradients accumulated (less activation memory)"""
+    grad_accum: int = 1  # micro-batches per rank's batch, gradients accumulated (less activation memory)
 
     # logging
     log_every: int = 10  # iterations between lines of metrics.jsonl (losses averaged over the ranks)
@@ -81,8 +70,7 @@ class Optim:
     betas: tuple[float, float] = (0.0, 0.999)  # AdamW betas
     weight_decay: float = 0.01  # AdamW weight decay
     lr_warmup: int = 100  # linear learning-rate warm-up (optimizer steps), then constant
-    ema_sigma_rel: float = 0.1
-    """relative width σ_rel of the power-function EMA, updated on every update of the trained net"""
+    ema_sigma_rel: float = 0.1  # relative width σ_rel of the power-function EMA (EDM2)
 
 
 def check_config(cfg: RunConfig):
