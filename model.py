@@ -679,6 +679,76 @@ def causal_layout(grid, chunks, teacher_forcing: bool, kv_cache, kv_append: bool
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Wan2.2 A14B: two experts behind one call.
+# ----------------------------------------------------------------------------------------------------------------
+
+BOUNDARY = {"t2v-A14B": 0.875, "i2v-A14B": 0.900}  # the experts' boundary in rectified-flow time (official configs)
+
+
+def _take(v, idx):
+    """The samples idx of a per-sample argument (a tensor, a list of rows, or a tuple of those); others as they are."""
+    if torch.is_tensor(v):
+        return v[idx]
+    if isinstance(v, list):
+        return [v[i] for i in idx.tolist()]
+    return tuple(_take(u, idx) for u in v) if isinstance(v, tuple) else v
+
+
+class TwoExperts(nn.Module):
+    """Wan2.2's A14B model: a high-noise and a low-noise expert (each a WanModel) behind WanModel's call. A sample goes
+    to the high-noise expert when its timestep is at least 1000·boundary (the noisiest frame decides), else to the
+    low-noise one; a batch that straddles the boundary is split. With `device` set, the expert not in use waits on
+    the CPU and the one called moves there, so one 14B expert at a time sits on the GPU."""
+
+    def __init__(self, high: WanModel, low: WanModel, boundary: float, device=None):
+        super().__init__()
+        self.high, self.low, self.boundary, self.device = high, low, boundary, device
+        self.cfg = high.cfg
+
+    def expert(self, high: bool) -> WanModel:
+        net, idle = (self.high, self.low) if high else (self.low, self.high)
+        if self.device is not None and next(net.parameters()).device != torch.device(self.device):
+            idle.to("cpu")
+            net.to(self.device)
+        return net
+
+    def forward(self, x, t, context, **kw):
+        if kw.get("kv_cache") is not None:
+            raise ValueError("streaming through a KV cache is not supported by the two-expert model")
+        noisy = t.reshape(len(t), -1).amax(1) >= 1000 * self.boundary
+        if noisy.all() or not noisy.any():
+            return self.expert(bool(noisy[0]))(x, t, context, **kw)
+        out = None
+        for high in (True, False):  # each expert on its samples, scattered back ((v,) or (v, tv) with a tangent)
+            idx = torch.nonzero(noisy == high).flatten()
+            o = self.expert(high)(x[idx], t[idx], _take(context, idx), **{k: _take(v, idx) for k, v in kw.items()})
+            o = (o,) if torch.is_tensor(o) else o
+            out = out or [u.new_empty((len(x), *u.shape[1:])) for u in o]
+            for buf, u in zip(out, o):
+                buf[idx] = u
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def load_two_experts(name: str, high, low=None, *, dtype=None, device="cpu", offload: bool = False) -> TwoExperts:
+    """The two experts of a Wan2.2 A14B model `name` (a key of BOUNDARY): from the official folder holding
+    high_noise_model/ and low_noise_model/ (high = that folder, low = None), or from two checkpoints (e.g. NVlabs's
+    merged rCM .pth experts). offload: the idle expert waits on the CPU."""
+    if low is None:
+        high, low = Path(high) / "high_noise_model", Path(high) / "low_noise_model"
+        for folder in (high, low):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{folder} not found: a Wan2.2 {name} folder holds high_noise_model/ and "
+                                        f"low_noise_model/ (or pass the two experts' files)")
+    experts = []
+    for path in (high, low):
+        with torch.device("meta"):
+            net = WanModel(CONFIGS[name])
+        load_checkpoint(net, path, dtype=dtype)
+        experts.append(net.to("cpu" if offload else device).eval().requires_grad_(False))
+    return TwoExperts(*experts, BOUNDARY[name], device if offload else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: official key names in and out.
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -189,3 +189,28 @@ def test_user_errors_are_clear():
         net(torch.randn(1, 16, 2, 5, 4), torch.tensor([1.0]), [torch.randn(3, 48)])
     with pytest.raises(ValueError, match="at most text_len=32"):
         net(torch.randn(1, 16, 2, 4, 4), torch.tensor([1.0]), [torch.randn(40, 48)])
+
+
+def test_two_experts_route_by_time_and_split_a_straddling_batch():
+    """Each sample goes to the high-noise expert at timesteps ≥ 1000·boundary, else to the low-noise one (checked
+    call by call); a batch across the boundary is split and put back in order, tangents included."""
+    high, low = random_tiny(seed=1), random_tiny(seed=2)
+    calls = []
+    for name, net in (("high", high), ("low", low)):
+        net.register_forward_pre_hook(lambda m, args, n=name: calls.append((n, args[1].tolist())))
+    both = wan.TwoExperts(high, low, boundary=0.9)
+    x, context = torch.randn(3, 16, 2, 4, 4), torch.randn(3, 8, 48)
+    t = torch.tensor([950.0, 100.0, 900.0])
+    with torch.no_grad():
+        v = both(x, t, context)
+        v_high, v_low = high(x, t, context), low(x, t, context)
+        (v2, tv), (_, tv_low) = both(x, t, context, tangent=(x, t)), low(x, t, context, tangent=(x, t))
+    assert calls[:2] == [("high", [950.0, 900.0]), ("low", [100.0])]
+    torch.testing.assert_close(v[[0, 2]], v_high[[0, 2]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v[1], v_low[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v2, v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tv[1], tv_low[1], rtol=1e-4, atol=1e-4)  # (batch size changes the rounding)
+    calls.clear()
+    with torch.no_grad():
+        both(x[:1], torch.tensor([899.0]), context[:1])
+    assert calls == [("low", [899.0])]
