@@ -31,17 +31,19 @@ from typing import Annotated, Literal
 
 import imageio.v2 as imageio
 import torch
+import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
 import toy
 from checkpoint import read_settings
 from data import write_shards
-from model import CONFIGS, CacheConfig, WanConfig, WanModel, chunk_frames, load_checkpoint
+from image_encoder import CLIPConfig, CLIPVision, load_clip
+from model import BOUNDARY, CONFIGS, CacheConfig, WanConfig, WanModel, chunk_frames, load_checkpoint, load_two_experts
 from samplers import (draw_noise, flow_times, generate, generate_stream, guidance, kv_cache, sample_euler,
                       sample_unipc, stream_times)
 from text_encoder import UMT5Config, encode_prompts_and_free, read_negative_embedding
-from vae import VAEConfig, load_vae
+from vae import VAEConfig, i2v_size, image_condition, load_vae
 
 FPS = 16
 # Wan2.1's default negative prompt (wan/configs/shared_config.py, sample_neg_prompt).
@@ -89,6 +91,10 @@ class Streaming:
 class Config:
     """Sample videos from a Wan2.1 T2V DiT (the rCM student or the teacher), or from a toy-world checkpoint (--toy)."""
     dit_path: Path  # DiT weights: official .safetensors (file, folder or sharded .index.json) or an rCM .pt/.pth
+    image: Path | None = None  # image-to-video: the first frame (with an I2V --model: i2v-14B, i2v-A14B)
+    dit_path_low: Path | None = None  # Wan2.2 A14B: the low-noise expert when --dit-path is the high-noise one's file
+    offload: bool = False  # Wan2.2 A14B: the expert not in use waits on the CPU (one 14B expert on the GPU)
+    clip_path: Path = Path("Wan2.1-I2V-14B-480P/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")  # Wan2.1 I2V
     prompt: str = ""  # the text prompt (or --prompts-file)
     prompts_file: Path | None = None  # a text file with one prompt per line (blank lines skipped)
     sampler: Annotated[Sampler, tyro.conf.OmitArgPrefixes] = Sampler()
@@ -113,6 +119,7 @@ class Config:
     toy: bool = False  # sample the toy world the checkpoint was trained on: its prompts, no T5/VAE, exact metrics, grid mp4s
     vae_cfg: tyro.conf.Suppress[VAEConfig] = VAEConfig()  # architectures: the releases' (tests use tiny ones)
     t5_cfg: tyro.conf.Suppress[UMT5Config] = UMT5Config()
+    clip_cfg: tyro.conf.Suppress[CLIPConfig] = CLIPConfig()
 
 
 # ------------------------------------------------------------------------------------ settings from the checkpoint
@@ -188,9 +195,10 @@ def decode(vae, z: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- causal streaming
-def stream_cache(net, batch: int, shape: tuple[int, int, int, int], st: Streaming):
-    """The KV cache for streaming clips of latent shape (C, T, H, W): the whole clip's past, or --window-frames."""
-    chunks = chunk_frames(shape[1], st.first_chunk_t, st.chunk_t)
+def stream_cache(net, batch: int, shape: tuple[int, int, int, int], st: Streaming, prefix_frames: int = 0):
+    """The KV cache for streaming clips of latent shape (C, T, H, W), after prefix_frames prefilled ones: the whole
+    clip's past, or --window-frames."""
+    chunks = (prefix_frames,) * bool(prefix_frames) + chunk_frames(shape[1] - prefix_frames, st.first_chunk_t, st.chunk_t)
     max_frames = shape[1] - chunks[-1] if st.window_frames is None else st.window_frames
     cache = CacheConfig(max(1, max_frames), st.sink_chunks if st.window_frames else 0, st.kv_rope, st.kv_quant,
                         st.kv_scale)
@@ -198,14 +206,16 @@ def stream_cache(net, batch: int, shape: tuple[int, int, int, int], st: Streamin
 
 
 def stream_video(net, vae, context, shape: tuple[int, int, int, int], st: Streaming, sampler: Sampler,
-                 generator: torch.Generator, cache=None):
+                 generator: torch.Generator, cache=None, prefix=None):
     """Stream B videos (B = len(context)): each chunk's latents are decoded as soon as they exist.
     Returns latents [B, C, T, H, W], frames uint8 [B, F, 8H, 8W, 3] (None without a vae) and, per chunk, the seconds
-    (DiT, VAE) it waited for (the clean pass of chunk i counts in chunk i + 1's DiT time)."""
-    chunks = chunk_frames(shape[1], st.first_chunk_t, st.chunk_t)
-    cache = stream_cache(net, len(context), shape, st) if cache is None else cache
+    (DiT, VAE) it waited for (the clean pass of chunk i counts in chunk i + 1's DiT time). prefix: the image's
+    latent frame (image-to-video), prefilled into the cache as the first chunk."""
+    chunks = chunk_frames(shape[1] - (0 if prefix is None else prefix.shape[2]), st.first_chunk_t, st.chunk_t)
+    cache = stream_cache(net, len(context), shape, st, 0 if prefix is None else prefix.shape[2]) if cache is None \
+        else cache
     stream = generate_stream(net, context, shape, chunks, st.steps_per_chunk, sampler.sigma_max, sampler.mid_t,
-                             generator, cache, st.noisy_context)
+                             generator, cache, st.noisy_context, prefix)
     device = generator.device
     zs, videos, seconds, vae_cache = [], [], [], {}
     t0 = now(device)
@@ -286,9 +296,26 @@ def check(cfg: Config, settings: dict):
     if cfg.prompts_file is not None:
         files.append(("--prompts-file", cfg.prompts_file, "one prompt per line"))
     if not cfg.toy:
-        if cfg.model is not None and (cfg.model not in CONFIGS or CONFIGS[cfg.model].model_type != "t2v"):
-            raise ValueError(f"--model {cfg.model!r}: sample.py runs text-to-video DiTs, one of "
-                             + ", ".join(k for k, c in CONFIGS.items() if c.model_type == "t2v"))
+        arch = architecture(cfg, settings)
+        if cfg.model is not None and cfg.model not in CONFIGS:
+            raise ValueError(f"--model {cfg.model!r}: use one of {', '.join(CONFIGS)}")
+        if arch.model_type == "ti2v":
+            raise ValueError("--model ti2v-5B needs the Wan2.2 VAE, which sample.py does not have yet")
+        if cfg.causal and arch.model_type == "i2v":
+            raise ValueError("--causal streams a text-to-video Causal-rCM student (with --image, the image's latent "
+                             "frame is prefilled into its KV cache): drop the I2V --model")
+        if (arch.model_type == "i2v") != (cfg.image is not None and not cfg.causal):  # causal I2V: T2V + prefill
+            raise ValueError(f"--model {cfg.model or 'of the checkpoint'} is an image-to-video model: give --image PATH"
+                             if cfg.image is None else "--image needs an image-to-video model (--model i2v-14B or "
+                             "i2v-A14B); the text-to-video ones take no image")
+        if cfg.dit_path_low is not None and cfg.model not in BOUNDARY:
+            raise ValueError(f"--dit-path-low is the low-noise expert of a two-expert model ({', '.join(BOUNDARY)})")
+        if arch.model_type == "i2v" and arch.clip:
+            files.append(("--clip-path", cfg.clip_path, "the CLIP checkpoint of the Wan2.1 I2V release"))
+        if cfg.image is not None:
+            files.append(("--image", cfg.image, "the first frame"))
+        if cfg.dit_path_low is not None:
+            files.append(("--dit-path-low", cfg.dit_path_low, "the low-noise expert's weights"))
         if (cfg.num_frames - 1) % 4 or cfg.num_frames < 1:
             raise ValueError(f"--num-frames {cfg.num_frames} is not 4k+1 (the VAE packs 4 frames per latent frame "
                              f"after the first): use {max(1, round((cfg.num_frames - 1) / 4) * 4 + 1)}")
@@ -349,16 +376,62 @@ def slug(text: str, n: int = 40) -> str:
     return "".join(c if c.isalnum() else "_" for c in text[:n]).strip("_") or "video"
 
 
+def read_image(cfg: Config, width: int, height: int):
+    """--image as [3, H, W] in [-1, 1] on the device, and its size for the video: at --resolution 480p/720p Wan's
+    adaptive size (the image's aspect ratio at that pixel count), at WIDTHxHEIGHT that size."""
+    try:
+        pixels = torch.from_numpy(imageio.imread(cfg.image)).float()
+    except Exception as e:
+        raise ValueError(f"--image {cfg.image} cannot be read as an image ({type(e).__name__}: {e})") from None
+    pixels = pixels[..., None].expand(-1, -1, 3) if pixels.ndim == 2 else pixels[..., :3]  # grey, RGBA -> RGB
+    image = (pixels.permute(2, 0, 1) / 127.5 - 1).to(cfg.device)
+    if cfg.resolution in ("480p", "720p"):
+        height, width = i2v_size(image.shape[1], image.shape[2], width * height)
+    return image, width, height
+
+
+@torch.no_grad()
+def i2v_inputs(cfg: Config, arch: WanConfig, vae, width: int, height: int):
+    """(y [1, 20, T, h, w], CLIP features [1, 257, 1280] or None, width, height) for --image: the conditioning
+    latents of Wan's pipelines and, for Wan2.1 I2V, the CLIP image tokens (the encoder is freed after use)."""
+    image, width, height = read_image(cfg, width, height)
+    resized = F.interpolate(image[None], size=(height, width), mode="bicubic", align_corners=False)[0]
+    y = image_condition(vae, resized.clamp(-1, 1), cfg.num_frames)
+    clip_fea = None
+    if arch.model_type == "i2v" and arch.clip:
+        encoder = load_clip(CLIPVision(cfg.clip_cfg).to(cfg.device), cfg.clip_path)
+        clip_fea = encoder([image]).to(torch.float32)
+        del encoder
+    return y, clip_fea, width, height
+
+
+def load_net(cfg: Config, settings: dict):
+    """The DiT, or Wan2.2's two experts for an A14B --model (a folder with both, or --dit-path and --dit-path-low)."""
+    if cfg.model in BOUNDARY:
+        net = load_two_experts(cfg.model, cfg.dit_path, cfg.dit_path_low, dtype=getattr(torch, cfg.dtype),
+                               device=cfg.device, offload=cfg.offload)
+        if cfg.compile:
+            for block in (*net.high.blocks, *net.low.blocks):
+                block.compile()
+        return net
+    return load_dit(architecture(cfg, settings), cfg)
+
+
 def sample_wan(cfg: Config, settings: dict):
-    """Prompts -> T5 -> DiT -> VAE -> mp4s (and shards), one video at a time; one timing line per video."""
+    """Prompts -> T5 -> DiT -> VAE -> mp4s (and shards), one video at a time; one timing line per video. With an
+    image, the VAE and CLIP encode it first; its latent frame is the video's first."""
     prompts = read_prompts(cfg)
     width, height = video_size(cfg)
-    shape = (cfg.vae_cfg.z_dim, 1 + (cfg.num_frames - 1) // 4, height // 8, width // 8)
     embeds, neg, t5_seconds = embed_texts(cfg, prompts)
     if torch.device(cfg.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the encoder is gone: the peak below is the DiT's and the VAE's
-    net = load_dit(architecture(cfg, settings), cfg)
-    vae = load_vae(cfg.vae_path, device=cfg.device, cfg=cfg.vae_cfg) if cfg.videos else None
+    vae = load_vae(cfg.vae_path, device=cfg.device, cfg=cfg.vae_cfg) if cfg.videos or cfg.image else None
+    y = clip_fea = None
+    if cfg.image is not None:
+        y, clip_fea, width, height = i2v_inputs(cfg, architecture(cfg, settings), vae, width, height)
+        print(f"image-to-video at {width}x{height}")
+    shape = (cfg.vae_cfg.z_dim, 1 + (cfg.num_frames - 1) // 4, height // 8, width // 8)
+    net = load_net(cfg, settings)
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(cfg.num_samples)]
     s, st = cfg.sampler, cfg.streaming
     calls_per_video = num_steps(s)
@@ -367,12 +440,17 @@ def sample_wan(cfg: Config, settings: dict):
         calls_per_video = (sum(len(t) - 1 for t in stream_times(chunks, st.steps_per_chunk, s.sigma_max, s.mid_t))
                            + (0 if st.noisy_context else len(chunks) - 1))
     bar = tqdm(total=len(jobs) * calls_per_video, unit="DiT call")
-    cache = stream_cache(net, 1, shape, st) if cfg.causal else None  # preallocated once, reset per video
+    cache = stream_cache(net, 1, shape, st, int(y is not None)) if cfg.causal else None  # allocated once, reset per video
 
-    def dit(x, timestep, context, **causal):  # the net, counted (CFG's two halves are one batched call)
-        v = net(x, timestep, context, **causal)
+    def dit(x, timestep, context, **kw):  # the net, counted (CFG's two halves are one batched call)
+        v = net(x, timestep, context, **kw)
         bar.update()
         return v
+    if y is not None and not cfg.causal:  # I2V: every call (both halves under CFG) gets the image's conditioning
+        counted = dit
+        dit = lambda x, timestep, context, **kw: counted(
+            x, timestep, context, y=y.expand(len(x), *y.shape[1:]),
+            clip_fea=None if clip_fea is None else clip_fea.expand(len(x), -1, -1), **kw)
 
     def videos():
         for k, (i, prompt) in enumerate(jobs):
@@ -380,16 +458,19 @@ def sample_wan(cfg: Config, settings: dict):
             generator = torch.Generator(cfg.device).manual_seed(cfg.seed + k)
             line = f"video {k}: "
             if cfg.causal:
-                z, frames, seconds = stream_video(dit, vae, [embeds[i]], shape, st, s, generator, cache)
+                z, frames, seconds = stream_video(dit, vae if cfg.videos else None, [embeds[i]], shape, st, s,
+                                                  generator, cache, prefix=None if y is None else y[:, 4:, :1])
                 line += stream_report(seconds, cfg.num_frames)
             else:
                 z = generate_latents(dit, [embeds[i]], None if neg is None else [neg], shape, s, generator)
+                if y is not None:  # the conditioning image is the first frame
+                    z[:, :, :1] = y[:, 4:, :1]
                 t1 = now(cfg.device)
                 line += f"DiT {t1 - t0:.2f} s"
-                if vae is not None:
+                if cfg.videos:
                     frames = decode(vae, z)
                     line += f", VAE {now(cfg.device) - t1:.2f} s"
-            if vae is not None:
+            if cfg.videos:
                 frames = frames[0]
                 path = cfg.save_path / f"{k:04d}_{slug(prompt)}_seed{cfg.seed + k}.mp4"
                 write_mp4(frames, path)

@@ -184,7 +184,7 @@ def kv_cache(net, batch: int, shape, chunks: tuple[int, ...], cache: CacheConfig
 
 
 def stream(net, noise, context, chunks: tuple[int, ...], times, cache: KVCache, *, sampler=sample_rcm,
-           noisy_context: bool = False, **kw):
+           noisy_context: bool = False, prefix=None, **kw):
     """Causal-rCM streaming: yields each chunk's latents [B, C, Tc, H, W] as soon as `sampler` has denoised them.
 
     noise [B, C, T, H, W]: each chunk's starting noise; times[i]: chunk i's times for the sampler (rcm_times, or a
@@ -192,11 +192,16 @@ def stream(net, noise, context, chunks: tuple[int, ...], times, cache: KVCache, 
     Chunk i is sampled against [cached chunks | itself]; then its K/V join the cache: a clean pass of x̂0 at s = 0
     (no grad; run when the next chunk is asked for, so decoding this one need not wait, and none after the last), or,
     with noisy_context (rCM only), the last step's own pass on its noisy input, one forward less per chunk. The cache
-    holds constants, so no gradient crosses chunks.
+    holds constants, so no gradient crosses chunks. prefix [B, C, Tp, H, W]: clean latent frames (image-to-video: the
+    image's) that join the cache first, at s = 0, and are yielded as they are; `chunks` then cut the frames after it.
     """
     if noisy_context and sampler is not sample_rcm:
         raise ValueError("noisy_context appends the K/V of the few-step sampler's last step: it needs sample_rcm")
     cache.reset()
+    if prefix is not None:
+        with torch.no_grad():
+            net(prefix, torch.zeros(len(prefix), device=prefix.device), context, kv_cache=cache, kv_append=True)
+        yield prefix
     f0 = 0
     for i, (Tc, t) in enumerate(zip(chunks, times)):
         extra = {"final_kwargs": {"kv_append": True}} if noisy_context else {}
@@ -232,10 +237,12 @@ def generate(net, context, shape, steps: int, sigma_max: float, mid_t: tuple[flo
 @torch.no_grad()
 def generate_stream(net, context, shape, chunks: tuple[int, ...], steps_per_chunk: tuple[int, ...],
                     sigma_max: float, mid_t: tuple[float, ...], generator: torch.Generator,
-                    cache: KVCache | None = None, noisy_context: bool = False):
-    """Like `generate`, streamed chunk by chunk (yields each chunk's latents); cache: default kv_cache of the net."""
-    noise = draw_noise(len(context), shape, generator)
+                    cache: KVCache | None = None, noisy_context: bool = False, prefix=None):
+    """Like `generate`, streamed chunk by chunk (yields each chunk's latents); cache: default kv_cache of the net;
+    prefix: clean first frames (see `stream`), then `chunks` cut the shape's remaining frames."""
+    C, T, H, W = shape
+    noise = draw_noise(len(context), (C, T - (0 if prefix is None else prefix.shape[2]), H, W), generator)
     cache = kv_cache(net, len(context), shape, chunks) if cache is None else cache
     yield from stream(net, noise, context, chunks, stream_times(chunks, steps_per_chunk, sigma_max, mid_t), cache,
-                      noisy_context=noisy_context, generator=generator)
+                      noisy_context=noisy_context, prefix=prefix, generator=generator)
 

@@ -276,6 +276,28 @@ class WanVAE(nn.Module):
         return torch.cat(frames, dim=2)
 
 
+# ----------------------------------------------------------------------------- image-to-video conditioning
+
+def i2v_size(height: int, width: int, max_area: int, stride: int = 16) -> tuple[int, int]:
+    """Wan's adaptive I2V size: the image's aspect ratio at about max_area pixels, each side a multiple of `stride`
+    (the VAE's 8 times the DiT's patch of 2). Returns (height, width)."""
+    aspect = height / width
+    return (int((max_area * aspect) ** 0.5 // stride * stride), int((max_area / aspect) ** 0.5 // stride * stride))
+
+
+@torch.no_grad()
+def image_condition(vae: WanVAE, image: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """The I2V conditioning y [1, 4 + z_dim, T, H/8, W/8] of an image [3, H, W] in [-1, 1] at the video's size, as
+    Wan's pipelines build it: a 4-channel mask that is 1 on latent frame 0, then the latents of the video whose first
+    frame is the image and whose other num_frames − 1 frames are zero."""
+    _, H, W = image.shape
+    video = torch.cat([image[:, None], image.new_zeros(3, num_frames - 1, H, W)], dim=1)[None]
+    latents = vae.encode(video)
+    mask = torch.zeros_like(latents[:, :4])
+    mask[:, :, 0] = 1
+    return torch.cat([mask, latents], dim=1)
+
+
 # ----------------------------------------------------------------------------- checkpoint
 
 def load_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -17,8 +17,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import data
 from checkpoint import save_checkpoint
 from model import CONFIGS, WanModel, load_checkpoint
-from sample import Config, Sampler, generate_latents, main
+from sample import Config, Sampler, Streaming, generate_latents, main
 from samplers import flow_times, sample_euler, sample_unipc
+from image_encoder import CLIPConfig, CLIPVision
 from text_encoder import UMT5Config, UMT5Encoder, encode_prompts, load_tokenizer, load_umt5
 from toy import TOY_DIT, ToyConfig, eval_prompts, exact_velocity, make_world, metrics
 from vae import VAEConfig, WanVAE
@@ -231,3 +232,97 @@ def test_defaults_come_from_the_checkpoint_settings(tmp_path, capsys):
     run(sampler=Sampler(sigma_max=1.0))                                 # a flag overrides the stored value
     assert "from its stored settings: mid_t," in capsys.readouterr().out.splitlines()[-5]
     assert not np.array_equal(frames(), stored_frames)
+
+
+CLIP = CLIPConfig(image_size=28, patch_size=7, dim=1280, mlp_ratio=1, out_dim=8, num_heads=4, num_layers=1)
+
+
+@pytest.fixture(scope="module")
+def i2v_files(files):
+    """A tiny Wan2.1 I2V DiT (CLIP tokens), a CLIP image tower of the width the DiT expects, a tiny Wan2.2-style
+    two-expert folder (no CLIP), and a 40x56 RGBA image."""
+    save_checkpoint(randomise(WanModel(CONFIGS["i2v-tiny"]), 7), files / "i2v.safetensors")
+    save_file({f"visual.{k}": v.contiguous() for k, v in randomise(CLIPVision(CLIP), 8).state_dict().items()},
+              str(files / "clip.safetensors"))
+    for seed, name in ((9, "high_noise_model"), (10, "low_noise_model")):
+        (files / "a14b" / name).mkdir(parents=True, exist_ok=True)
+        save_checkpoint(randomise(WanModel(dataclasses.replace(CONFIGS["i2v-tiny"], clip=False)), seed),
+                        files / "a14b" / name / "diffusion_pytorch_model.safetensors")
+    g = np.random.default_rng(0)
+    imageio.imwrite(files / "image.png", g.integers(0, 255, (40, 56, 4), dtype=np.uint8))
+    return files
+
+
+def test_image_to_video_wan21_with_clip(i2v_files, tmp_path):
+    """Wan2.1 I2V: y and the CLIP tokens reach the DiT (rCM and teacher with CFG), the image's latent frame is the
+    video's first, and the mp4's first frame is the decoded conditioning image."""
+    f = i2v_files
+    kw = dict(model="i2v-tiny", dit_path=f / "i2v.safetensors", image=f / "image.png", clip_path=f / "clip.safetensors",
+              clip_cfg=CLIP, num_frames=5)
+    for mode in ("rcm", "teacher"):
+        main(tiny(f, tmp_path / mode, mode=mode, steps=2, **kw))
+    from vae import image_condition, load_vae
+    vae = load_vae(f / "vae.safetensors", cfg=VAE)
+    image = torch.from_numpy(np.asarray(imageio.imread(f / "image.png"))[..., :3]).permute(2, 0, 1).float() / 127.5 - 1
+    resized = torch.nn.functional.interpolate(image[None], size=(32, 32), mode="bicubic", align_corners=False)[0]
+    y = image_condition(vae, resized.clamp(-1, 1), 5)
+    for mode in ("rcm", "teacher"):
+        (z,) = [s["latent"] for s in shard_samples(tmp_path / mode / "shards")]
+        assert torch.allclose(z[:, :1], y[0, 4:, :1], atol=1e-6)       # the image's latent frame comes first
+        (video,) = mp4s(tmp_path / mode)
+        first = ((vae.decode(y[:, 4:, :1]).clamp(-1, 1) + 1) * 127.5).round()[0, :, 0].permute(1, 2, 0)
+        assert video.shape == (5, 32, 32, 3) and (video[0].float() - first).abs().mean() < 6  # (mp4 is lossy)
+    assert not torch.allclose(*[shard_samples(tmp_path / m / "shards")[0]["latent"][:, 1:] for m in ("rcm", "teacher")])
+
+
+def test_image_to_video_two_experts_route_every_call(i2v_files, tmp_path, monkeypatch):
+    """A Wan2.2-style A14B folder (high_noise_model/, low_noise_model/): every DiT call goes to the expert its time
+    asks for (the test checks each call against the boundary), and a causal T2V student prefills the image frame."""
+    import model as wan
+    import sample
+    f = i2v_files
+    monkeypatch.setitem(wan.CONFIGS, "i2v-A14B", dataclasses.replace(CONFIGS["i2v-tiny"], clip=False))
+    calls, loaded = [], {}
+    original_forward, original_load = wan.WanModel.forward, sample.load_two_experts
+
+    def spy(self, x, t, context, **kw):
+        calls.append((self, float(t.reshape(len(t), -1).amax())))
+        return original_forward(self, x, t, context, **kw)
+
+    def load(*args, **kwargs):
+        loaded["net"] = original_load(*args, **kwargs)
+        return loaded["net"]
+    monkeypatch.setattr(wan.WanModel, "forward", spy)
+    monkeypatch.setattr(sample, "load_two_experts", load)
+    main(tiny(f, tmp_path / "a14b", model="i2v-A14B", dit_path=f / "a14b", image=f / "image.png", num_frames=5,
+              mode="teacher", steps=6, offload=True))
+    net = loaded["net"]
+    assert {self is net.high for self, _ in calls} == {True, False}
+    assert all((self is net.high) == (t >= 900) for self, t in calls)
+    assert all(self in (net.high, net.low) for self, _ in calls)
+    with pytest.raises(FileNotFoundError, match="high_noise_model"):
+        main(tiny(f, tmp_path / "x", model="i2v-A14B", dit_path=f, image=f / "image.png", num_frames=5))
+
+
+def test_causal_image_to_video_prefills_the_image_frame(i2v_files, tmp_path):
+    """--causal --image with a T2V causal student: the image's latent frame is the first chunk, streamed after it."""
+    f = i2v_files
+    main(tiny(f, tmp_path / "c", causal=True, image=f / "image.png", num_frames=9,
+              streaming=Streaming(first_chunk_t=1, chunk_t=1, steps_per_chunk=(2,))))
+    (z,) = [s["latent"] for s in shard_samples(tmp_path / "c" / "shards")]
+    main(tiny(f, tmp_path / "d", causal=True, image=f / "image.png", num_frames=9, seed=1,
+              streaming=Streaming(first_chunk_t=1, chunk_t=1, steps_per_chunk=(2,))))
+    (z_other,) = [s["latent"] for s in shard_samples(tmp_path / "d" / "shards")]
+    assert z.shape == (16, 3, 4, 4) and torch.equal(z[:, :1], z_other[:, :1])   # the image frame, whatever the seed
+    assert not torch.allclose(z[:, 1:], z_other[:, 1:])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(image="nowhere.png"), "--image"),
+    (dict(model="i2v-tiny"), "image-to-video model: give --image"),
+    (dict(model="ti2v-5B"), "Wan2.2 VAE"),
+    (dict(dit_path_low="x.pth"), "--dit-path-low is the low-noise expert"),
+])
+def test_image_to_video_user_errors(files, tmp_path, change, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        main(tiny(files, tmp_path, **{k: (files / v if k in ("image",) else v) for k, v in change.items()}))

@@ -71,3 +71,24 @@ def test_streaming_one_chunk_is_the_few_step_sampler():
                                                  torch.Generator().manual_seed(3)))
     assert len(streamed) == 1
     torch.testing.assert_close(streamed[0], plain, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_prefill_equals_the_block_causal_clip_with_the_image_frame_clean():
+    """Image-to-video by prefill: the image's clean latent frame joins the cache first; the next chunk's velocity then
+    equals the block-causal DiT on the whole clip [image frame at t = 0 | chunk at its time]."""
+    torch.manual_seed(0)
+    net = WanModel(CONFIGS["t2v-tiny"]).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    prefix, noise, context = torch.randn(1, 16, 1, 4, 4), torch.randn(1, 16, 2, 4, 4), torch.randn(1, 5, 48)
+    seen = []
+    net.register_forward_hook(lambda m, args, kwargs, out: seen.append((args[0], args[1], out)), with_kwargs=True)
+    with torch.no_grad():
+        out = list(samplers.stream(net, noise, context, (2,), [samplers.rcm_times(1, 80.0, ())],
+                                   samplers.kv_cache(net, 1, (16, 3, 4, 4), (1, 2)), prefix=prefix))
+        assert len(out) == 2 and torch.equal(out[0], prefix)
+        x, t, v = seen[-1]                                    # the chunk's call, against the prefilled cache
+        t_clip = torch.cat([torch.zeros(1, 1), t[:, None].expand(1, 2)], dim=1)
+        v_clip = net(torch.cat([prefix, x], dim=2), t_clip, context, chunks=(1, 2))
+    torch.testing.assert_close(v, v_clip[:, :, 1:], rtol=1e-4, atol=1e-5)
