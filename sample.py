@@ -305,7 +305,8 @@ def check(cfg: Config, settings: dict):
             raise ValueError("--causal streams a text-to-video Causal-rCM student (with --image, the image's latent "
                              "frame is prefilled into its KV cache): drop the I2V --model")
         if (arch.model_type == "i2v") != (cfg.image is not None and not cfg.causal):  # causal I2V: T2V + prefill
-            raise ValueError(f"--model {cfg.model or 'of the checkpoint'} is an image-to-video model: give --image PATH"
+            raise ValueError(f"--model {cfg.model or 'of the checkpoint'} is an image-to-video model: give --image PATH "
+                             "(or pick a text-to-video --model)"
                              if cfg.image is None else "--image needs an image-to-video model (--model i2v-14B or "
                              "i2v-A14B); the text-to-video ones take no image")
         if cfg.dit_path_low is not None and cfg.model not in BOUNDARY:
