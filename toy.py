@@ -102,26 +102,26 @@ def prompt_of(world: World, context: torch.Tensor) -> torch.Tensor:
     return torch.where(idx == len(world.text), -1, idx)
 
 
-def exact_velocity(world: World, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+def exact_velocity(world: World, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                   first: torch.Tensor | None = None) -> torch.Tensor:
     """The exact rectified-flow velocity v = (x_s − E[x0 | x_s])/s of the world, with Wan's call signature.
 
     x [B, C, T, H, W]; timestep [B] = 1000·s; context [B, L, D]: a prompt's embedding (its M modes) or the negative
     one (all P·M modes). Each mode k is N((1 − s)·μ_k, v_s·I) at time s, v_s = (1 − s)²σ² + s², so the posterior
     over modes and the posterior mean are closed-form; computed in float64.
+    Image-conditioned (first [B, C, H, W], a clean first latent frame): x holds the other T − 1 frames. A Gaussian
+    mixture with diagonal covariance conditioned on some coordinates is the mixture of the other coordinates with the
+    weights reweighted by how well each mode explains the given ones (`log_prior`), so the same formula applies.
     """
     if timestep.ndim != 1:
         raise ValueError("exact_velocity takes one timestep per sample, [B]")
     sigma = world.cfg.sigma
-    P, M = world.mu.shape[:2]
-    mu = world.mu.flatten(2).flatten(0, 1).to(x.device, torch.float64)            # [K = P·M, d]
+    mu = world.mu.to(x.device, torch.float64).flatten(0, 1)                        # [K = P·M, C, T, H, W]
+    log_prior = log_prior_of(world, context, first).to(x.device)                    # [B, K]
+    mu = (mu if first is None else mu[:, :, 1:]).flatten(1)                         # [K, d]
     s = (timestep.double() / 1000).clamp(min=1e-6, max=1.0)[:, None]               # [B, 1]
     xs = x.double().flatten(1)
     v_s = (1 - s) ** 2 * sigma**2 + s**2
-    # log prior over components: the prompt's modes, or all modes at weight w_m/P.
-    prompt = prompt_of(world, context).to(x.device)
-    log_w = world.weights.double().log().to(x.device).repeat(P)                   # [K]
-    own = torch.arange(P * M, device=x.device)[None] // M == prompt[:, None]       # [B, K]
-    log_prior = torch.where((prompt[:, None] == -1) | own, log_w, -math.inf)
     sq = (xs.pow(2).sum(1, keepdim=True) - 2 * (1 - s) * xs @ mu.T + (1 - s) ** 2 * mu.pow(2).sum(1))   # ‖x − (1−s)μ_k‖²
     r = torch.softmax(log_prior - sq / (2 * v_s), dim=1)                           # responsibilities [B, K]
     mean_mu = r @ mu                                                               # Σ_k r_k μ_k
@@ -129,13 +129,36 @@ def exact_velocity(world: World, x: torch.Tensor, timestep: torch.Tensor, contex
     return ((xs - x0) / s).view_as(x).to(x.dtype)
 
 
+def log_prior_of(world: World, context: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+    """Log weights [B, P·M] of the mixture's components for each sample: the prompt's modes at w_m (all modes at
+    w_m/P for the negative embedding), plus, given a first latent frame [B, C, H, W], its log likelihood under each
+    mode, −‖first − μ_k[:, 0]‖²/(2σ²) (constants cancel in the softmax)."""
+    P, M = world.mu.shape[:2]
+    prompt = prompt_of(world, context)
+    own = torch.arange(P * M)[None] // M == prompt.cpu()[:, None]                   # [B, K]
+    log_prior = torch.where((prompt.cpu()[:, None] == -1) | own, world.weights.double().log().repeat(P), -math.inf)
+    if first is not None:
+        mu0 = world.mu[:, :, :, 0].flatten(0, 1).flatten(1).double()                # [K, C·H·W]
+        log_prior = log_prior - torch.cdist(first.double().cpu().flatten(1), mu0) ** 2 / (2 * world.cfg.sigma**2)
+    return log_prior
+
+
+def conditional_weights(world: World, prompt: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """The exact mode weights [B, M] of prompt ids [B] given first latent frames [B, C, H, W]."""
+    M = world.mu.shape[1]
+    post = torch.softmax(log_prior_of(world, world.text[prompt], first), dim=1)    # [B, P·M], zero off the prompt
+    return post.view(len(prompt), -1, M).sum(1)
+
+
 # --------------------------------------------------------------------------------------------------- exact metrics
-def metrics(world: World, x: torch.Tensor, prompt: torch.Tensor) -> dict:
+def metrics(world: World, x: torch.Tensor, prompt: torch.Tensor, weights: torch.Tensor | None = None) -> dict:
     """Exact quality/diversity of samples x [N, C, T, H, W] drawn for prompt ids [N], per prompt then averaged.
 
     ρ_k = ‖x − μ_k‖/(σ√d). precision: nearest mode (over all prompts) is the prompt's own and ρ < 2;
     wrong_prompt: nearest mode is another prompt's; mode_tv: total variation between the nearest-mode histogram of
     precise samples and the weights w (1 when no sample is precise); mean_rho: mean ρ of precise samples.
+    weights [N, M]: each sample's own mode weights (image-conditioned: `conditional_weights`); the histogram is then
+    compared with their mean over the prompt's precise samples.
     """
     P, M = world.mu.shape[:2]
     d = x[0].numel()
@@ -150,7 +173,8 @@ def metrics(world: World, x: torch.Tensor, prompt: torch.Tensor) -> dict:
         hist = torch.bincount(k[good] % M, minlength=M).double()
         out["precision"].append(good.sum().item() / sel.sum().item())
         out["wrong_prompt"].append((~right & sel).sum().item() / sel.sum().item())
-        out["mode_tv"].append(0.5 * (hist / hist.sum() - world.weights.double()).abs().sum().item() if good.any() else 1.0)
+        target = world.weights.double() if weights is None else weights[good].double().mean(0)
+        out["mode_tv"].append(0.5 * (hist / hist.sum() - target).abs().sum().item() if good.any() else 1.0)
         out["mean_rho"].append(best_rho[good].mean().item() if good.any() else math.nan)
     return {name: sum(v) / len(v) for name, v in out.items()}
 
