@@ -55,6 +55,9 @@ SIZES = {("480p", "16:9"): (832, 480), ("480p", "9:16"): (480, 832), ("480p", "1
          ("720p", "16:9"): (1280, 720), ("720p", "9:16"): (720, 1280), ("720p", "1:1"): (960, 960)}
 
 
+# Wan2.2's official teacher sampling of the two-expert models (their configs): steps, shift, guidance low/high.
+WAN22_TEACHER = {"t2v-A14B": dict(steps=40, shift=12.0, guidance=3.0, guidance_high=4.0),
+                 "i2v-A14B": dict(steps=40, shift=5.0, guidance=3.5, guidance_high=3.5)}
 # Flags whose unset value (None) is taken from the checkpoint's settings, else from here.
 DEFAULTS = dict(sigma_max=80.0, mid_t=(1.5, 1.4, 1.0), first_chunk_t=3, chunk_t=3, steps_per_chunk=(2,),
                 dtype="bfloat16", num_samples=1, seed=0, model="t2v-1.3B")
@@ -68,8 +71,9 @@ class Sampler:
     sigma_max: float | None = None           # rcm: starting noise level, t_0 = arctan(sigma_max) [80]
     mid_t: tuple[float, ...] | None = None   # rcm: TrigFlow times of the later steps, steps ≤ len(mid_t) + 1 [1.5 1.4 1.0]
     solver: Literal["unipc", "euler"] = "unipc"  # teacher: UniPC (order 2 with the UniC corrector, Wan's default) or Euler
-    shift: float = 5.0                       # teacher: Wan's timestep shift of the flow-matching grid
-    guidance: float = 5.0                    # teacher: CFG weight w, v = v_neg + w·(v_cond − v_neg); 1 turns CFG off
+    shift: float | None = None               # teacher: Wan's timestep shift of the flow-matching grid [5; A14B: official]
+    guidance: float | None = None            # teacher: CFG weight w, v = v_neg + w·(v_cond − v_neg); 1: off [5; A14B]
+    guidance_high: float | None = None       # two-expert teacher: w of the high-noise expert [--guidance; A14B: official]
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,9 @@ def with_settings(cfg: Config) -> tuple[Config, dict]:
                                   mid_t=pick("mid_t", cfg.sampler.mid_t))
     if cfg.sampler.mode == "rcm" and cfg.sampler.steps is None and "steps" in settings and not cfg.toy:
         sampler = dataclasses.replace(sampler, steps=pick("steps", None))  # (--toy: every evaluated step count)
+    if cfg.sampler.mode == "teacher":  # Wan2.2's official settings for its experts (else Wan2.1's, see teacher_sampler)
+        official = WAN22_TEACHER.get(cfg.model, {})
+        sampler = dataclasses.replace(sampler, **{k: v for k, v in official.items() if getattr(sampler, k) is None})
     st = cfg.streaming
     streaming = dataclasses.replace(st, noisy_context=st.noisy_context or settings.get("noisy_context", False),
                                     **{k: pick(k, getattr(st, k)) for k in ("first_chunk_t", "chunk_t", "steps_per_chunk")})
@@ -169,9 +176,15 @@ def num_steps(sampler: Sampler) -> int:
     return sampler.steps if sampler.steps is not None else (4 if sampler.mode == "rcm" else 50)
 
 
+def teacher_sampler(sampler: Sampler) -> Sampler:
+    """The teacher's unset shift and guidance at Wan2.1's values (5 and 5)."""
+    return dataclasses.replace(sampler, shift=5.0 if sampler.shift is None else sampler.shift,
+                               guidance=5.0 if sampler.guidance is None else sampler.guidance)
+
+
 @torch.no_grad()
 def generate_latents(net, context, neg_context, shape: tuple[int, int, int, int], sampler: Sampler,
-                     generator: torch.Generator) -> torch.Tensor:
+                     generator: torch.Generator, boundary: float = 1.0) -> torch.Tensor:
     """Latents [B, C, T, H, W] (fp32) for B text contexts, from noise drawn with `generator` (on the sampling device).
 
     net(x, timestep, context) -> v is a Wan DiT; context: B embeddings [L_i, D] or [B, L, D]; neg_context: the
@@ -183,7 +196,9 @@ def generate_latents(net, context, neg_context, shape: tuple[int, int, int, int]
         return generate(net, context, shape, steps, sampler.sigma_max, sampler.mid_t, generator)
     noise = draw_noise(len(context), shape, generator)
     solve, s_max = (sample_unipc, 0.999) if sampler.solver == "unipc" else (sample_euler, 1.0)  # λ(s = 1) = −∞
-    return solve(guidance(net, neg_context, sampler.guidance), noise, context, flow_times(steps, sampler.shift, s_max))
+    sampler = teacher_sampler(sampler)
+    teacher = guidance(net, neg_context, sampler.guidance, sampler.guidance_high, boundary)
+    return solve(teacher, noise, context, flow_times(steps, sampler.shift, s_max))
 
 
 @torch.no_grad()
@@ -361,7 +376,7 @@ def embed_texts(cfg: Config, prompts: list[str]):
     """umT5 embeddings [L_i, 4096] of the prompts and, for the teacher with CFG, the negative (--neg-embed, else the
     encoded --negative-prompt); the encoder is freed before the DiT loads. Also returns the encoding seconds."""
     t0 = now(cfg.device)
-    cfg_negative = cfg.sampler.mode == "teacher" and cfg.sampler.guidance != 1
+    cfg_negative = cfg.sampler.mode == "teacher" and teacher_sampler(cfg.sampler).guidance != 1
     encode_negative = cfg_negative and cfg.neg_embed is None
     embeds = encode_prompts_and_free(cfg.t5_path, prompts + [cfg.negative_prompt] * encode_negative, device=cfg.device,
                                      cfg=cfg.t5_cfg)
@@ -463,7 +478,8 @@ def sample_wan(cfg: Config, settings: dict):
                                                   generator, cache, prefix=None if y is None else y[:, 4:, :1])
                 line += stream_report(seconds, cfg.num_frames)
             else:
-                z = generate_latents(dit, [embeds[i]], None if neg is None else [neg], shape, s, generator)
+                z = generate_latents(dit, [embeds[i]], None if neg is None else [neg], shape, s, generator,
+                                     BOUNDARY.get(cfg.model, 1.0))
                 if y is not None:  # the conditioning image is the first frame
                     z[:, :, :1] = y[:, 4:, :1]
                 t1 = now(cfg.device)

@@ -24,15 +24,19 @@ from model import CacheConfig, KVCache
 
 
 # ---------------------------------------------------------------------------------------------- guidance
-def guidance(net, uncond, w: float):
+def guidance(net, uncond, w: float, w_high: float | None = None, boundary: float = 1.0):
     """Classifier-free guidance as a Wan-signature net: v = v_uncond + w·(v_cond − v_uncond), both halves in one batch
-    (so one KV cache serves both in streaming). uncond: the negative embedding(s), [B, L', D] or a list; w = 1: net."""
-    if w == 1:
+    (so one KV cache serves both in streaming). uncond: the negative embedding(s), [B, L', D] or a list; w = 1: net.
+    w_high: the weight at timesteps ≥ 1000·boundary instead (Wan2.2's per-expert guidance)."""
+    if w == 1 and w_high in (None, 1):
         return net
 
     def guided(x, timestep, context, **kw):
         v_c, v_u = net(torch.cat([x, x]), torch.cat([timestep, timestep]), _both(context, uncond), **kw).chunk(2)
-        return v_u + w * (v_c - v_u)
+        if w_high is None:
+            return v_u + w * (v_c - v_u)
+        high = timestep.reshape(len(x), -1).amax(1) >= 1000 * boundary
+        return v_u + torch.where(high, w_high, w).view(-1, *[1] * (x.ndim - 1)).to(v_c) * (v_c - v_u)
     return guided
 
 

@@ -92,3 +92,11 @@ def test_causal_prefill_equals_the_block_causal_clip_with_the_image_frame_clean(
         t_clip = torch.cat([torch.zeros(1, 1), t[:, None].expand(1, 2)], dim=1)
         v_clip = net(torch.cat([prefix, x], dim=2), t_clip, context, chunks=(1, 2))
     torch.testing.assert_close(v, v_clip[:, :, 1:], rtol=1e-4, atol=1e-5)
+
+
+def test_per_expert_guidance_switches_at_the_boundary():
+    """Wan2.2's teacher: one guidance weight at timesteps ≥ 1000·boundary, another below."""
+    net = lambda x, timestep, context: x * context[:, :1, :1, None, None]    # v_cond = 2x, v_uncond = x
+    x, cond, uncond = torch.ones(2, 1, 1, 1, 1), torch.full((2, 1, 1), 2.0), torch.ones(2, 1, 1)
+    v = samplers.guidance(net, uncond, 3.0, w_high=5.0, boundary=0.9)(x, torch.tensor([950.0, 100.0]), cond)
+    assert v.flatten().tolist() == [1 + 5.0, 1 + 3.0]
