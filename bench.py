@@ -371,6 +371,52 @@ def bench_sample(cfg: SampleBench):
           f"{teacher_s / rcm_s:.1f}x; end to end with the VAE: {(teacher_s + vae_s) / (rcm_s + vae_s):.1f}x")
 
 
+# ---------------------------------------------------------------------------------------------- image-to-video
+@dataclass
+class I2VBench:
+    """Image-to-video rCM sampling with random weights (sample.py's generate_latents with the conditioning y and, for
+    Wan2.1, the CLIP tokens): DiT seconds and peak GPU memory of Wan2.1 I2V-14B and of Wan2.2 I2V-A14B's two experts,
+    both resident and with the idle expert waiting on the CPU (one video; the experts switch once per video)."""
+    resolution: Literal["480p", "720p"] = "480p"
+    frames: int = 81
+    steps: int = 4
+    sigma_max: float = 200.0  # NVlabs's setting for its Wan2.2 I2V rCM experts
+
+
+def bench_i2v(cfg: I2VBench):
+    from model import BOUNDARY, CONFIGS, TwoExperts
+    from sample import Sampler, generate_latents
+    T, (H, W) = 1 + (cfg.frames - 1) // 4, LATENT[cfg.resolution]
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {cfg.resolution}, {cfg.frames} frames, "
+          f"rCM {cfg.steps} steps, σ_max {cfg.sigma_max}, bf16, {time.strftime('%Y-%m-%d')}", flush=True)
+    g = torch.Generator("cuda").manual_seed(0)
+    context = [torch.randn(30, 4096, device="cuda", generator=g)]
+    y = torch.randn(1, 20, T, H, W, device="cuda", generator=g)
+    sampler = Sampler(mode="rcm", steps=cfg.steps, sigma_max=cfg.sigma_max, mid_t=(1.5, 1.4, 1.0))
+    rows = []
+
+    def run(name, net, clip: bool):
+        clip_fea = torch.randn(1, 257, 1280, device="cuda", generator=g) if clip else None
+        dit = lambda x, t, c, **kw: net(x, t, c, y=y.expand(len(x), -1, -1, -1, -1), clip_fea=clip_fea, **kw)
+        generate_latents(dit, context, None, (16, T, H, W), dataclasses.replace(sampler, steps=1), g)  # warm-up
+        torch.cuda.reset_peak_memory_stats()
+        sec = _timed(lambda: generate_latents(dit, context, None, (16, T, H, W), sampler, g))[1]
+        rows.append((name, sec, torch.cuda.max_memory_allocated() / 2**30))
+        print(f"{name}: {sec:.2f} s, peak {rows[-1][2]:.1f} GiB", flush=True)
+
+    run("Wan2.1 I2V-14B", random_dit(CONFIGS["i2v-14B"]), clip=True)
+    torch.cuda.empty_cache()
+    high, low = random_dit(CONFIGS["i2v-A14B"]), random_dit(CONFIGS["i2v-A14B"])
+    run("Wan2.2 I2V-A14B, both experts on the GPU", TwoExperts(high, low, BOUNDARY["i2v-A14B"]), clip=False)
+    low.to("cpu")
+    torch.cuda.empty_cache()
+    run("Wan2.2 I2V-A14B, idle expert on the CPU", TwoExperts(high, low, BOUNDARY["i2v-A14B"], device="cuda"),
+        clip=False)
+    print("\n| model | DiT s | peak GiB |\n|---|---:|---:|")
+    for name, sec, mem in rows:
+        print(f"| {name} | {sec:.2f} | {mem:.1f} |")
+
+
 # ---------------------------------------------------------------------------------------------- causal streaming
 @dataclass
 class CausalBench:
@@ -523,9 +569,10 @@ def bench_iteration(cfg: IterationBench):
 
 
 BENCHES = {AttnBench: bench_attn, ModelBench: bench_model, SampleBench: bench_sample, CausalBench: bench_causal,
-           IterationBench: bench_iteration}
+           IterationBench: bench_iteration, I2VBench: bench_i2v}
 
 if __name__ == "__main__":
     cfg = tyro.extras.subcommand_cli_from_dict({"attn": AttnBench, "model": ModelBench, "sample": SampleBench,
-                                                "causal": CausalBench, "iteration": IterationBench})
+                                                "causal": CausalBench, "iteration": IterationBench,
+                                                "i2v": I2VBench})
     BENCHES[type(cfg)](cfg)
