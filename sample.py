@@ -68,7 +68,7 @@ class Sampler:
     """How latents are drawn from the DiT (unset: the checkpoint's setting, else the default in brackets)."""
     mode: Literal["rcm", "teacher"] = "rcm"  # rcm: the distilled student, 1-4 steps, no CFG; teacher: an ODE solver with CFG
     steps: int | None = None                 # DiT steps [rcm 4, teacher 50]; --toy: [each step count the run evaluated]
-    sigma_max: float | None = None           # rcm: starting noise level, t_0 = arctan(sigma_max) [80]
+    sigma_max: float | None = None           # rcm: starting noise level, t_0 = arctan(sigma_max) [80; A14B: 200]
     mid_t: tuple[float, ...] | None = None   # rcm: TrigFlow times of the later steps, steps ≤ len(mid_t) + 1 [1.5 1.4 1.0]
     solver: Literal["unipc", "euler"] = "unipc"  # teacher: UniPC (order 2 with the UniC corrector, Wan's default) or Euler
     shift: float | None = None               # teacher: Wan's timestep shift of the flow-matching grid [5; A14B: official]
@@ -143,6 +143,8 @@ def with_settings(cfg: Config) -> tuple[Config, dict]:
         return DEFAULTS[name]
     sampler = dataclasses.replace(cfg.sampler, sigma_max=pick("sigma_max", cfg.sampler.sigma_max),
                                   mid_t=pick("mid_t", cfg.sampler.mid_t))
+    if cfg.model in BOUNDARY and cfg.sampler.sigma_max is None and "sigma_max" not in settings:
+        sampler = dataclasses.replace(sampler, sigma_max=200.0)  # NVlabs's setting for its Wan2.2 rCM experts
     if cfg.sampler.mode == "rcm" and cfg.sampler.steps is None and "steps" in settings and not cfg.toy:
         sampler = dataclasses.replace(sampler, steps=pick("steps", None))  # (--toy: every evaluated step count)
     if cfg.sampler.mode == "teacher":  # Wan2.2's official settings for its experts (else Wan2.1's, see teacher_sampler)
@@ -346,6 +348,8 @@ def check(cfg: Config, settings: dict):
     for flag, path, what in files:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found ({what}); set {flag} to where it is")
+    if cfg.image is not None and not cfg.toy:
+        read_image(cfg, 16, 16)  # an unreadable image is named before anything is loaded
     if not cfg.toy:
         read_prompts(cfg)
 

@@ -253,6 +253,23 @@ def i2v_files(files):
     return files
 
 
+def conditioning(files, frames=5):
+    """The VAE and the conditioning y of the test image at 32x32, as sample.py builds them."""
+    from vae import image_condition, load_vae
+    vae = load_vae(files / "vae.safetensors", cfg=VAE)
+    image = torch.from_numpy(np.asarray(imageio.imread(files / "image.png"))[..., :3]).permute(2, 0, 1).float()
+    resized = torch.nn.functional.interpolate(image[None] / 127.5 - 1, size=(32, 32), mode="bicubic",
+                                              align_corners=False)[0]
+    return vae, image_condition(vae, resized.clamp(-1, 1), frames)
+
+
+def assert_first_frame_is(folder, vae, y):
+    """The run's one mp4 opens with the decoded conditioning image (up to the mp4's lossy coding)."""
+    (video,) = mp4s(folder)
+    first = ((vae.decode(y[:, 4:, :1]).clamp(-1, 1) + 1) * 127.5).round()[0, :, 0].permute(1, 2, 0)
+    assert (video[0].float() - first).abs().mean() < 6
+
+
 def test_image_to_video_wan21_with_clip(i2v_files, tmp_path):
     """Wan2.1 I2V: y and the CLIP tokens reach the DiT (rCM and teacher with CFG), the image's latent frame is the
     video's first, and the mp4's first frame is the decoded conditioning image."""
@@ -261,17 +278,11 @@ def test_image_to_video_wan21_with_clip(i2v_files, tmp_path):
               clip_cfg=CLIP, num_frames=5)
     for mode in ("rcm", "teacher"):
         main(tiny(f, tmp_path / mode, mode=mode, steps=2, **kw))
-    from vae import image_condition, load_vae
-    vae = load_vae(f / "vae.safetensors", cfg=VAE)
-    image = torch.from_numpy(np.asarray(imageio.imread(f / "image.png"))[..., :3]).permute(2, 0, 1).float() / 127.5 - 1
-    resized = torch.nn.functional.interpolate(image[None], size=(32, 32), mode="bicubic", align_corners=False)[0]
-    y = image_condition(vae, resized.clamp(-1, 1), 5)
+    vae, y = conditioning(f)
     for mode in ("rcm", "teacher"):
         (z,) = [s["latent"] for s in shard_samples(tmp_path / mode / "shards")]
         assert torch.allclose(z[:, :1], y[0, 4:, :1], atol=1e-6)       # the image's latent frame comes first
-        (video,) = mp4s(tmp_path / mode)
-        first = ((vae.decode(y[:, 4:, :1]).clamp(-1, 1) + 1) * 127.5).round()[0, :, 0].permute(1, 2, 0)
-        assert video.shape == (5, 32, 32, 3) and (video[0].float() - first).abs().mean() < 6  # (mp4 is lossy)
+        assert_first_frame_is(tmp_path / mode, vae, y)
     assert not torch.allclose(*[shard_samples(tmp_path / m / "shards")[0]["latent"][:, 1:] for m in ("rcm", "teacher")])
 
 
@@ -300,6 +311,7 @@ def test_image_to_video_two_experts_route_every_call(i2v_files, tmp_path, monkey
     assert {self is net.high for self, _ in calls} == {True, False}
     assert all((self is net.high) == (t >= 900) for self, t in calls)
     assert all(self in (net.high, net.low) for self, _ in calls)
+    assert_first_frame_is(tmp_path / "a14b", *conditioning(f))
     with pytest.raises(FileNotFoundError, match="high_noise_model"):
         main(tiny(f, tmp_path / "x", model="i2v-A14B", dit_path=f, image=f / "image.png", num_frames=5))
 
@@ -315,14 +327,22 @@ def test_causal_image_to_video_prefills_the_image_frame(i2v_files, tmp_path):
     (z_other,) = [s["latent"] for s in shard_samples(tmp_path / "d" / "shards")]
     assert z.shape == (16, 3, 4, 4) and torch.equal(z[:, :1], z_other[:, :1])   # the image frame, whatever the seed
     assert not torch.allclose(z[:, 1:], z_other[:, 1:])
+    assert_first_frame_is(tmp_path / "c", *conditioning(f, frames=9))
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(image="nowhere.png"), "--image"),
+    (dict(image="nowhere.png", model="i2v-tiny", clip_path="clip.safetensors", clip_cfg=CLIP), "nowhere.png.*--image"),
+    (dict(image="t5.safetensors", model="i2v-tiny", clip_path="clip.safetensors", clip_cfg=CLIP),
+     "cannot be read as an image"),
+    (dict(image="image.png"), "--image needs an image-to-video model"),
     (dict(model="i2v-tiny"), "image-to-video model: give --image"),
     (dict(model="ti2v-5B"), "Wan2.2 VAE"),
     (dict(dit_path_low="x.pth"), "--dit-path-low is the low-noise expert"),
 ])
-def test_image_to_video_user_errors(files, tmp_path, change, message):
+def test_image_to_video_user_errors(i2v_files, tmp_path, change, message):
+    f = i2v_files
+    kw = {k: (f / v if k in ("image", "clip_path") else v) for k, v in change.items()}
+    if kw.get("model") == "i2v-tiny":
+        kw["dit_path"] = f / "i2v.safetensors"
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        main(tiny(files, tmp_path, **{k: (files / v if k in ("image",) else v) for k, v in change.items()}))
+        main(tiny(f, tmp_path, **kw))
