@@ -4,6 +4,7 @@ against a module, and writing safetensors with the sampling settings a checkpoin
 .pt/.pth files go through torch.load(weights_only=True)."""
 import json
 from pathlib import Path
+import pickle
 
 import torch
 import torch.nn as nn
@@ -12,21 +13,35 @@ from safetensors.torch import load_file, save_file
 
 
 def read_state_dict(path, device="cpu") -> dict:
-    """{name: tensor} of a .safetensors file, a sharded *.safetensors.index.json, or a .pt/.pth file (a state dict,
-    read with weights_only=True and mmap)."""
+    """{name: tensor} of a .safetensors file, a sharded *.safetensors.index.json, or a .pt/.pth file (read with
+    weights_only=True and mmap: a state dict, or the one tensor it holds). A file that cannot be read raises one
+    error naming it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} is not a safetensors index (a JSON object with a weight_map)") from e
         sd = {}
-        for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
-            sd.update(load_file(path.parent / shard, device=str(device)))
+        for shard in shards:
+            if not (path.parent / shard).exists():
+                raise FileNotFoundError(f"{path.parent / shard} (a shard listed in {path.name}) not found")
+            sd.update(read_state_dict(path.parent / shard, device))
         return sd
-    if path.suffix == ".safetensors":
-        return load_file(path, device=str(device))
-    if path.suffix in (".pt", ".pth"):
+    if path.suffix not in (".safetensors", ".pt", ".pth"):
+        raise ValueError(f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors, .index.json, .pt "
+                         f"or .pth")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path, device=str(device))
         return torch.load(path, map_location=device, weights_only=True, mmap=True)
-    raise ValueError(f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors, .index.json, .pt or .pth")
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds Python objects besides tensors, and only weights are read (weights_only): "
+                         f"save its state dict instead") from e
+    except Exception as e:  # safetensors' and torch's messages do not name the file
+        raise ValueError(f"cannot read {path} as a {path.suffix} checkpoint: {str(e).splitlines()[0]}") from e
 
 
 def check_state_dict(model: nn.Module, sd: dict, header: str):

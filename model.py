@@ -249,7 +249,8 @@ class KVCache:
     window slides). Under Ulysses context parallelism each rank holds its head shard (H/P heads, all tokens).
 
     State: `chunks` (frames of each cached chunk, oldest first), `frames` (their sum), `position` (the RoPE frame
-    index the next chunk gets: frames appended so far with keys after RoPE, `frames` with keys before RoPE).
+    index the next chunk gets: frames appended so far with keys after RoPE, `frames` with keys before RoPE). Sizes:
+    `batch`, `frame_tokens`, `max_chunk_t`.
     """
 
     def __init__(self, cfg: CacheConfig, *, layers: int, batch: int, frame_tokens: int, heads: int, head_dim: int,
@@ -259,7 +260,7 @@ class KVCache:
         if cfg.max_frames < 1 or max_chunk_t < 1 or cfg.sink_chunks < 0:
             raise ValueError(f"a KV cache needs max_frames ≥ 1, max_chunk_t ≥ 1 and sink_chunks ≥ 0, got {cfg}, "
                              f"max_chunk_t={max_chunk_t}")
-        self.cfg, self.frame_tokens, self.max_chunk_t = cfg, frame_tokens, max_chunk_t
+        self.cfg, self.batch, self.frame_tokens, self.max_chunk_t = cfg, batch, frame_tokens, max_chunk_t
         capacity = cfg.max_frames + max_chunk_t
         shape = (batch, capacity * frame_tokens, heads, head_dim)
         store = {"none": dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[cfg.quant]
@@ -605,8 +606,8 @@ class WanModel(nn.Module):
         grid = (T // pt, H // ph, W // pw)
         if t.ndim == 2 and t.shape[1] != grid[0]:
             raise ValueError(f"per-frame t has {t.shape[1]} entries but the clip has {grid[0]} latent frames")
-        mask, segments = causal_layout(grid, chunks, teacher_forcing, kv_cache, kv_append, frame_offset, B,
-                                       tangent is not None)
+        mask, segments = causal_layout(grid, chunks, teacher_forcing, frame_offset, kv_cache, batch=B,
+                                       kv_append=kv_append, tangent=tangent is not None)
         tables = [self.rope(n, grid[1:], x.device, first) for n, first in segments]
         freqs = tables[0] if len(tables) == 1 else torch.cat(tables)
 
@@ -645,11 +646,11 @@ class WanModel(nn.Module):
         return v if tangent is None else (v, self.unpatchify(th, grid))
 
 
-def causal_layout(grid, chunks, teacher_forcing: bool, kv_cache, kv_append: bool, frame_offset: int, batch: int,
-                  tangent: bool):
-    """What WanModel.forward's causal arguments mean for a clip of grid (F', H', W') tokens, checked: the attention
-    mask (None or a ChunkMask) and the RoPE frames of the queries as [(frames, first frame index), ...] segments, in
-    token order. Reads the cache (kv_cache), never writes it."""
+def causal_layout(grid, chunks, teacher_forcing: bool, frame_offset: int, kv_cache: KVCache | None, *, batch: int,
+                  kv_append: bool, tangent: bool):
+    """What WanModel.forward's causal arguments mean for `batch` clips of grid (F', H', W') tokens, checked: the
+    attention mask (None or a ChunkMask) and the RoPE frames of the queries as [(frames, first frame index), ...]
+    segments, in token order. Reads the cache's sizes and position, never writes it (nor anything else)."""
     frames, frame_tokens = grid[0], grid[1] * grid[2]
     if kv_cache is None:
         if kv_append:
@@ -671,8 +672,8 @@ def causal_layout(grid, chunks, teacher_forcing: bool, kv_cache, kv_append: bool
     if chunks is not None or teacher_forcing or tangent or frame_offset:
         raise ValueError("with a kv_cache x is one chunk: pass no chunks, teacher_forcing, tangent or "
                          "frame_offset (the cache decides the RoPE position)")
-    if (kv_cache.frame_tokens, kv_cache.k[0].shape[0]) != (frame_tokens, batch) or frames > kv_cache.max_chunk_t:
-        raise ValueError(f"the KV cache was built for batch {kv_cache.k[0].shape[0]}, {kv_cache.frame_tokens} "
+    if (kv_cache.frame_tokens, kv_cache.batch) != (frame_tokens, batch) or frames > kv_cache.max_chunk_t:
+        raise ValueError(f"the KV cache was built for batch {kv_cache.batch}, {kv_cache.frame_tokens} "
                          f"tokens per frame and chunks of ≤ {kv_cache.max_chunk_t} frames; this chunk has batch "
                          f"{batch}, {frame_tokens} tokens per frame, {frames} frames: build a KVCache to match")
     return None, [(frames, kv_cache.position)]
@@ -769,6 +770,8 @@ def read_state_dict(path, prefix=None, device="cpu", patch_size=(1, 2, 2)):
             raise FileNotFoundError(f"{path} holds neither diffusion_pytorch_model.safetensors nor its .index.json")
         path = found[0]
     sd = checkpoint.read_state_dict(path, device)
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict")
     if prefix is None:
         prefix = next((p for p in ("net_ema.", "net.") if any(k.startswith(p) for k in sd)), "")
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

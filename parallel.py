@@ -118,7 +118,7 @@ def load_full_state_dict(net, state_dict: dict):
 
 def full_state_dict(net) -> dict:
     """The unsharded state dict on rank 0's CPU ({} on other ranks), e.g. to export the EMA student with
-    `model.save_checkpoint(full_state_dict(ema), path)` on rank 0."""
+    `checkpoint.save_checkpoint(full_state_dict(ema), path)` on rank 0."""
     return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

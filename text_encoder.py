@@ -245,11 +245,11 @@ def read_negative_embedding(path, text_dim: int) -> torch.Tensor:
     """A precomputed negative-prompt embedding [L, text_dim] (the CFG unconditional input): one tensor in a
     .safetensors file, or a .pt/.pth file holding a tensor or a dict with one (weights_only); leading 1s dropped."""
     content = read_state_dict(path)
-    tensors = list(content.values()) if isinstance(content, dict) else [content]
-    emb = tensors[0].float()
-    while emb.ndim > 2 and emb.shape[0] == 1:
+    held = list(content.values()) if isinstance(content, dict) else [content]
+    emb = held[0].float() if len(held) == 1 and torch.is_tensor(held[0]) else None
+    while emb is not None and emb.ndim > 2 and emb.shape[0] == 1:
         emb = emb[0]
-    if len(tensors) != 1 or emb.ndim != 2 or emb.shape[1] != text_dim:
-        raise ValueError(f"negative embedding {path} holds {', '.join(str(tuple(t.shape)) for t in tensors)}; "
-                         f"expected one tensor [L, {text_dim}]")
+    if emb is None or emb.ndim != 2 or emb.shape[1] != text_dim:
+        what = ", ".join(str(tuple(t.shape)) if torch.is_tensor(t) else type(t).__name__ for t in held)
+        raise ValueError(f"negative embedding {path} holds {what or 'nothing'}; expected one tensor [L, {text_dim}]")
     return emb

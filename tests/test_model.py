@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import attention_jvp
 import model as wan
-from checkpoint import save_checkpoint
+from checkpoint import read_settings, save_checkpoint
 from model import CONFIGS, WanConfig, WanModel, load_checkpoint
 
 
@@ -148,6 +148,29 @@ def test_bad_checkpoints_name_the_keys(tmp_path):
         load_checkpoint(WanModel(CONFIGS["t2v-tiny"]), tmp_path / "bad.safetensors")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_checkpoint(WanModel(CONFIGS["t2v-tiny"]), tmp_path / "nowhere.safetensors")
+    # files that are not weights: one error naming the file, and nothing unpickled
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a checkpoint")
+    torch.save({"net": sd, "optimizer": functools.partial(print)}, tmp_path / "objects.pt")
+    torch.save(sd["head.head.weight"], tmp_path / "tensor.pt")
+    for name, error in (("garbage.safetensors", "cannot read .*garbage.safetensors as a .safetensors checkpoint"),
+                        ("objects.pt", "objects.pt holds Python objects besides tensors"),
+                        ("tensor.pt", "tensor.pt holds a Tensor, not a state dict")):
+        with pytest.raises(ValueError, match=error):
+            load_checkpoint(WanModel(CONFIGS["t2v-tiny"]), tmp_path / name)
+
+
+def test_settings_travel_with_the_weights(tmp_path):
+    """save_checkpoint stores the settings in the safetensors header (JSON; tuples come back as tuples); plain
+    safetensors readers see the weights only; files without settings, or not safetensors, give {}."""
+    net = WanModel(CONFIGS["t2v-tiny"])
+    settings = {"mode": "rcm", "steps": 4, "mid_t": (1.5, 1.4, 1.0)}
+    save_checkpoint(net, tmp_path / "with.safetensors", settings)
+    save_checkpoint(net.state_dict(), tmp_path / "without.safetensors")
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    assert read_settings(tmp_path / "with.safetensors") == settings
+    assert read_settings(tmp_path / "without.safetensors") == read_settings(tmp_path / "net.pt") == {}
+    assert load_file(tmp_path / "with.safetensors").keys() == net.state_dict().keys()
+    load_checkpoint(WanModel(CONFIGS["t2v-tiny"]), tmp_path / "with.safetensors")
 
 
 @pytest.mark.parametrize("model_type, per_frame", [("t2v", False), ("t2v", True), ("i2v", False)])

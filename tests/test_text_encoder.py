@@ -159,3 +159,6 @@ def test_read_negative_embedding(tmp_path):
         text_encoder.read_negative_embedding(tmp_path / "two.pt", 8)
     with pytest.raises(ValueError, match=r"neg.pt holds \(1, 5, 8\); expected one tensor \[L, 16\]"):
         text_encoder.read_negative_embedding(tmp_path / "neg.pt", 16)
+    torch.save({"neg": [1.0, 2.0]}, tmp_path / "list.pt")
+    with pytest.raises(ValueError, match=r"list.pt holds list; expected one tensor \[L, 8\]"):
+        text_encoder.read_negative_embedding(tmp_path / "list.pt", 8)
