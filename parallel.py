@@ -19,13 +19,16 @@ gathered sequence is also put back in its original order, so masks and results a
 """
 import functools
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -257,6 +260,35 @@ def checkpoint_activations(net, mode: str):
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed checkpoints of the training state
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP reads a checkpoint's .metadata with a full unpickler, so a run folder from elsewhere could run code on resume.
+    This one lets through only what that metadata is made of: DCP's metadata classes, torch.Size, dtypes, layouts
+    and paths."""
+    SAFE = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+            ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def find_class(self, module, name):
+        if (module == "torch.distributed.checkpoint.metadata" or (module, name) in self.SAFE
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata: this state/ folder was "
+                                     f"not written by this code, and is not loaded")
+
+
+class _SafeReader(FileSystemReader):
+    """A FileSystemReader whose .metadata goes through _MetadataUnpickler."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = self.fs.concat_path(self.path, ".metadata")
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
     """DCP reads non-tensor entries (optimiser hyper-parameters, counters) with a full unpickler; ours are plain
     numbers and lists, so read them with weights_only=True."""
@@ -296,7 +328,12 @@ def load_training_state(folder, *, nets: dict, optimizers: dict, schedulers: dic
     """Restore in place what `save_training_state` wrote (same names, same number of processes); `counters` names the
     counters to read. Returns them with their saved values."""
     state = _training_state(nets, optimizers, schedulers, counters)
-    dcp.load(state, checkpoint_id=str(folder), planner=_WeightsOnlyLoadPlanner(flatten_state_dict=False))
+    reader = _SafeReader(str(folder))
+    try:
+        reader.read_metadata()  # every rank, before DCP's collectives: a refusal is one plain error, not a hang
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{folder}: {e}") from None
+    dcp.load(state, storage_reader=reader, planner=_WeightsOnlyLoadPlanner(flatten_state_dict=False))
     part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     for name, net in nets.items():
         if name in optimizers:

@@ -3,6 +3,7 @@ two processes reading shards), two processes (FSDP, and CP) equal to one, and th
 import dataclasses
 import json
 import math
+import pickle
 import re
 from pathlib import Path
 
@@ -250,3 +251,25 @@ def test_compiled_blocks_train_as_eager_ones(tmp_path, teacher):
     for cfg in runs.values():
         train_rcm.train(cfg)
     assert_same_training(tmp_path / "True", tmp_path / "False", 1e-3)
+
+
+class _Touch:
+    """A pickle that creates a file when loaded (what a hostile run folder could hold)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_resume_never_unpickles_code(tmp_path, teacher):
+    """A run folder's DCP metadata is read with a restricted unpickler: a .metadata replaced by a pickle with code in
+    it is refused with a message naming the folder, and the code does not run."""
+    cfg = tiny_run(teacher, tmp_path / "run", iterations=2, ckpt_every=1, eval_per_prompt=0)
+    train_rcm.train(cfg)
+    folder = next(p for p in (tmp_path / "run" / "state").iterdir() if p.is_dir())
+    (folder / ".metadata").write_bytes(pickle.dumps(_Touch(tmp_path / "pwned")))
+    with pytest.raises(ValueError, match=r"state/.*io.open is not part of a checkpoint's metadata"):
+        train_rcm.train(dataclasses.replace(cfg, iterations=3))
+    assert not (tmp_path / "pwned").exists()
