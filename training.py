@@ -9,7 +9,9 @@ accumulation, and a resumed run redraws what the interrupted one drew. A run fol
 torch.distributed.checkpoint folder and latest.json: rerun the same command, on as many processes), ema.safetensors
 (official key names, the run's sampling settings in its metadata) and previews/.
 """
+import contextlib
 import dataclasses
+import fcntl
 import json
 import shutil
 import time
@@ -96,13 +98,39 @@ def check_config(cfg: RunConfig):
 
 def run_in_process_group(cfg: RunConfig, run: Callable[[parallel.Dist], dict]) -> dict:
     """run(d) in torchrun's process group, or in a one-process group made for it (an existing group, e.g. a test's,
-    is used and left as it is)."""
+    is used and left as it is), holding the run folder's lock."""
     own_group = not dist.is_initialized()
     try:
-        return run(parallel.init_distributed(cfg.cp_size, cfg.device))
+        d = parallel.init_distributed(cfg.cp_size, cfg.device)
+        with run_folder_lock(cfg.out_dir, d):
+            return run(d)
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path, d: parallel.Dist):
+    """Rank 0 holds an exclusive lock on folder/.lock while the run lasts: a second run started in the same folder
+    stops at once, on every rank, instead of deleting the first one's checkpoints mid-save."""
+    handle, busy = None, 0.0
+    if d.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy = 1.0
+    flag = torch.tensor(busy, device=d.device)
+    dist.all_reduce(flag)
+    try:
+        if flag.item():
+            raise RuntimeError(f"another run is using {folder} (it holds {folder / '.lock'}): wait for it to end, or "
+                               f"pick another --out-dir")
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 # ------------------------------------------------------------------------------------------------------ the nets

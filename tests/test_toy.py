@@ -164,3 +164,15 @@ def test_image_conditioned_world_exact_sampler():
     assert m["precision"] >= 0.98 and m["mode_tv"] <= 0.03 and m["wrong_prompt"] == 0
     # in this world a blob's position in the first frame already names its direction of motion, i.e. its mode
     assert (w.max(1).values > 0.99).all() and (w.argmax(1) != w[torch.randperm(len(w), generator=g)].argmax(1)).any()
+
+
+def test_toy_shards_hold_one_clip_per_sample(tmp_path):
+    """--toy.data-clips N writes N clips, not N views of the whole batch (each sample's latent.pt is one clip)."""
+    import data
+    world = toy.make_world(toy.ToyConfig())
+    toy.write_shards(world, 64, tmp_path, seed=0)
+    clip_bytes = math.prod(world.cfg.shape) * 4
+    total = sum(p.stat().st_size for p in tmp_path.glob("shard*.tar"))
+    assert total < 64 * clip_bytes * 3                     # (the whole batch per sample would be 64× that)
+    loader = data.make_loader(data.DataConfig(path=str(tmp_path), batch_size=8, num_workers=0, shuffle_buffer=1))
+    assert next(loader)["latent"].shape == (8, *world.cfg.shape)

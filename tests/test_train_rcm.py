@@ -273,3 +273,17 @@ def test_resume_never_unpickles_code(tmp_path, teacher):
     with pytest.raises(ValueError, match=r"state/.*io.open is not part of a checkpoint's metadata"):
         train_rcm.train(dataclasses.replace(cfg, iterations=3))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_second_run_in_the_same_folder_stops(tmp_path, teacher):
+    """Two runs never share a run folder: while one holds its lock, a second stops at once with a clear message."""
+    import fcntl
+    cfg = tiny_run(teacher, tmp_path / "run", iterations=1, eval_per_prompt=0)
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first run
+        with pytest.raises(RuntimeError, match="another run is using .*run.*pick another --out-dir"):
+            train_rcm.train(cfg)
+    assert not dist.is_initialized()
+    train_rcm.train(cfg)                                 # once it has ended, the folder is free
+    assert (tmp_path / "run" / "ema.safetensors").exists()
