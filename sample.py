@@ -40,8 +40,8 @@ from checkpoint import read_settings
 from data import write_shards
 from image_encoder import CLIPConfig, CLIPVision, load_clip
 from model import BOUNDARY, CONFIGS, CacheConfig, WanConfig, WanModel, chunk_frames, load_checkpoint, load_two_experts
-from samplers import (draw_noise, flow_times, generate, generate_stream, guidance, kv_cache, sample_euler,
-                      sample_unipc, stream_times)
+from samplers import (check_times, draw_noise, flow_times, generate, generate_stream, guidance, kv_cache,
+                      sample_euler, sample_unipc, stream_times)
 from text_encoder import UMT5Config, encode_prompts_and_free, read_negative_embedding
 from vae import VAEConfig, i2v_size, image_condition, load_vae
 
@@ -280,7 +280,13 @@ def video_size(cfg: Config) -> tuple[int, int]:
 
 def read_prompts(cfg: Config) -> list[str]:
     if cfg.prompts_file is not None:
-        prompts = [line.strip() for line in cfg.prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:  # utf-8-sig: a byte-order mark is not part of the first prompt
+            text = cfg.prompts_file.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = cfg.prompts_file.read_bytes()[:e.start].count(b"\n") + 1
+            raise ValueError(f"--prompts-file {cfg.prompts_file}: line {line} is not UTF-8 text; save the file as "
+                             f"UTF-8") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"--prompts-file {cfg.prompts_file} holds no prompts (one per line)")
         return prompts
@@ -300,6 +306,10 @@ def check(cfg: Config, settings: dict):
                          f", got --steps {steps}: lower --steps, or give one more --mid-t time per extra step")
     if cfg.num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {cfg.num_samples}")
+    if s.mode == "rcm":
+        check_times(s.sigma_max, s.mid_t)
+    elif not teacher_sampler(s).shift > 0:
+        raise ValueError(f"--shift must be positive, got {s.shift}")
     if cfg.causal:
         st = cfg.streaming
         if s.mode != "rcm":

@@ -52,6 +52,17 @@ def _both(cond, uncond):
 CAUSAL_MID_T = tuple(math.atan(s / (1 - s)) for s in (15 / 16, 5 / 6, 5 / 8))
 
 
+def check_times(sigma_max: float, mid_t: tuple[float, ...]):
+    """One clear message for few-step times that would sample garbage: σ_max > 0 and the intermediate times strictly
+    decreasing inside (0, arctan σ_max)."""
+    if not sigma_max > 0:
+        raise ValueError(f"--sigma-max must be positive, got {sigma_max}")
+    t0 = math.atan(sigma_max)
+    if any(not 0 < t < t0 for t in mid_t) or any(a <= b for a, b in zip(mid_t, mid_t[1:])):
+        raise ValueError(f"--mid-t {' '.join(map(str, mid_t))}: the TrigFlow times of the steps after the first must "
+                         f"decrease strictly inside (0, arctan σ_max = {t0:.4f})")
+
+
 def rcm_times(n: int, sigma_max: float, mid_t: tuple[float, ...]) -> torch.Tensor:
     """TrigFlow times of the n-step rCM sampler, [n + 1] float64: [arctan σ_max, *mid_t[:n − 1], 0]
     (σ_max = inf starts at pure noise, t = π/2)."""

@@ -36,8 +36,8 @@ import toy
 import training
 from losses import TimeDist, critic_loss, dcm_loss, denoise, dmd_loss, teacher_forced, tf_loss, tf_scm_loss
 from model import CONFIGS, WanModel, chunk_frames
-from samplers import (CAUSAL_MID_T, flow_times, generate_stream, guidance, kv_cache, rcm_times, sample_euler, steps_of_chunks,
-                      stream)
+from samplers import (CAUSAL_MID_T, check_times, flow_times, generate_stream, guidance, kv_cache, rcm_times,
+                      sample_euler, steps_of_chunks, stream)
 from training import Nets, Optim, RunConfig
 
 Stage = Literal["tf", "tf_dcm", "tf_scm", "sf_dmd"]
@@ -288,6 +288,12 @@ def train(cfg: CausalConfig) -> dict:
     if len(set(cfg.stages)) != len(cfg.stages):
         raise ValueError(f"each stage runs once, got --stages {' '.join(cfg.stages)}")
     training.check_config(cfg)
+    training.check_positive(cfg, "first_chunk_t", "chunk_t")
+    training.check_positive(cfg.sf, "student_update_freq", "max_simulation_steps", prefix="sf.")
+    check_times(cfg.sigma_max, cfg.mid_t)
+    if max(cfg.sf.steps_per_chunk or (cfg.sf.max_simulation_steps,)) > len(cfg.mid_t) + 1:
+        raise ValueError(f"the rollout's steps per chunk need one --mid-t time per step after the first: "
+                         f"{len(cfg.mid_t)} given")
     if cfg.causal_teacher_ckpt is not None and not Path(cfg.causal_teacher_ckpt).exists():
         raise FileNotFoundError(f"--causal-teacher-ckpt {cfg.causal_teacher_ckpt} does not exist")
     return training.run_in_process_group(cfg, lambda d: run(cfg, d))

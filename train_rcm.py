@@ -26,7 +26,7 @@ import toy
 import training
 from losses import TimeDist, critic_loss, dcm_loss, denoise, dmd_loss, scm_loss
 from model import CONFIGS, WanModel
-from samplers import generate, guidance, sample_rcm, simulation_times
+from samplers import check_times, generate, guidance, sample_rcm, simulation_times
 from training import Nets, Optim, RunConfig
 
 
@@ -177,6 +177,11 @@ def evaluate(cfg: RCMConfig, world: toy.World, teacher: Path, student: Path) -> 
 def train(cfg: RCMConfig) -> dict:
     """Run (or resume) the distillation; returns the toy evaluation ({} without one)."""
     training.check_config(cfg)
+    training.check_positive(cfg, "student_update_freq", "max_simulation_steps")
+    check_times(cfg.sigma_max, cfg.mid_t)
+    if cfg.dmd_fix_timesteps and cfg.max_simulation_steps > len(cfg.mid_t) + 1:
+        raise ValueError(f"--dmd-fix-timesteps simulates at --mid-t: --max-simulation-steps "
+                         f"{cfg.max_simulation_steps} needs {cfg.max_simulation_steps - 1} --mid-t times")
     return training.run_in_process_group(cfg, lambda d: run(cfg, d))
 
 

@@ -13,7 +13,9 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +77,20 @@ class Optim:
     ema_sigma_rel: float = 0.1  # relative width σ_rel of the power-function EMA (EDM2)
 
 
+def check_positive(cfg, *names: str, prefix: str = ""):
+    """One clear message for a count flag (--{prefix}{name}) that must be at least 1."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{prefix}{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+
+
 def check_config(cfg: RunConfig):
     """Every user mistake that can be seen before loading anything, as one clear message."""
+    check_positive(cfg, "batch", "grad_accum", "cp_size", "log_every", "ckpt_every")
+    if cfg.toy is not None and cfg.toy.preview_every < 0:
+        raise ValueError(f"--toy.preview-every must be 0 (no previews) or more, got {cfg.toy.preview_every}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but this machine has no CUDA GPU: pass --device cpu")
     if cfg.batch % cfg.grad_accum:
         raise ValueError(f"--batch {cfg.batch} is not divisible by --grad-accum {cfg.grad_accum}: each rank splits "
                          f"its batch into grad_accum equal micro-batches")
@@ -116,17 +130,22 @@ def run_folder_lock(folder: Path, d: parallel.Dist):
     handle, busy = None, 0.0
     if d.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / ".lock", "w")
+        handle = open(folder / ".lock", "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS if the holder dies: never stale
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+            handle.flush()
         except BlockingIOError:
             busy = 1.0
     flag = torch.tensor(busy, device=d.device)
     dist.all_reduce(flag)
     try:
         if flag.item():
-            raise RuntimeError(f"another run is using {folder} (it holds {folder / '.lock'}): wait for it to end, or "
-                               f"pick another --out-dir")
+            holder = (folder / ".lock").read_text().strip() if d.is_main else "?"
+            raise RuntimeError(f"another run ({holder}) is using {folder}: wait for it to end, or pick another "
+                               f"--out-dir")
         yield
     finally:
         if handle is not None:

@@ -169,6 +169,9 @@ def test_teacher_with_the_exact_toy_velocity():
     (dict(steps=5), "at most 4 steps"),
     (dict(model="i2v-14B"), "text-to-video"),
     (dict(prompt=""), "--prompt"),
+    (dict(sigma_max=0.0), "--sigma-max must be positive"),
+    (dict(mid_t=(1.0, 1.4, 0.5)), "decrease strictly"),
+    (dict(mode="teacher", shift=0.0), "--shift must be positive"),
 ])
 def test_user_errors(files, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
@@ -229,7 +232,7 @@ def test_defaults_come_from_the_checkpoint_settings(tmp_path, capsys):
     assert stored_frames.shape[1:] == (2 * 4 * 8, 3 * 4 * 8, 3)         # rows = prompts, columns = samples
     assert json.dumps(run(num_samples=3, seed=7, dtype="float32")) == json.dumps(stored)  # the stored values as flags
     assert np.array_equal(frames(), stored_frames)
-    run(sampler=Sampler(sigma_max=1.0))                                 # a flag overrides the stored value
+    run(sampler=Sampler(sigma_max=3.0))                                 # a flag overrides the stored value
     assert "from its stored settings: mid_t," in capsys.readouterr().out.splitlines()[-5]
     assert not np.array_equal(frames(), stored_frames)
 
@@ -346,3 +349,13 @@ def test_image_to_video_user_errors(i2v_files, tmp_path, change, message):
         kw["dit_path"] = f / "i2v.safetensors"
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         main(tiny(f, tmp_path, **kw))
+
+
+def test_prompts_file_encoding(files, tmp_path):
+    """A byte-order mark is not part of the first prompt; a file that is not UTF-8 is named with its line."""
+    (tmp_path / "bom.txt").write_bytes("\ufeffa cat runs\n".encode("utf-8"))
+    main(tiny(files, tmp_path / "a", prompts_file=tmp_path / "bom.txt", steps=1, videos=False))
+    assert [s["prompt"] for s in shard_samples(tmp_path / "a" / "shards")] == ["a cat runs"]
+    (tmp_path / "latin1.txt").write_bytes("a dog\ncaf\xe9 cat\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt: line 2 is not UTF-8"):
+        main(tiny(files, tmp_path / "b", prompts_file=tmp_path / "latin1.txt"))

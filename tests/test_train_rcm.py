@@ -155,6 +155,14 @@ def test_user_errors_are_clear(tmp_path, teacher):
     error("does not match --dit", teacher_ckpt=other)
     torch.save(torch.zeros(5, 7), tmp_path / "neg.pt")
     error(r"neg.pt holds \(5, 7\); expected one tensor \[L, 32\]", wan=True, data=tmp_path, neg_embed=tmp_path / "neg.pt")
+    for flag in ("ckpt_every", "log_every", "grad_accum", "batch", "cp_size", "student_update_freq",
+                 "max_simulation_steps"):
+        error(f"--{flag.replace('_', '-')} must be at least 1, got 0", **{flag: 0})
+    error("--sigma-max must be positive", sigma_max=0.0)
+    error("--mid-t 1.0 1.2 0.6: .* decrease strictly", mid_t=(1.0, 1.2, 0.6))
+    error("needs 3 --mid-t times", dmd_fix_timesteps=True, max_simulation_steps=4, mid_t=(1.0, 0.5))
+    if not torch.cuda.is_available():
+        error("--device cuda, but this machine has no CUDA GPU", device="cuda")
     assert not dist.is_initialized()  # every failed run took its process group down
 
 
@@ -282,7 +290,7 @@ def test_a_second_run_in_the_same_folder_stops(tmp_path, teacher):
     (tmp_path / "run").mkdir()
     with open(tmp_path / "run" / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first run
-        with pytest.raises(RuntimeError, match="another run is using .*run.*pick another --out-dir"):
+        with pytest.raises(RuntimeError, match="another run .* is using .*run.*pick another --out-dir"):
             train_rcm.train(cfg)
     assert not dist.is_initialized()
     train_rcm.train(cfg)                                 # once it has ended, the folder is free
