@@ -88,10 +88,10 @@ class TimeDist:
     """A training-time distribution over TrigFlow t.
     lognormal: EDM σ = exp(p_mean + p_std·n), n ~ N(0, 1), t = arctan σ.
     shift: u ~ U[0, 1), rectified-flow s = shift·u/(1 + (shift − 1)·u), t = arctan(s/(1 − s))."""
-    kind: Literal["lognormal", "shift"] = "lognormal"
-    p_mean: float = 0.7
-    p_std: float = 1.6
-    shift: float = 5.0
+    kind: Literal["lognormal", "shift"] = "lognormal"  # log-normal in EDM σ, or Wan's shifted uniform
+    p_mean: float = 0.7  # lognormal: mean of log σ
+    p_std: float = 1.6  # lognormal: standard deviation of log σ
+    shift: float = 5.0  # shift: the timestep shift
 
 
 def shift_time(u: torch.Tensor, shift: float) -> torch.Tensor:

@@ -41,19 +41,19 @@ from parallel import gather_tokens, shard_tokens, token_layout, ulysses_attentio
 class WanConfig:
     """The official WanModel constructor arguments (defaults: T2V-1.3B)."""
     model_type: str = "t2v"          # "t2v", "i2v" (the y conditioning channels) or "ti2v" (Wan2.2 5B: t2v-shaped)
-    patch_size: tuple[int, int, int] = (1, 2, 2)
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (frames, rows, columns) of a token's latent patch
     text_len: int = 512              # text context is zero-padded to this many rows
     in_dim: int = 16                 # latent channels (+20 conditioning channels for I2V)
-    dim: int = 1536
-    ffn_dim: int = 8960
+    dim: int = 1536                  # transformer width
+    ffn_dim: int = 8960              # feed-forward width
     freq_dim: int = 256              # sinusoidal time-embedding width
     text_dim: int = 4096             # umT5-XXL width
-    out_dim: int = 16
-    num_heads: int = 12
-    num_layers: int = 30
-    qk_norm: bool = True
-    cross_attn_norm: bool = True
-    eps: float = 1e-6
+    out_dim: int = 16                # predicted velocity channels
+    num_heads: int = 12              # attention heads (head dim = dim / num_heads)
+    num_layers: int = 30             # transformer blocks
+    qk_norm: bool = True             # RMSNorm on queries and keys
+    cross_attn_norm: bool = True     # LayerNorm before the cross-attention
+    eps: float = 1e-6                # norms' epsilon
     clip: bool = True                # i2v: CLIP image tokens in the cross-attention (Wan2.1); Wan2.2's i2v has none
 
 

@@ -24,14 +24,14 @@ from samplers import flow_times, guidance, sample_euler
 @dataclass
 class ToyConfig:
     """The toy world: P prompts × len(weights) modes of [C, T, H, W] latent clips."""
-    prompts: int = 4
+    prompts: int = 4                                    # prompts (a blob colour each)
     weights: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)   # mode weights inside each prompt (unequal: mode dropping shows)
     shape: tuple[int, int, int, int] = (16, 3, 8, 8)    # [C, T, H, W]: 48 tokens after Wan's (1, 2, 2) patchify
     sigma: float = 0.2                                  # per-element std of a mode
     motion: float = 2.5                                 # blob displacement per frame in latent pixels
-    text_len: int = 8
-    text_dim: int = 32
-    seed: int = 0
+    text_len: int = 8                                   # rows of a prompt's "text embedding"
+    text_dim: int = 32                                  # its width
+    seed: int = 0                                       # seed of the means, colours and embeddings
 
 
 # The toy teacher/student: a tiny Wan DiT (same model.py as the 1.3B/14B runs). Depth over width: after equal teacher
