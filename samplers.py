@@ -101,16 +101,17 @@ def sample_rcm(net, noise, context, t_steps, *, generator=None, grad_last: bool 
     final_kwargs the last one too (streaming's noisy context appends its K/V there)."""
     x, n = noise, t_steps.shape[0] - 1
     t_steps = t_steps.to(noise.device)
+    if t_steps.ndim == 1:
+        t_steps = t_steps[:, None].expand(-1, len(noise))
     for i in range(n):
-        t = t_steps[i].expand(len(noise)) if t_steps.ndim == 1 else t_steps[i]
-        step_net = net if not (kw or (final_kwargs and i == n - 1)) else \
-            functools.partial(net, **kw, **(final_kwargs if i == n - 1 and final_kwargs else {}))
-        with torch.set_grad_enabled(grad_last and i == n - 1 and torch.is_grad_enabled()):
-            x0 = denoise(step_net, x, t, context)[0]
-        if i < n - 1:
-            t_next = t_steps[i + 1].expand(len(noise)) if t_steps.ndim == 1 else t_steps[i + 1]
+        last = i == n - 1
+        step_kw = {**kw, **(final_kwargs or {})} if last else kw
+        step_net = functools.partial(net, **step_kw) if step_kw else net
+        with torch.set_grad_enabled(grad_last and last and torch.is_grad_enabled()):
+            x0 = denoise(step_net, x, t_steps[i], context)[0]
+        if not last:
             fresh = torch.randn(x0.shape, generator=generator, device=x0.device)
-            x = per_sample(torch.cos(t_next), x0) * x0 + per_sample(torch.sin(t_next), x0) * fresh
+            x = per_sample(torch.cos(t_steps[i + 1]), x0) * x0 + per_sample(torch.sin(t_steps[i + 1]), x0) * fresh
     return x0
 
 
