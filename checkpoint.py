@@ -3,8 +3,9 @@ against a module, and writing safetensors with the sampling settings a checkpoin
 (other tools ignore the metadata; sample.py reads it for its defaults). Nothing here unpickles arbitrary objects:
 .pt/.pth files go through torch.load(weights_only=True)."""
 import json
-from pathlib import Path
 import pickle
+import zipfile
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -36,7 +37,8 @@ def read_state_dict(path, device="cpu") -> dict:
     try:
         if path.suffix == ".safetensors":
             return load_file(path, device=str(device))
-        return torch.load(path, map_location=device, weights_only=True, mmap=True)
+        # mmap spares a copy of a large file, but only the zip format (torch ≥ 1.6) allows it
+        return torch.load(path, map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} holds Python objects besides tensors, and only weights are read (weights_only): "
                          f"save its state dict instead") from e
@@ -87,8 +89,11 @@ def read_settings(path) -> dict:
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors' message does not name the file
+        raise ValueError(f"cannot read {path} as a .safetensors checkpoint: {str(e).splitlines()[0]}") from e
     # JSON has no tuples: the configs' tuples come back as lists
     tuples = lambda pairs: {k: tuple(v) if isinstance(v, list) else v for k, v in pairs}
     return json.loads(metadata["settings"], object_pairs_hook=tuples) if "settings" in metadata else {}

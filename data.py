@@ -10,17 +10,21 @@ The public Wan synthetic-latent format is a folder of `shard*.tar` files; sample
 `make_loader` streams batches forever: each epoch shuffles the shard list with the seed, deals the shards to
 (data-parallel rank, worker) readers, and shuffles samples in a small buffer. Every rank of a context-parallel group
 must get the same batches, so the loader is split by the *data-parallel* rank, never by the global rank.
-Tensors are read with `torch.load(weights_only=True)`. A corrupt sample or shard is skipped with a warning and counted
-in the batch (`bad_samples`, `bad_shards`); a run never stops for one.
+Tensors are read with `torch.load(weights_only=True)`. A run never stops for bad data: a corrupt sample or shard, or a
+sample of another shape than the run's (`DataConfig.shape`, else `data_shape`: the commonest among the first samples,
+the same on every rank), is skipped with a warning and counted in the batch by reason (`bad_samples`, `wrong_shape`,
+`bad_shards`); a reader whose own shards hold nothing usable that epoch reads the other readers' shards instead.
 
 Resuming: batch k of a rank comes from reader k mod num_workers (PyTorch's DataLoader takes workers in turn and every
 reader streams forever), so `make_loader(..., start_batch=n)` lets each reader drop exactly its share of the first n
 batches and the stream continues where it stopped.
 """
+import collections
 import io
 import math
 import random
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +40,8 @@ class DataConfig:
     num_workers: int = 2        # reader processes per rank (0: read in the training process)
     shuffle_buffer: int = 64    # samples held for shuffling inside a reader
     seed: int = 0
+    shape: tuple[int, ...] | None = None  # the latent shape [C,T,H,W] a sample must have (None: data_shape's)
+    embed_dim: int | None = None  # the width D an embedding must have (None: any)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,47 +110,82 @@ def collate(samples: list[dict]) -> dict:
                 prompt=[s["prompt"] for s in samples])
 
 
+def data_shape(shards, channels: int | None = None, n: int = 16) -> tuple[int, ...]:
+    """The data's latent shape [C,T,H,W]: the commonest among the first n readable samples (with `channels` channels,
+    when given) of the shards in their sorted order. Every rank reads the same files, so every rank agrees."""
+    counts = collections.Counter()
+    for raw in wds.tarfile_samples(({"url": s} for s in shards), handler=lambda exn: True):
+        try:
+            shape = tuple(decode_sample(raw)["latent"].shape)
+        except Exception:
+            continue
+        if channels is None or shape[0] == channels:
+            counts[shape] += 1
+            if counts.total() == n:
+                break
+    if not counts:
+        raise ValueError(f"no readable sample{f' with {channels} latent channels' if channels else ''} in "
+                         f"{len(shards)} shards ({shards[0]}, ...): check --data")
+    return counts.most_common(1)[0][0]
+
+
 def reader_batches(shards, cfg: DataConfig, rank: int, ranks: int, worker: int, workers: int, skip: int = 0):
     """The endless batch stream of one reader (rank, worker), the first `skip` batches dropped.
 
-    Each batch also carries bad_samples / bad_shards: what this reader skipped since its previous batch."""
+    Each batch also carries bad_samples / wrong_shape / bad_shards: what this reader skipped since its previous
+    batch. cfg.shape must be set (make_loader sets it)."""
     readers = ranks * workers
     if len(shards) < readers:
         raise ValueError(f"{len(shards)} shards cannot feed {ranks} ranks × {workers} workers: write more shards "
                          f"or lower num_workers")
-    bad = dict(bad_samples=0, bad_shards=0)
+    bad = dict(bad_samples=0, wrong_shape=0, bad_shards=0)
 
     def shard_error(exn):  # webdataset calls this for an unreadable tar; returning True moves on to the next shard
         warnings.warn(f"skipping unreadable shard: {exn}")
         bad["bad_shards"] += 1
         return True
 
-    shape, batch, done = None, [], 0
+    def usable(raw_sample):  # the decoded sample, or None (counted by reason)
+        where = f"sample {raw_sample.get('__key__')} of {raw_sample.get('__url__')}"
+        try:
+            sample = decode_sample(raw_sample)
+        except Exception as exn:
+            warnings.warn(f"skipping corrupt {where}: {exn}")
+            bad["bad_samples"] += 1
+            return None
+        latent, embed = sample["latent"].shape, sample["embed"].shape
+        if tuple(latent) != tuple(cfg.shape) or cfg.embed_dim not in (None, embed[1]):
+            warnings.warn(f"skipping {where}: latent {tuple(latent)}, embedding width {embed[1]}; the run's data "
+                          f"is {tuple(cfg.shape)}" + (f", width {cfg.embed_dim}" if cfg.embed_dim else ""))
+            bad["wrong_shape"] += 1
+            return None
+        return sample
+
+    batch, done = [], 0
     for epoch in range(2**62):
         order = random.Random(f"{cfg.seed}-{epoch}").sample(shards, len(shards))  # the same on every reader
         mine = order[rank * workers + worker::readers]
         rng = random.Random(f"{cfg.seed}-{epoch}-{rank}-{worker}")
-        raw = wds.tarfile_samples(({"url": s} for s in mine), handler=shard_error)
-        good = 0
-        for raw_sample in _shuffled(raw, cfg.shuffle_buffer, rng):
-            try:
-                sample = decode_sample(raw_sample)
-                if shape is not None and sample["latent"].shape != shape:
-                    raise ValueError(f"latent {tuple(sample['latent'].shape)} differs from {tuple(shape)}")
-            except Exception as exn:
-                warnings.warn(f"skipping corrupt sample {raw_sample.get('__key__')} of {raw_sample.get('__url__')}: "
-                              f"{exn}")
-                bad["bad_samples"] += 1
-                continue
-            shape, good = sample["latent"].shape, good + 1
-            batch.append(sample)
-            if len(batch) == cfg.batch_size:
-                if done >= skip:
-                    yield {**collate(batch), **bad}
-                    bad.update(bad_samples=0, bad_shards=0)
-                batch, done = [], done + 1
-        if good == 0:
-            raise RuntimeError(f"no readable sample in the shards {mine} of epoch {epoch}: check the data")
+        # this reader's shards; if none of them held a usable sample, the other readers' (never a stop for bad data)
+        for attempt in (mine, [s for s in order if s not in mine]):
+            good = 0
+            raw = wds.tarfile_samples(({"url": s} for s in attempt), handler=shard_error)
+            for sample in filter(None, map(usable, _shuffled(raw, cfg.shuffle_buffer, rng))):
+                good += 1
+                batch.append(sample)
+                if len(batch) == cfg.batch_size:
+                    if done >= skip:
+                        yield {**collate(batch), **bad}
+                        bad.update(bad_samples=0, wrong_shape=0, bad_shards=0)
+                    batch, done = [], done + 1
+            if good:
+                break
+            if attempt is mine:
+                warnings.warn(f"reader {rank}.{worker}: no usable sample in its shards {attempt} of epoch "
+                              f"{epoch}; reading the others'")
+        else:
+            raise ValueError(f"no usable sample (latent {tuple(cfg.shape)}) in any of the {len(shards)} shards of "
+                             f"the data: check --data")
 
 
 def _shuffled(samples, size, rng):
@@ -159,8 +200,8 @@ def _shuffled(samples, size, rng):
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    def __init__(self, cfg, rank, ranks, start_batch):
-        self.shards, self.cfg, self.rank, self.ranks, self.start_batch = list_shards(cfg.path), cfg, rank, ranks, start_batch
+    def __init__(self, cfg, shards, rank, ranks, start_batch):
+        self.shards, self.cfg, self.rank, self.ranks, self.start_batch = shards, cfg, rank, ranks, start_batch
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -172,7 +213,11 @@ class _Stream(torch.utils.data.IterableDataset):
 
 
 def make_loader(cfg: DataConfig, rank: int = 0, ranks: int = 1, start_batch: int = 0):
-    """An endless iterator of batches {latent [B,C,T,H,W], embed [B,L,D], prompt [B], bad_samples, bad_shards}
-    for data-parallel rank `rank` of `ranks` ranks, starting after the first `start_batch` batches of that rank."""
-    return iter(torch.utils.data.DataLoader(_Stream(cfg, rank, ranks, start_batch), batch_size=None,
+    """An endless iterator of batches {latent [B,C,T,H,W], embed [B,L,D], prompt [B], bad_samples, wrong_shape,
+    bad_shards} for data-parallel rank `rank` of `ranks` ranks, starting after the first `start_batch` batches of
+    that rank. Without cfg.shape, the data's commonest shape (data_shape) is the one kept."""
+    shards = list_shards(cfg.path)
+    if cfg.shape is None:
+        cfg = dataclasses.replace(cfg, shape=data_shape(shards))
+    return iter(torch.utils.data.DataLoader(_Stream(cfg, shards, rank, ranks, start_batch), batch_size=None,
                                             num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0))

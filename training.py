@@ -31,7 +31,7 @@ import parallel
 import toy
 from toy import ToyRun
 from checkpoint import check_state_dict, save_checkpoint
-from data import DataConfig, make_loader
+from data import DataConfig, data_shape, list_shards, make_loader
 from model import WanConfig, WanModel, load_checkpoint, read_state_dict
 from text_encoder import read_negative_embedding
 
@@ -155,33 +155,50 @@ def run_folder_lock(folder: Path, d: parallel.Dist):
 # ------------------------------------------------------------------------------------------------------ the nets
 def teacher_checkpoint(cfg: RunConfig, d: parallel.Dist) -> Path:
     """The teacher's checkpoint: --teacher-ckpt, or in the toy world the cached toy teacher (trained first if
-    missing); toy runs with --toy.data-clips also get their shards written. Rank 0 does the work, the others wait."""
-    path = cfg.teacher_ckpt
-    if cfg.toy is not None and d.is_main:
-        if path is None:
-            path = toy.cached_teacher(cfg.toy, cfg.dit, d.device, log=tqdm.write)
+    missing); toy runs with --toy.data-clips also get their shards written, and toy shards must hold the world's
+    clip shape. Rank 0 does the work, the others wait."""
+    if cfg.toy is None:
+        return cfg.teacher_ckpt
+
+    def prepare():
+        if cfg.teacher_ckpt is None:
+            toy.cached_teacher(cfg.toy, cfg.dit, d.device, log=tqdm.write)
         if cfg.toy.data_clips and not any(Path(cfg.data).glob("shard*.tar")):
             toy.write_shards(toy.make_world(cfg.toy.world), cfg.toy.data_clips, cfg.data, cfg.seed)
-    dist.barrier()
-    return path if path is not None else toy.teacher_path(cfg.toy, cfg.dit)
+        if cfg.data is not None:
+            found, world = data_shape(list_shards(cfg.data)), toy.make_world(cfg.toy.world).cfg.shape
+            if tuple(found) != tuple(world):
+                raise ValueError(f"--data {cfg.data} holds clips of shape {found}, and this toy world's are {world}: "
+                                 f"pass another --data folder (an empty one gets the world's shards with "
+                                 f"--toy.data-clips N)")
+    on_main_rank(d, prepare)
+    return cfg.teacher_ckpt if cfg.teacher_ckpt is not None else toy.teacher_path(cfg.toy, cfg.dit)
 
 
-def read_weights(d: parallel.Dist, path, dit: WanConfig) -> dict:
-    """Rank 0 reads a checkpoint (official key names) and checks it against the config; the other ranks get {}.
-    A bad file raises on every rank (rank 0 with the message), never leaving the others waiting."""
-    state_dict, error = {}, None
+def on_main_rank(d: parallel.Dist, work: Callable, default=None):
+    """work() on rank 0; the other ranks get `default`. A user error (a bad file, bad data) raises on every rank, rank
+    0 with its message, and never leaves the others waiting in a collective."""
+    result, error = default, None
     if d.is_main:
         try:
-            state_dict = read_state_dict(path, patch_size=dit.patch_size)
-            with torch.device("meta"):
-                check_state_dict(WanModel(dit), state_dict, f"checkpoint {path} does not match --dit:")
+            result = work()
         except (OSError, ValueError) as e:
             error = e
     failed = torch.tensor(float(error is not None), device=d.device)
     dist.all_reduce(failed)
     if failed.item():
-        raise error or RuntimeError(f"rank 0 could not load {path} (its message says why)")
-    return state_dict
+        raise error or ValueError("rank 0 stopped the run (its message says why)")
+    return result
+
+
+def read_weights(d: parallel.Dist, path, dit: WanConfig) -> dict:
+    """Rank 0 reads a checkpoint (official key names) and checks it against the config; the other ranks get {}."""
+    def read():
+        state_dict = read_state_dict(path, patch_size=dit.patch_size)
+        with torch.device("meta"):
+            check_state_dict(WanModel(dit), state_dict, f"checkpoint {path} does not match --dit:")
+        return state_dict
+    return on_main_rank(d, read, {})
 
 
 def build_net(cfg: RunConfig, d: parallel.Dist, state_dict: dict, role: Literal["teacher", "trained", "ema"]):
@@ -324,7 +341,8 @@ def data_stream(cfg: RunConfig, d: parallel.Dist, start_batch: int):
     b = batch/grad_accum; skipped counts the corrupt samples and shards the loader passed over (the caller clears
     it). Shards are split by data-parallel rank and resume after `start_batch` micro-batches; the toy world without
     --data draws fresh clips from the global RNG (seeded per micro-batch)."""
-    micro, skipped = cfg.batch // cfg.grad_accum, {"data/bad_samples": 0, "data/bad_shards": 0}
+    micro = cfg.batch // cfg.grad_accum
+    skipped = {"data/bad_samples": 0, "data/wrong_shape": 0, "data/bad_shards": 0}
     world = toy.make_world(cfg.toy.world) if cfg.toy is not None else None
     negative = world.negative if world is not None and cfg.neg_embed is None else \
         read_negative_embedding(cfg.neg_embed, cfg.dit.text_dim)
@@ -335,19 +353,24 @@ def data_stream(cfg: RunConfig, d: parallel.Dist, start_batch: int):
             return x0.to(d.device), cond.to(d.device), uncond
         return draw, skipped
 
+    # The data's latent shape: the toy world's, else the commonest of the first samples (rank 0's reading, so every
+    # rank keeps the same samples); a sample of another shape is skipped and counted, never the reference.
+    shape = world.cfg.shape if world is not None else \
+        on_main_rank(d, lambda: data_shape(list_shards(cfg.data), cfg.dit.out_dim), (0,) * 4)
+    shape = torch.tensor(shape, device=d.device)
+    dist.broadcast(shape, 0)
+    if d.is_main and world is None:
+        tqdm.write(f"data: latents {tuple(shape.tolist())} (the commonest shape of the first samples of {cfg.data})")
     loader = make_loader(DataConfig(path=str(cfg.data), batch_size=micro, num_workers=cfg.num_workers,
-                                    shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed),
+                                    shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, shape=tuple(shape.tolist()),
+                                    embed_dim=cfg.dit.text_dim),
                          rank=d.dp_rank, ranks=d.dp_size, start_batch=start_batch)
 
     def draw():
         b = next(loader)
-        skipped["data/bad_samples"] += b["bad_samples"]
-        skipped["data/bad_shards"] += b["bad_shards"]
-        x0, cond = b["latent"], b["embed"]
-        if x0.shape[1] != cfg.dit.in_dim or cond.shape[-1] != cfg.dit.text_dim:
-            raise ValueError(f"--data latents have {x0.shape[1]} channels and embeddings width {cond.shape[-1]}; "
-                             f"the model takes {cfg.dit.in_dim} and {cfg.dit.text_dim}")
-        return x0.to(d.device), cond.to(d.device), uncond
+        for reason in ("bad_samples", "wrong_shape", "bad_shards"):
+            skipped[f"data/{reason}"] += b[reason]
+        return b["latent"].to(d.device), b["embed"].to(d.device), uncond
     return draw, skipped
 
 
@@ -360,7 +383,7 @@ def micro_batches(cfg: RunConfig, d: parallel.Dist, i: int, draw):
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
-COUNTS = ("scm/nan_samples", "data/bad_samples", "data/bad_shards")  # metrics that add up (the others are means)
+COUNTS = ("scm/nan_samples", "data/bad_samples", "data/wrong_shape", "data/bad_shards")  # metrics that add up (the others are means)
 
 
 def accumulate_metrics(metrics: dict, record: dict, n: int):

@@ -88,3 +88,39 @@ def test_missing_path_is_a_clear_error(tmp_path):
         list_shards(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no shard"):
         make_loader(DataConfig(path=str(tmp_path)))
+
+
+def other_shape(n, shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=g), torch.randn(3, 8, generator=g), f"odd {i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("odd", [(16, 5, 4, 4), (8, 3, 4, 4)])  # other frames; 8 channels
+def test_samples_of_another_shape_are_skipped_and_never_become_the_reference(tmp_path, odd):
+    # shard 0 sorts first and holds the odd shape: the data's shape is still the commonest one
+    write_shards(other_shape(2, odd), tmp_path / "a")
+    (tmp_path / "a" / "shard-000000.tar").rename(tmp_path / "shard-000000.tar")
+    for k, path in enumerate(write_shards(toy_samples(9), tmp_path / "b", samples_per_shard=3)):
+        path.rename(tmp_path / f"shard-{k + 1:06d}.tar")
+    cfg = DataConfig(path=str(tmp_path), batch_size=1, num_workers=0, shuffle_buffer=1)
+    with pytest.warns(UserWarning, match="skipping sample"):
+        batches = list(islice(make_loader(cfg), 27))  # three epochs
+    assert {p for b in batches for p in b["prompt"]} == {p for *_, p in toy_samples(9)}  # no good sample lost
+    assert all(b["latent"].shape == (1, 16, 3, 4, 4) for b in batches)
+    assert sum(b["wrong_shape"] for b in batches) >= 4 and sum(b["bad_samples"] for b in batches) == 0
+
+
+def test_a_reader_whose_shards_are_all_corrupt_reads_the_others(tmp_path):
+    write_shards(toy_samples(6), tmp_path, samples_per_shard=2)
+    (tmp_path / "shard-000003.tar").write_bytes(b"\x00garbage" * 100)
+    cfg = DataConfig(path=str(tmp_path), batch_size=1, num_workers=4, shuffle_buffer=1)
+    batches = list(islice(make_loader(cfg), 20))  # 4 workers, one of them with only the corrupt shard
+    assert {p for b in batches for p in b["prompt"]} == {p for *_, p in toy_samples(6)}
+    assert sum(b["bad_shards"] for b in batches) >= 1
+
+
+def test_no_usable_sample_anywhere_is_one_clear_error(tmp_path):
+    write_shards(toy_samples(4), tmp_path, samples_per_shard=2)
+    cfg = DataConfig(path=str(tmp_path), batch_size=1, num_workers=0, shape=(16, 9, 4, 4))
+    with pytest.raises(ValueError, match="no usable sample"), pytest.warns(UserWarning):
+        next(make_loader(cfg))
