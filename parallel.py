@@ -20,6 +20,7 @@ gathered sequence is also put back in its original order, so masks and results a
 import functools
 import os
 import pickle
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -84,6 +85,20 @@ def init_distributed(cp_size: int = 1, device: str | None = None) -> Dist:
     fsdp_mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
     rank = dist.get_rank()
     return Dist(mesh, fsdp_mesh, device, rank, rank // cp_size, processes // cp_size, cp_size)
+
+
+def cli(main, cfg):
+    """The scripts' entry point: main(cfg). What a user can fix (a flag, a file, the data: ValueError, OSError) and
+    Ctrl-C outside a training loop end the process with one line from rank 0 and exit status 2 (Ctrl-C: 130), no
+    traceback; other errors are bugs and keep theirs. RCM_TRACEBACK=1 shows every traceback."""
+    try:
+        return main(cfg)
+    except (ValueError, OSError, KeyboardInterrupt) as e:
+        if os.environ.get("RCM_TRACEBACK"):
+            raise
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
 
 
 def seed_everything(seed: int, d: Dist, step: int = 0, micro: int = 0, accumulation: int = 1):

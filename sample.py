@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
+import parallel
 import toy
 from checkpoint import read_settings
 from data import write_shards
@@ -564,4 +565,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    parallel.cli(main, tyro.cli(Config))

@@ -9,6 +9,7 @@ has the Wan call signature, so any code path can use the exact teacher instead.
 """
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,8 +201,10 @@ class TeacherConfig:
     off_mode_fraction: float = 0.25  # share of clips moving in no mode's direction (train_teacher)
 
 
-def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, device="cpu", log=print) -> WanModel:
-    """Train the teacher by flow matching and save it (official key names) at path.
+def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, device="cpu", log=print,
+                  ckpt_every: int = 500) -> WanModel:
+    """Train the teacher by flow matching and save it (official key names) at path; every ckpt_every steps a partial
+    checkpoint beside it, from which an interrupted training resumes.
 
     x_s = (1 − s)·x0 + s·ε with s ~ U(0, 1) (a hard_fraction of the batch at s ~ U(hard_from, 1)); the regression
     target is the exact FM minimiser E[ε − x0 | x_s] (the toy world knows it), which trains the same function as the
@@ -216,7 +219,22 @@ def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, 
     # Linear warm-up, then cosine decay to 0: the decay is what makes the tiny net precise.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min((i + 1) / cfg.warmup, 0.5 * (1 + math.cos(math.pi * i / cfg.steps))))
-    for step in range(cfg.steps):
+    # An interrupted training resumes from its last partial checkpoint, the same steps following (the RNG is saved).
+    partial, start = path.with_suffix(".partial.pt"), 0
+    if partial.exists():
+        state = torch.load(partial, map_location=device, weights_only=True)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+        log(f"toy teacher: resuming at step {start} from {partial}")
+    for step in range(start, cfg.steps):
+        if step > start and step % ckpt_every == 0:
+            state = dict(net=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                         rng=torch.get_rng_state(), step=step)
+            torch.save(state, partial.with_suffix(".tmp"))
+            partial.with_suffix(".tmp").replace(partial)  # atomic: a kill mid-save keeps the previous one
         x0, context, prompt = sample_data(world, cfg.batch)
         off = torch.rand(cfg.batch) < cfg.off_mode_fraction
         x_off = moving_blob(world.cfg, world.paint[prompt], 2 * math.pi * torch.rand(cfg.batch))
@@ -236,7 +254,9 @@ def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, 
         sched.step()
         if step % 100 == 0 or step == cfg.steps - 1:
             log(f"teacher step {step}: flow-matching loss {loss.item():.4f}")
-    save_checkpoint(net, path)
+    save_checkpoint(net, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    partial.unlink(missing_ok=True)
     return net
 
 
@@ -279,7 +299,8 @@ def save_grid(world: World, x: torch.Tensor, rows: int, path: Path, fps: int = 3
 class ToyRun:
     """The toy world as a trainer's data source, cached teacher and exact evaluator."""
     world: ToyConfig = field(default_factory=ToyConfig)  # the toy data distribution
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the toy teacher's training (cached in checkpoints/)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the toy teacher's training (cached: --toy.cache-dir)
+    cache_dir: Path | None = None  # where toy teachers are cached; unset: $RCM_CACHE, else ~/.cache/rcm
     eval_per_prompt: int = 256  # evaluation: samples per prompt for each sampler (0: no evaluation)
     eval_seed: int = 2  # evaluation: seed of the samplers' noise (sample.py reproduces the evaluation with it)
     preview_every: int = 500  # iterations between sample previews of the EMA net (gifs and exact metrics; 0: none)
@@ -287,15 +308,24 @@ class ToyRun:
 
 
 def teacher_path(run: ToyRun, dit: WanConfig) -> Path:
-    """The cached toy teacher for this world, DiT and training config."""
+    """The cached toy teacher for this world, DiT and training config, in the user's cache folder (never the working
+    directory, which may be read-only)."""
     key = hashlib.sha1(repr((run.world, dit, run.teacher)).encode()).hexdigest()[:10]
-    return Path("checkpoints") / f"toy_teacher_{key}.safetensors"
+    folder = run.cache_dir or Path(os.environ.get("RCM_CACHE") or Path.home() / ".cache" / "rcm")
+    return Path(folder) / f"toy_teacher_{key}.safetensors"
 
 
 def cached_teacher(run: ToyRun, dit: WanConfig, device, log=print) -> Path:
-    """The cached toy teacher's checkpoint, trained first if missing."""
+    """The cached toy teacher's checkpoint, trained first if missing (resuming an interrupted training)."""
     path = teacher_path(run, dit)
     if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".probe").touch()
+            path.with_suffix(".probe").unlink()
+        except OSError as e:
+            raise OSError(f"cannot write the toy teacher's cache {path.parent} ({e.strerror}): set --toy.cache-dir "
+                          f"or $RCM_CACHE to a writable folder") from None
         log(f"no cached toy teacher: training one ({run.teacher.steps} steps) -> {path}")
         train_teacher(make_world(run.world), run.teacher, dit, path, device, log=log)
     return path

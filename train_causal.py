@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 import tyro
 
+import parallel
 import toy
 import training
 from losses import TimeDist, critic_loss, dcm_loss, denoise, dmd_loss, teacher_forced, tf_loss, tf_scm_loss
@@ -260,9 +262,23 @@ def train_stage(cfg: CausalConfig, d, stage: Stage, world: toy.World | None, bid
     (a finished stage is skipped); returns its EMA weights."""
     folder, k = cfg.out_dir / stage, cfg.stages.index(stage)
     scfg = stage_config(cfg, stage)
+    run = replace(cfg, out_dir=folder, seed=cfg.seed + k)  # the stage's own run folder and random draws
+    # A stage built from earlier stages that have changed since (more iterations, accepted new settings) is stale: it
+    # is moved aside, never deleted, and trained again.
+    inputs = {s: training.run_identity(cfg.out_dir / s) for s in cfg.stages[:k]}
+    recorded = training.recorded_inputs(folder)
+    if recorded is not None and recorded != inputs:
+        aside = next(folder.with_name(f"{stage}.stale-{n}") for n in range(1, 10**6)
+                     if not folder.with_name(f"{stage}.stale-{n}").exists())
+        if d.is_main:
+            folder.rename(aside)
+            tqdm.write(f"{stage}: the stages before it changed since it was trained; moved it to {aside} and "
+                       f"training it again")
+        torch.distributed.barrier()
+    own = {"tf": "tf.", "tf_scm": "cm.", "tf_dcm": "cm.", "sf_dmd": "sf."}[stage]
+    training.check_run_folder(run, d, inputs, ignore=tuple({"tf.", "cm.", "sf."} - {own}))
     if training.saved_iteration(folder) >= scfg.iterations:
         return folder / "ema.safetensors"
-    run = replace(cfg, out_dir=folder, seed=cfg.seed + k)  # the stage's own run folder and random draws
     init, teacher = stage_checkpoints(cfg, stage, bidirectional)
     nets = training.build_nets(run, d, scfg, teacher=teacher if stage != "tf" else None, trained=init,
                                fake=bidirectional if stage == "sf_dmd" else None, lr_fake=cfg.sf.lr_fake)
@@ -309,4 +325,4 @@ def run(cfg: CausalConfig, d) -> dict:
 
 
 if __name__ == "__main__":
-    train(tyro.extras.overridable_config_cli(PRESETS))
+    parallel.cli(train, tyro.extras.overridable_config_cli(PRESETS))

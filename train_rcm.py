@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import tyro
 
+import parallel
 import toy
 import training
 from losses import TimeDist, critic_loss, dcm_loss, denoise, dmd_loss, scm_loss
@@ -186,6 +187,7 @@ def train(cfg: RCMConfig) -> dict:
 
 
 def run(cfg: RCMConfig, d) -> dict:
+    training.check_run_folder(cfg, d)
     teacher = training.teacher_checkpoint(cfg, d)
     nets = training.build_nets(cfg, d, cfg, teacher=teacher, trained=cfg.student_ckpt or teacher,
                                fake=teacher if cfg.fake_score else None, lr_fake=cfg.lr_fake)
@@ -207,4 +209,4 @@ def run(cfg: RCMConfig, d) -> dict:
 
 
 if __name__ == "__main__":
-    train(tyro.extras.overridable_config_cli(PRESETS))
+    parallel.cli(train, tyro.extras.overridable_config_cli(PRESETS))

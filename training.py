@@ -12,10 +12,13 @@ torch.distributed.checkpoint folder and latest.json: rerun the same command, on 
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +67,7 @@ class RunConfig:
     # logging
     log_every: int = 10  # iterations between lines of metrics.jsonl (losses averaged over the ranks)
     ckpt_every: int = 500  # iterations between checkpoints (state/ and ema.safetensors)
+    accept_changes: bool = False  # rerunning a run folder with other settings (e.g. a new --lr) continues it with them
 
 
 @dataclass
@@ -144,12 +148,74 @@ def run_folder_lock(folder: Path, d: parallel.Dist):
     try:
         if flag.item():
             holder = (folder / ".lock").read_text().strip() if d.is_main else "?"
-            raise RuntimeError(f"another run ({holder}) is using {folder}: wait for it to end, or pick another "
+            raise OSError(f"another run ({holder}) is using {folder}: wait for it to end, or pick another "
                                f"--out-dir")
         yield
     finally:
         if handle is not None:
             handle.close()
+
+
+# Settings a rerun may change without asking: where and how fast it runs, logging, evaluation, and how long it runs.
+FREE_SETTINGS = {"out_dir", "device", "compile", "checkpointing", "log_every", "ckpt_every", "accept_changes",
+                 "stages", "eval_teacher_steps", "toy.eval_per_prompt", "toy.eval_seed", "toy.preview_every",
+                 "toy.cache_dir"}
+
+
+def flat_settings(cfg) -> dict:
+    """A config as {dotted field name: JSON value}."""
+    def flat(prefix, value):
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                yield from flat(f"{prefix}{f.name}.", getattr(value, f.name))
+        else:
+            yield prefix[:-1], json.loads(json.dumps(value, default=str))
+    return dict(flat("", cfg))
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_run_folder(cfg: RunConfig, d: parallel.Dist, inputs: dict | None = None, ignore: tuple[str, ...] = ()):
+    """A run folder records its settings (run.json: those that shape what it trains, less the `ignore`d prefixes,
+    e.g. another stage's section) and what it was built from (`inputs`, e.g. train_causal's earlier stages).
+    Rerunning a folder that holds a checkpoint with changed settings stops with one message listing them, unless
+    --accept-changes (the new settings then take effect and are recorded); the architecture never changes."""
+    shaping = lambda k: not (k in FREE_SETTINGS or k.split(".")[-1] == "iterations" or k.startswith(ignore))
+    record = dict(settings={k: v for k, v in flat_settings(cfg).items() if shaping(k)}, inputs=inputs or {})
+    path = cfg.out_dir / "run.json"
+    if saved_iteration(cfg.out_dir) and path.exists():
+        old = json.loads(path.read_text())["settings"]
+        changed = {k: (old.get(k), v) for k, v in record["settings"].items() if old.get(k) != v}
+        lines = "\n".join(f"  {flag(k)}: {a} -> {b}" for k, (a, b) in changed.items())
+        if any(k.startswith("dit.") for k in changed):
+            raise ValueError(f"{cfg.out_dir} holds a run of another architecture:\n{lines}\nits checkpoints cannot "
+                             f"load into this one: pick another --out-dir")
+        if changed and not cfg.accept_changes:
+            raise ValueError(f"{cfg.out_dir} holds a run with other settings:\n{lines}\npass --accept-changes to "
+                             f"continue it with the new ones, or pick another --out-dir")
+        if changed and d.is_main:
+            tqdm.write(f"{cfg.out_dir}: continuing with changed settings\n{lines}")
+    dist.barrier()  # every rank has read the old record
+    if d.is_main:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
+
+
+def recorded_inputs(folder: Path) -> dict | None:
+    """The inputs a run folder with a checkpoint was built from (None: no checkpoint, nothing to go stale)."""
+    path = folder / "run.json"
+    return json.loads(path.read_text())["inputs"] if saved_iteration(folder) and path.exists() else None
+
+
+def run_identity(folder: Path) -> str | None:
+    """What a run folder's EMA is: its recorded settings, inputs and iteration (None: no run.json). A later stage built
+    from it records this, and is stale once it changes."""
+    path = folder / "run.json"
+    if not path.exists():
+        return None
+    return hashlib.sha1(f"{path.read_text()} {saved_iteration(folder)}".encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------------ the nets
@@ -449,8 +515,18 @@ def load_state(folder: Path, nets: Nets) -> tuple[int, int]:
     if info["processes"] != dist.get_world_size():
         raise ValueError(f"{folder} was checkpointed by {info['processes']} processes; resume it on as many "
                          f"(this run has {dist.get_world_size()}) or pick another --out-dir")
-    counters = parallel.load_training_state(folder / "state" / info["folder"], **training_state(nets),
+    state = training_state(nets)
+    # this command's learning rates, betas and weight decay, which the loaded optimiser state would overwrite
+    fresh = [(opt, state["schedulers"][name], list(state["schedulers"][name].base_lrs),
+              [(g["betas"], g["weight_decay"]) for g in opt.param_groups]) for name, opt in state["optimizers"].items()]
+    counters = parallel.load_training_state(folder / "state" / info["folder"], **state,
                                             counters={"iteration": 0, "data_batches": 0})
+    for opt, sched, base_lrs, groups in fresh:  # (unchanged values give back the same numbers, bit for bit)
+        sched.base_lrs = base_lrs
+        for g, lr, (betas, weight_decay) in zip(opt.param_groups, base_lrs, groups):
+            g.update(initial_lr=lr, lr=lr * sched.lr_lambdas[0](sched.last_epoch), betas=betas,
+                     weight_decay=weight_decay)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
     return counters["iteration"], counters["data_batches"]
 
 
@@ -475,18 +551,49 @@ def train_loop(cfg: RunConfig, d: parallel.Dist, nets: Nets, iterations: int, st
 
     bar = tqdm(range(start, iterations), initial=start, total=iterations, desc=desc, disable=not d.is_main)
     t0 = time.time()
-    for i in bar:
-        record = {"iteration": i, **step(i, micro_batches(cfg, d, i, draw)), **skipped}
-        skipped.update({k: 0 for k in skipped})
-        previewing = preview is not None and preview_every > 0 and ((i + 1) % preview_every == 0 or i + 1 == iterations)
-        if i % cfg.log_every == 0 or previewing:
-            record = reduce_metrics(record, d)
-            if previewing:
-                record.update(preview(i + 1))
-            record["time_s"] = round(time.time() - t0, 2)
-            if d.is_main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")})
-        if (i + 1) % cfg.ckpt_every == 0 or i + 1 == iterations:
-            save_state(cfg.out_dir, d, nets, i + 1, start_batches + (i + 1 - start) * cfg.grad_accum, settings)
+    with stop_requests() as caught:
+        for i in bar:
+            record = {"iteration": i, **step(i, micro_batches(cfg, d, i, draw)), **skipped}
+            skipped.update({k: 0 for k in skipped})
+            previewing = preview is not None and preview_every > 0 and ((i + 1) % preview_every == 0 or
+                                                                        i + 1 == iterations)
+            if i % cfg.log_every == 0 or previewing:
+                record = reduce_metrics(record, d)
+                if previewing:
+                    record.update(preview(i + 1))
+                record["time_s"] = round(time.time() - t0, 2)
+                if d.is_main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")})
+            stop = torch.tensor(float(len(caught)), device=d.device)
+            dist.all_reduce(stop)  # a signal to any rank stops every rank after the same iteration
+            if (i + 1) % cfg.ckpt_every == 0 or i + 1 == iterations or stop.item():
+                save_state(cfg.out_dir, d, nets, i + 1, start_batches + (i + 1 - start) * cfg.grad_accum, settings)
+            if stop.item():
+                bar.close()
+                name = signal.Signals(caught[0]).name if caught else "a signal to another rank"
+                if d.is_main:
+                    print(f"{desc}: stopped by {name} after iteration {i + 1}, its state saved in {cfg.out_dir}; "
+                          f"rerun the same command to resume", flush=True)
+                raise SystemExit(128 + (caught[0] if caught else signal.SIGTERM))
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGINT (Ctrl-C) and SIGTERM (torchrun, a cluster's scheduler) are noted in the yielded list instead of stopping
+    a step halfway; the loop then saves and exits. A second one of a kind acts at once (the previous handler)."""
+    caught = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield caught
+        return
+
+    def note(signum, frame):
+        caught.append(signum)
+        signal.signal(signum, previous[signum])
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -290,7 +290,7 @@ def test_a_second_run_in_the_same_folder_stops(tmp_path, teacher):
     (tmp_path / "run").mkdir()
     with open(tmp_path / "run" / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first run
-        with pytest.raises(RuntimeError, match="another run .* is using .*run.*pick another --out-dir"):
+        with pytest.raises(OSError, match="another run .* is using .*run.*pick another --out-dir"):
             train_rcm.train(cfg)
     assert not dist.is_initialized()
     train_rcm.train(cfg)                                 # once it has ended, the folder is free
