@@ -18,6 +18,7 @@ import sample
 import samplers
 import toy
 import train_causal
+import training
 from model import WanConfig, WanModel, chunk_frames, load_checkpoint
 
 TINY_DIT = WanConfig(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=32, ffn_dim=64, freq_dim=32,
@@ -295,3 +296,26 @@ def test_every_stage_runs_on_cuda(tmp_path):
     for stage, loss in (("tf", "loss/tf"), ("tf_dcm", "loss/dcm"), ("tf_scm", "loss/scm"), ("sf_dmd", "loss/dmd")):
         log = [json.loads(ln) for ln in (tmp_path / "gpu" / stage / "metrics.jsonl").read_text().splitlines()]
         assert all(math.isfinite(r[loss]) for r in log if loss in r) and any(loss in r for r in log)
+
+
+def test_a_stage_built_from_a_changed_stage_is_moved_aside_and_trained_again(tmp_path):
+    teacher = tmp_path / "teacher.safetensors"
+    toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=2, batch=4), TINY_DIT, teacher,
+                      log=lambda s: None)
+    cfg = tiny_config(tmp_path, teacher, out_dir=tmp_path / "run", stages=("tf", "tf_scm"))
+    cfg = dataclasses.replace(cfg, ckpt_every=100, toy=dataclasses.replace(cfg.toy, eval_per_prompt=0),
+                              tf=dataclasses.replace(cfg.tf, iterations=2), cm=dataclasses.replace(cfg.cm, iterations=2))
+    train_causal.train(cfg)
+    first = (tmp_path / "run" / "tf_scm" / "ema.safetensors").read_bytes()
+    train_causal.train(cfg)                                           # nothing changed: nothing retrained
+    assert not list(tmp_path.glob("run/*.stale-*"))
+    # a setting of stage tf_scm's section is that stage's alone: tf is not refused, tf_scm is
+    with pytest.raises(ValueError, match=r"run/tf_scm holds a run with other settings:\n  --cm.lr"):
+        train_causal.train(dataclasses.replace(cfg, cm=dataclasses.replace(cfg.cm, lr=1.0)))
+    longer = dataclasses.replace(cfg, tf=dataclasses.replace(cfg.tf, iterations=3))  # tf trains on: tf_scm is stale
+    train_causal.train(longer)
+    assert training.saved_iteration(tmp_path / "run" / "tf") == 3
+    assert (tmp_path / "run" / "tf_scm.stale-1" / "ema.safetensors").read_bytes() == first   # kept, not deleted
+    assert (tmp_path / "run" / "tf_scm" / "ema.safetensors").read_bytes() != first
+    train_causal.train(longer)
+    assert not (tmp_path / "run" / "tf_scm.stale-2").exists()

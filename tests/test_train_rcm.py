@@ -295,3 +295,103 @@ def test_a_second_run_in_the_same_folder_stops(tmp_path, teacher):
     assert not dist.is_initialized()
     train_rcm.train(cfg)                                 # once it has ended, the folder is free
     assert (tmp_path / "run" / "ema.safetensors").exists()
+
+
+def test_sigint_and_sigterm_save_and_the_rerun_continues_with_the_same_losses(tmp_path, monkeypatch, teacher):
+    """A signal mid-iteration lets the iteration finish, saves, exits non-zero; rerunning resumes as if never stopped."""
+    import os
+    import signal
+    base = tiny_run(teacher, tmp_path, eval_per_prompt=0, iterations=6)
+    train_rcm.train(dataclasses.replace(base, out_dir=tmp_path / "full"))
+    critic_loss = train_rcm.critic_loss
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        calls = {"n": 0}
+
+        def signalled_critic_loss(*args, **kwargs):  # iteration 3 is the first critic iteration
+            calls["n"] += 1
+            if calls["n"] == 1:
+                os.kill(os.getpid(), sig)
+            return critic_loss(*args, **kwargs)
+        run = dataclasses.replace(base, out_dir=tmp_path / sig.name)
+        monkeypatch.setattr(train_rcm, "critic_loss", signalled_critic_loss)
+        with pytest.raises(SystemExit) as stop:
+            train_rcm.train(run)
+        assert stop.value.code == 128 + sig and training.saved_iteration(run.out_dir) == 4
+        assert signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)  # handlers given back
+        monkeypatch.setattr(train_rcm, "critic_loss", critic_loss)
+        train_rcm.train(run)
+        assert json.dumps(logged(tmp_path / "full")) == json.dumps(logged(run.out_dir))
+
+
+def test_a_rerun_with_changed_settings_stops_unless_accepted_and_then_uses_them(tmp_path, teacher):
+    cfg = tiny_run(teacher, tmp_path / "run", eval_per_prompt=0, iterations=2, ckpt_every=1)
+    train_rcm.train(cfg)
+    train_rcm.train(dataclasses.replace(cfg, iterations=3))     # more iterations: the same run, longer
+    changed = dataclasses.replace(cfg, iterations=5, lr=5e-3, teacher_guidance=2.0)
+    with pytest.raises(ValueError, match=r"other settings:\n  --lr: 0.0001 -> 0.005\n  --teacher-guidance: 3.0 -> "
+                                         r"2.0\npass --accept-changes"):
+        train_rcm.train(changed)
+    with pytest.raises(ValueError, match="another architecture:\n  --dit.dim: 32 -> 64\n.*pick another --out-dir"):
+        train_rcm.train(dataclasses.replace(cfg, dit=dataclasses.replace(TINY_DIT, dim=64), accept_changes=True))
+    train_rcm.train(dataclasses.replace(changed, accept_changes=True))
+    lr = {r["iteration"]: r["lr"] for r in logged(tmp_path / "run") if "lr" in r}  # student iterations 0, 1, 2, 4
+    assert max(lr[i] for i in range(3)) <= 1e-4 < lr[4]    # the new learning rate took effect (warm-up included)
+    train_rcm.train(dataclasses.replace(changed, iterations=6))  # the accepted settings are the run's now
+
+
+def test_toy_shards_of_another_clip_shape_are_refused(tmp_path, teacher):
+    g = torch.Generator().manual_seed(0)
+    write_shards([(torch.randn(16, 3, 4, 4, generator=g), torch.randn(4, 32, generator=g), "x")],
+                 tmp_path / "shards")
+    with pytest.raises(ValueError, match=r"holds clips of shape \(16, 3, 4, 4\), and this toy world's are "
+                                         r"\(16, 2, 4, 4\)"):
+        train_rcm.train(tiny_run(teacher, tmp_path / "run", data=tmp_path / "shards", num_workers=0))
+
+
+def test_the_toy_teacher_resumes_an_interrupted_training_exactly(tmp_path, monkeypatch):
+    world, tcfg = toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=5, batch=4)
+    toy.train_teacher(world, tcfg, TINY_DIT, tmp_path / "full.safetensors", log=lambda s: None, ckpt_every=2)
+    sample_data, calls = toy.sample_data, {"n": 0}
+
+    def dying_sample_data(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # step 3, after the partial checkpoint at step 2
+            raise KeyboardInterrupt
+        return sample_data(*args, **kwargs)
+    monkeypatch.setattr(toy, "sample_data", dying_sample_data)
+    path = tmp_path / "cache" / "teacher.safetensors"
+    path.parent.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        toy.train_teacher(world, tcfg, TINY_DIT, path, log=lambda s: None, ckpt_every=2)
+    assert path.with_suffix(".partial.pt").exists() and not path.exists()
+    monkeypatch.setattr(toy, "sample_data", sample_data)
+    seen = []
+    toy.train_teacher(world, tcfg, TINY_DIT, path, log=seen.append, ckpt_every=2)
+    assert any("resuming at step 2" in line for line in seen) and not path.with_suffix(".partial.pt").exists()
+    a, b = load_file(tmp_path / "full.safetensors"), load_file(path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_toy_teacher_cache_is_the_users_and_an_unwritable_one_is_named(tmp_path, monkeypatch):
+    run = toy.ToyRun(world=TINY_WORLD)
+    monkeypatch.setenv("RCM_CACHE", str(tmp_path / "cache"))
+    assert toy.teacher_path(run, TINY_DIT).parent == tmp_path / "cache"
+    assert toy.teacher_path(dataclasses.replace(run, cache_dir=tmp_path / "mine"), TINY_DIT).parent == tmp_path / "mine"
+    monkeypatch.delenv("RCM_CACHE")
+    assert toy.teacher_path(run, TINY_DIT).parent == Path.home() / ".cache" / "rcm"
+    (tmp_path / "file").write_text("")  # a cache folder that cannot be created
+    with pytest.raises(OSError, match="cannot write the toy teacher's cache .*set --toy.cache-dir"):
+        toy.cached_teacher(dataclasses.replace(run, cache_dir=tmp_path / "file" / "sub"), TINY_DIT, "cpu")
+
+
+def test_the_clis_print_a_user_error_as_one_line_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    root = Path(__file__).parent.parent
+    for argv, message in (([root / "train_rcm.py", "toy", "--batch", "0"], "error: --batch must be at least 1, got 0\n"),
+                          ([root / "sample.py", "--dit-path", tmp_path / "none.safetensors", "--toy"],
+                           "not found (the DiT weights); set --dit-path")):
+        out = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=300)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
