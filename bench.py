@@ -24,7 +24,7 @@ import tyro
 @dataclass
 class AttnBench:
     shapes: tuple[str, ...] = ("1,32760,12,128", "1,32760,40,128")  # B,L,H,D: Wan 1.3B and 14B at 480p
-    dtype: str = "bfloat16"
+    dtype: str = "bfloat16"  # q, k, v and tangent dtype (a torch dtype name)
     chunks: int = 21  # block-causal chunks (frame-wise Causal-rCM at 480p: 21 x 1560 tokens)
     teacher_forcing: bool = True  # also time the teacher-forcing mask on [clean | noisy] halves of L
     ref_kernel: Path | None = None  # NVlabs/rcm's rcm/utils/flash_attention_jvp_triton.py (never committed here)
@@ -241,7 +241,7 @@ def _load_official_dit(folder):
 class ModelBench:
     """The DiT's forward and tangent forward (no grad, bf16 weights, batch 1) beside the official Wan2.1 forward."""
     preset: str = "t2v-1.3B"  # a name in model.CONFIGS
-    resolution: Literal["480p", "720p"] = "480p"
+    resolution: Literal["480p", "720p"] = "480p"  # video size (832x480 or 1280x720)
     frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
     official: Path | None = None  # a folder with the official wan/modules/{model,attention}.py (never committed here)
     compile: bool = True  # also time ours with torch.compile of each block (first call includes compilation)
@@ -308,10 +308,10 @@ def bench_model(cfg: ModelBench):
 @dataclass
 class SampleBench:
     """Text-to-video sampling with random weights: the DiT time of the rCM student and of the CFG teacher, VAE decode."""
-    preset: str = "t2v-1.3B"
-    resolution: Literal["480p", "720p"] = "480p"
-    frames: int = 81
-    rcm_steps: int = 4
+    preset: str = "t2v-1.3B"  # a name in model.CONFIGS
+    resolution: Literal["480p", "720p"] = "480p"  # video size (832x480 or 1280x720)
+    frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
+    rcm_steps: int = 4  # rCM student: DiT steps
     teacher_steps: int = 50  # teacher: UniPC with CFG (both halves in one batched forward a step)
     compile: bool = True  # also time rCM with torch.compile of each block (sample.py --compile); the teacher then too
 
@@ -377,9 +377,9 @@ class I2VBench:
     """Image-to-video rCM sampling with random weights (sample.py's generate_latents with the conditioning y and, for
     Wan2.1, the CLIP tokens): DiT seconds and peak GPU memory of Wan2.1 I2V-14B and of Wan2.2 I2V-A14B's two experts,
     both resident and with the idle expert waiting on the CPU (one video; the experts switch once per video)."""
-    resolution: Literal["480p", "720p"] = "480p"
-    frames: int = 81
-    steps: int = 4
+    resolution: Literal["480p", "720p"] = "480p"  # video size (832x480 or 1280x720)
+    frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
+    steps: int = 4  # rCM student: DiT steps
     sigma_max: float = 200.0  # NVlabs's setting for its Wan2.2 I2V rCM experts
 
 
@@ -423,12 +423,12 @@ class CausalBench:
     """Causal-rCM streaming with random weights (sample.py's stream_video): FPS = frames / (DiT + VAE decode time),
     first-chunk latency (its DiT steps + its VAE decode), the later chunks' latency, peak memory, and the KV cache
     quantised (memory, speed, and the latents' relative deviation from the unquantised cache, same seed)."""
-    preset: str = "t2v-1.3B"
-    resolution: Literal["480p", "720p"] = "480p"
-    frames: int = 81
+    preset: str = "t2v-1.3B"  # a name in model.CONFIGS
+    resolution: Literal["480p", "720p"] = "480p"  # video size (832x480 or 1280x720)
+    frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
     runs: tuple[str, ...] = ("3,3,2", "3,3,2,noisy", "1,1,1", "1,1,1,noisy")  # first_chunk_t,chunk_t,steps[,noisy]
     quant: tuple[str, ...] = ("int8", "fp8")  # quantised caches timed on the first run's layout (per-token scales)
-    vae_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    vae_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # dtype of the streaming VAE decode
     repeats: int = 3  # timed videos per row after one warm-up (median reported)
 
 
@@ -486,11 +486,11 @@ class IterationBench:
     """train_rcm's own student_step (sCM + DMD) and critic_step on random weights: seconds, peak memory and MFU of an
     rCM iteration. Under torchrun the nets are FSDP-sharded over all ranks and --cp-size splits each clip's tokens."""
     preset: str = "wan1.3b"  # a train_rcm preset (its precision, guidance, warm-up and update schedule)
-    resolution: Literal["480p", "720p"] = "480p"
+    resolution: Literal["480p", "720p"] = "480p"  # video size (832x480 or 1280x720)
     frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
     batch: int = 1  # clips per data-parallel rank
     cp_size: int = 1  # context-parallel ranks per clip
-    checkpointing: Literal["none", "block", "matmul"] = "block"
+    checkpointing: Literal["none", "block", "matmul"] = "block"  # activation checkpointing of the trained nets
     compile: bool = False  # torch.compile every block
     iters: int = 4  # timed iterations of each kind after one warm-up: one cycle of 1..4 simulation steps
     peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H200 SXM)

@@ -48,8 +48,8 @@ Stage = Literal["tf", "tf_dcm", "tf_scm", "sf_dmd"]
 @dataclass
 class TFConfig(Optim):
     """Stage tf: the causal teacher by teacher forcing (or diffusion forcing)."""
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)
+    lr: float = 1e-5  # AdamW learning rate of the causal teacher
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (flow matching, not distillation: β1 = 0.9)
     p_s: TimeDist = field(default_factory=lambda: TimeDist("shift", shift=5.0))
     """distribution of the noisy half's time (as TrigFlow t; UniformShift(5) in s)"""
     forcing: Literal["teacher", "diffusion"] = "teacher"  # teacher: packed [clean | noisy]; diffusion: s per chunk

@@ -1,0 +1,44 @@
+"""Every flag of every script, nested ones included, has help text (tyro takes it from the field's comment or
+docstring; a flag without one shows only its default)."""
+import argparse
+import re
+import warnings
+
+import pytest
+import tyro
+
+import bench
+import sample
+import train_causal
+import train_rcm
+
+
+def flags(parser, path=""):
+    """(subcommand path, flag, help text less tyro's default/required note) of every option of a parser."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from flags(sub, f"{path} {name}")
+        elif action.option_strings and action.option_strings[0] != "-h":
+            text = re.sub(r"\s*\((default: .*|required|fixed to: .*)\)$", "", action.help or "", flags=re.S)
+            yield path, action.option_strings[0], text.strip()
+
+
+def parser_of(cls, default=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # get_parser: the parser the CLI prints as --help
+        return tyro.extras.get_parser(cls, default=default)
+
+
+CLIS = {**{f"train_rcm.py {name}": (type(cfg), cfg) for name, (_, cfg) in train_rcm.PRESETS.items()},
+        **{f"train_causal.py {name}": (type(cfg), cfg) for name, (_, cfg) in train_causal.PRESETS.items()},
+        "sample.py": (sample.Config, None),
+        **{f"bench.py {cls.__name__}": (cls, None) for cls in bench.BENCHES}}
+
+
+@pytest.mark.parametrize("cli", CLIS)
+def test_every_flag_has_help_text(cli):
+    found = list(flags(parser_of(*CLIS[cli])))
+    assert len(found) >= 4
+    bare = [f"{path} {flag}".strip() for path, flag, text in found if not text]
+    assert not bare, f"{cli}: flags without help text: {bare}"
