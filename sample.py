@@ -86,8 +86,7 @@ class Streaming:
     noisy_context: bool = False  # the last step's input appends its K/V, not a clean pass (on if trained so)
     window_frames: int | None = None  # KV cache: keep at most this many latent frames (sliding window); default all
     sink_chunks: int = 1  # KV cache: with a window, the first chunks are never evicted
-    kv_rope: Literal["after", "before"] = "after"  # cache keys after RoPE, or before it (a window then re-indexes
-    #   the kept frames contiguously, so positions stay within window + chunk frames: the trained range)
+    kv_rope: Literal["after", "before"] = "after"  # cache keys after RoPE, or before (a window re-indexes kept frames)
     kv_quant: Literal["none", "int8", "fp8"] = "none"  # store the KV cache as int8 or fp8 e4m3 codes with scales
     kv_scale: Literal["token", "channel"] = "token"  # quantisation scale per token, or per channel over each frame
 
@@ -320,6 +319,12 @@ def check(cfg: Config, settings: dict):
                              f"{len(s.mid_t) + 1} (one --mid-t time per step after the first)")
         if min(st.first_chunk_t, st.chunk_t) < 1 or (st.window_frames is not None and st.window_frames < 1):
             raise ValueError("--first-chunk-t, --chunk-t and --window-frames must be positive latent frame counts")
+    if cfg.toy:
+        unused = [flag for flag, value, default in (("--num-frames", cfg.num_frames, 81), ("--resolution",
+                  cfg.resolution, "480p"), ("--image", cfg.image, None)) if value != default]
+        if unused:
+            raise ValueError(f"--toy samples the clips of the checkpoint's toy world (their shape is the world's): "
+                             f"drop {', '.join(unused)}")
     files = [("--dit-path", cfg.dit_path, "the DiT weights")]
     if cfg.prompts_file is not None:
         files.append(("--prompts-file", cfg.prompts_file, "one prompt per line"))

@@ -10,9 +10,11 @@ import html
 import math
 from pathlib import Path
 import re
+import warnings
 
 from einops import rearrange
 from tokenizers import Tokenizer
+
 import torch
 import torch.nn as nn
 
@@ -204,6 +206,10 @@ def tokenize(tokenizer: Tokenizer, prompts: list[str], text_len: int = TEXT_LEN)
     """
     eos, pad = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
     encodings = tokenizer.encode_batch([clean_prompt(p) for p in prompts], add_special_tokens=False)
+    for k, enc in enumerate(encodings):
+        if len(enc.ids) > text_len - 1:  # Wan cuts it too; the user should know the end is not seen
+            warnings.warn(f"prompt {k} is {len(enc.ids)} tokens; the text encoder reads its first {text_len - 1} "
+                          f"(\"...{tokenizer.decode(enc.ids[text_len - 6:text_len - 1])}\" is the last text it sees)")
     rows = [enc.ids[:text_len - 1] + [eos] for enc in encodings]
     length = max(len(row) for row in rows)
     ids = torch.full((len(rows), length), pad, dtype=torch.long)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import data
+import sample
 from checkpoint import save_checkpoint
 from model import CONFIGS, WanModel, load_checkpoint
 from sample import Config, Sampler, Streaming, generate_latents, main
@@ -359,3 +360,25 @@ def test_prompts_file_encoding(files, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("a dog\ncaf\xe9 cat\n".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt: line 2 is not UTF-8"):
         main(tiny(files, tmp_path / "b", prompts_file=tmp_path / "latin1.txt"))
+
+
+def test_toy_mode_refuses_the_video_flags_it_cannot_use(tmp_path):
+    save_checkpoint(randomise(WanModel(TOY_DIT), 5), tmp_path / "toy.safetensors")
+    for change, flag in ((dict(num_frames=17), "--num-frames"), (dict(resolution="720p"), "--resolution")):
+        with pytest.raises(ValueError, match=f"--toy samples the clips of the checkpoint's toy world .*drop {flag}"):
+            main(Config(dit_path=tmp_path / "toy.safetensors", toy=True, device="cpu", **change))
+
+
+def test_a_truncated_checkpoint_is_named_before_the_text_encoder_runs(files, tmp_path, monkeypatch):
+    good = tiny(files, tmp_path).dit_path
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:100])
+    monkeypatch.setattr(sample, "encode_prompts_and_free", lambda *a, **k: pytest.fail("the encoder ran first"))
+    with pytest.raises(ValueError, match="cannot read .*cut.safetensors as a .safetensors checkpoint"):
+        main(tiny(files, tmp_path, dit_path=tmp_path / "cut.safetensors"))
+
+
+def test_a_legacy_format_pth_is_read(tmp_path):
+    from checkpoint import read_state_dict
+    sd = {"w": torch.arange(6.0).view(2, 3)}
+    torch.save(sd, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    assert torch.equal(read_state_dict(tmp_path / "old.pth")["w"], sd["w"])

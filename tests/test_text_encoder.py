@@ -111,7 +111,8 @@ def test_clean_prompt():
 
 def test_tokenize_ids_eos_padding_truncation(tokenizer_json):
     tok = load_tokenizer(tokenizer_json)
-    ids, mask = tokenize(tok, ["a  cat\nsits", "the &amp;amp; mat dog", "on " * 20], text_len=6)
+    with pytest.warns(UserWarning, match="prompt 2 is 20 tokens; the text encoder reads its first 5"):
+        ids, mask = tokenize(tok, ["a  cat\nsits", "the &amp;amp; mat dog", "on " * 20], text_len=6)
     eos, pad, unk = 1, 0, 2
     assert ids.tolist() == [ids_of("a", "cat", "sits") + [eos, pad, pad],
                             ids_of("the", "&", "mat") + [unk, eos, pad],
