@@ -188,15 +188,15 @@ def check_run_folder(cfg: RunConfig, d: parallel.Dist, inputs: dict | None = Non
     if saved_iteration(cfg.out_dir) and path.exists():
         old = json.loads(path.read_text())["settings"]
         changed = {k: (old.get(k), v) for k, v in record["settings"].items() if old.get(k) != v}
-        lines = "\n".join(f"  {flag(k)}: {a} -> {b}" for k, (a, b) in changed.items())
+        changes = "; ".join(f"{flag(k)} {a} -> {b}" for k, (a, b) in changed.items())
         if any(k.startswith("dit.") for k in changed):
-            raise ValueError(f"{cfg.out_dir} holds a run of another architecture:\n{lines}\nits checkpoints cannot "
-                             f"load into this one: pick another --out-dir")
+            raise ValueError(f"{cfg.out_dir} holds a run of another architecture ({changes}), whose checkpoints "
+                             f"cannot load into this one: pick another --out-dir")
         if changed and not cfg.accept_changes:
-            raise ValueError(f"{cfg.out_dir} holds a run with other settings:\n{lines}\npass --accept-changes to "
+            raise ValueError(f"{cfg.out_dir} holds a run with other settings ({changes}): pass --accept-changes to "
                              f"continue it with the new ones, or pick another --out-dir")
         if changed and d.is_main:
-            tqdm.write(f"{cfg.out_dir}: continuing with changed settings\n{lines}")
+            tqdm.write(f"{cfg.out_dir}: continuing with changed settings ({changes})")
     dist.barrier()  # every rank has read the old record
     if d.is_main:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
