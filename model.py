@@ -781,14 +781,14 @@ def read_state_dict(path, prefix=None, device="cpu", patch_size=(1, 2, 2)):
     return sd
 
 
-def load_checkpoint(model: WanModel, path, *, prefix=None, dtype=None):
+def load_checkpoint(model: WanModel, path, *, prefix=None, dtype=None, header: str | None = None):
     """Load weights strictly into `model` (which may live on the meta device: its tensors are then replaced,
     so a big model is never materialised twice). Tensors are converted to `dtype`, or to the model's dtypes.
-    Raises one error listing every missing, unexpected and mis-shaped key."""
+    Raises one error, opening with `header`, listing every missing, unexpected and mis-shaped key."""
     sd = read_state_dict(path, prefix, patch_size=model.cfg.patch_size)
     if dtype is not None:
         model.to(dtype)
-    checkpoint.check_state_dict(model, sd, f"checkpoint {path} does not match the model config:")
+    checkpoint.check_state_dict(model, sd, header or f"checkpoint {path} does not match the model config:")
     expected = model.state_dict()
     sd = {k: v.to(expected[k].dtype) for k, v in sd.items()}
     on_meta = any(p.is_meta for p in model.parameters())

@@ -380,11 +380,9 @@ def load_dit(arch: WanConfig, cfg: Config) -> WanModel:
     """The DiT built on the meta device, then filled from --dit-path (never materialised twice)."""
     with torch.device("meta"):
         net = WanModel(arch)
-    try:
-        load_checkpoint(net, cfg.dit_path, dtype=getattr(torch, cfg.dtype))
-    except ValueError as e:
-        hint = "a checkpoint of `train_rcm.py toy`" if cfg.toy else f"a {cfg.model} checkpoint (else set --model)"
-        raise ValueError(f"{e}\nIs --dit-path {hint}?") from None
+    hint = "a checkpoint of `train_rcm.py toy`" if cfg.toy else f"a {cfg.model} checkpoint (else set --model)"
+    load_checkpoint(net, cfg.dit_path, dtype=getattr(torch, cfg.dtype),
+                    header=f"{cfg.dit_path} does not match the model: is --dit-path {hint}?")
     net = net.to(cfg.device).eval().requires_grad_(False)
     if cfg.compile:
         for block in net.blocks:

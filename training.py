@@ -396,8 +396,9 @@ def sampling_settings(cfg: RunConfig, **method) -> dict:
     settings = {"dit": dataclasses.asdict(cfg.dit), "dtype": "bfloat16" if cfg.precision == "bf16" else "float32",
                 **method}
     if cfg.toy is not None:
-        settings["toy"] = {"world": dataclasses.asdict(cfg.toy.world), "num_samples": cfg.toy.eval_per_prompt,
-                           "seed": cfg.toy.eval_seed}
+        settings["toy"] = {"world": dataclasses.asdict(cfg.toy.world), "seed": cfg.toy.eval_seed}
+        if cfg.toy.eval_per_prompt:  # (a run without an evaluation leaves sample.py its own default)
+            settings["toy"]["num_samples"] = cfg.toy.eval_per_prompt
     return settings
 
 
