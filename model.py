@@ -21,6 +21,7 @@ ChunkMask, in the forward, the tangent and the with-grad passes), and at inferen
 values of the chunks already generated, so each new chunk costs a forward over its own tokens only.
 """
 import functools
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -732,14 +733,18 @@ class TwoExperts(nn.Module):
 
 def load_two_experts(name: str, high, low=None, *, dtype=None, device="cpu", offload: bool = False) -> TwoExperts:
     """The two experts of a Wan2.2 A14B model `name` (a key of BOUNDARY): from the official folder holding
-    high_noise_model/ and low_noise_model/ (high = that folder, low = None), or from two checkpoints (e.g. NVlabs's
+    high_noise_model/ and low_noise_model/ or a diffusers pipeline folder (high = that folder, low = None), or from
+    two checkpoints (e.g. NVlabs's
     merged rCM .pth experts). offload: the idle expert waits on the CPU."""
-    if low is None:
-        high, low = Path(high) / "high_noise_model", Path(high) / "low_noise_model"
+    if low is None:  # diffusers: transformer/ is the high-noise expert, transformer_2/ the low-noise one
+        parts = ("transformer", "transformer_2") if (Path(high) / "model_index.json").exists() else \
+            ("high_noise_model", "low_noise_model")
+        high, low = Path(high) / parts[0], Path(high) / parts[1]
         for folder in (high, low):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{folder} not found: a Wan2.2 {name} folder holds high_noise_model/ and "
-                                        f"low_noise_model/ (or pass the two experts' files)")
+                                        f"low_noise_model/ (diffusers: transformer/ and transformer_2/), or pass the "
+                                        f"two experts' files")
     experts = []
     for path in (high, low):
         with torch.device("meta"):
@@ -753,28 +758,74 @@ def load_two_experts(name: str, high, low=None, *, dtype=None, device="cpu", off
 # Checkpoints: official key names in and out.
 # ----------------------------------------------------------------------------------------------------------------
 
-def read_state_dict(path, prefix=None, device="cpu", patch_size=(1, 2, 2)):
-    """Read DiT weights from an official or rCM-style checkpoint into a {official name: tensor} dict.
+# The diffusers names of the official keys (WanTransformer3DModel), one row per module: checkpoint.rename reads a
+# diffusers checkpoint with them and export.py writes one.
+DIFFUSERS_NAMES = [
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    ("blocks.#.modulation", "blocks.#.scale_shift_table"),
+    *((f"blocks.#.{ours}.{a}", f"blocks.#.{theirs}.{b}") for ours, theirs in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+      for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"), ("norm_q", "norm_q"),
+                   ("norm_k", "norm_k"), ("k_img", "add_k_proj"), ("v_img", "add_v_proj"),
+                   ("norm_k_img", "norm_added_k"))),
+    ("blocks.#.norm3", "blocks.#.norm2"),  # the cross-attention norm (the official norm1, norm2 have no weights)
+    ("blocks.#.ffn.0", "blocks.#.ffn.net.0.proj"),
+    ("blocks.#.ffn.2", "blocks.#.ffn.net.2"),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head", "proj_out"),
+]
 
-    path: `diffusion_pytorch_model.safetensors`, a sharded `*.safetensors.index.json`, a folder holding either,
-    or a `.pt`/`.pth` file (read with `weights_only=True`). rCM-style files prefix the names with `net.` or
+
+def diffusers_config(cfg: WanConfig) -> dict:
+    """The config.json of a diffusers WanTransformer3DModel with this architecture."""
+    clip = cfg.model_type == "i2v" and cfg.clip
+    return {"_class_name": "WanTransformer3DModel", "patch_size": list(cfg.patch_size),
+            "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.dim // cfg.num_heads,
+            "in_channels": cfg.in_dim, "out_channels": cfg.out_dim, "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim,
+            "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers, "cross_attn_norm": cfg.cross_attn_norm,
+            "qk_norm": "rms_norm_across_heads" if cfg.qk_norm else None, "eps": cfg.eps,
+            "image_dim": CLIP_DIM if clip else None, "added_kv_proj_dim": cfg.dim if clip else None,
+            "rope_max_seq_len": 1024, "pos_embed_seq_len": None}
+
+
+def save_diffusers(state_dict: dict, cfg: WanConfig, folder, settings: dict | None = None):
+    """Write official-named DiT weights as a diffusers transformer folder: config.json and
+    diffusion_pytorch_model.safetensors (diffusers names; `settings` in its header, which diffusers ignores)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
+    checkpoint.save_checkpoint(checkpoint.rename(state_dict, DIFFUSERS_NAMES), folder / "diffusion_pytorch_model.safetensors",
+                               settings)
+
+
+def read_state_dict(path, prefix=None, device="cpu", patch_size=(1, 2, 2)):
+    """Read DiT weights from an official, rCM-style or diffusers checkpoint into a {official name: tensor} dict.
+
+    path: `diffusion_pytorch_model.safetensors`, a sharded `*.safetensors.index.json`, a folder holding either
+    (the official release's, or a diffusers `transformer/`), a diffusers pipeline folder (its `transformer/` is
+    read), or a `.pt`/`.pth` file (read with `weights_only=True`). rCM-style files prefix the names with `net.` or
     `net_ema.` (by default the EMA weights are taken when present; `prefix` picks one, "" for none) and store the
     patch Conv3d as a Linear [dim, in_dim·pt·ph·pw]; it is given back its Conv3d shape (flattening order
-    (c, kt, kh, kw) makes the two identical).
+    (c, kt, kh, kw) makes the two identical). Diffusers names are renamed by DIFFUSERS_NAMES.
     """
     path = Path(path)
-    if path.is_dir():
-        found = [path / n for n in ("diffusion_pytorch_model.safetensors.index.json",
-                                    "diffusion_pytorch_model.safetensors") if (path / n).exists()]
-        if not found:
-            raise FileNotFoundError(f"{path} holds neither diffusion_pytorch_model.safetensors nor its .index.json")
-        path = found[0]
+    if (path / "model_index.json").exists():  # a diffusers pipeline: the DiT is its transformer/
+        path = path / "transformer"
     sd = checkpoint.read_state_dict(path, device)
     if not isinstance(sd, dict):
         raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict")
     if prefix is None:
         prefix = next((p for p in ("net_ema.", "net.") if any(k.startswith(p) for k in sd)), "")
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if any(k.startswith("condition_embedder.") for k in sd):
+        sd = checkpoint.rename(sd, DIFFUSERS_NAMES, reverse=True)
     pe = sd.get("patch_embedding.weight")
     if pe is not None and pe.ndim == 2:
         sd["patch_embedding.weight"] = pe.reshape(pe.shape[0], -1, *patch_size)

@@ -24,6 +24,7 @@ steps against a KV cache of the chunks before it, and decoded by the causal VAE 
 of the first-chunk latency, the per-chunk latency and FPS = frames / (DiT time + VAE time).
 """
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +38,14 @@ from tqdm import tqdm
 
 import parallel
 import toy
-from checkpoint import read_settings
+from checkpoint import merge_lora, read_settings, read_state_dict
 from data import write_shards
 from image_encoder import CLIPConfig, CLIPVision, load_clip
-from model import BOUNDARY, CONFIGS, CacheConfig, WanConfig, WanModel, chunk_frames, load_checkpoint, load_two_experts
+from model import (BOUNDARY, CONFIGS, CacheConfig, WanConfig, WanModel, chunk_frames, diffusers_config, load_checkpoint,
+                   load_two_experts)
 from samplers import (check_times, draw_noise, flow_times, generate, generate_stream, guidance, kv_cache,
                       sample_euler, sample_unipc, stream_times)
-from text_encoder import UMT5Config, encode_prompts_and_free, read_negative_embedding
+from text_encoder import UMT5Config, encode_prompts_and_free, read_negative_embedding, umt5_files
 from vae import VAEConfig, i2v_size, image_condition, load_vae
 
 FPS = 16
@@ -94,8 +96,10 @@ class Streaming:
 @dataclass
 class Config:
     """Sample videos from a Wan2.1 T2V DiT (the rCM student or the teacher), or from a toy-world checkpoint (--toy)."""
-    dit_path: Path  # DiT weights: official .safetensors (file, folder or sharded .index.json) or an rCM .pt/.pth
+    dit_path: Path  # DiT weights: official .safetensors (file, folder or sharded .index.json), an rCM .pt/.pth, or a diffusers pipeline folder (its parts are then the defaults of the other paths)
     image: Path | None = None  # image-to-video: the first frame (with an I2V --model: i2v-14B, i2v-A14B)
+    lora: Path | None = None  # a LoRA to merge into the DiT (export.py lora, or a Wan LoRA in the ComfyUI layout)
+    lora_strength: float = 1.0  # the LoRA's multiplier (1: the exported student exactly, at full rank)
     dit_path_low: Path | None = None  # Wan2.2 A14B: the low-noise expert when --dit-path is the high-noise one's file
     offload: bool = False  # Wan2.2 A14B: the expert not in use waits on the CPU (one 14B expert on the GPU)
     clip_path: Path = Path("Wan2.1-I2V-14B-480P/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")  # Wan2.1 I2V
@@ -103,8 +107,8 @@ class Config:
     prompts_file: Path | None = None  # a text file with one prompt per line (blank lines skipped)
     sampler: Annotated[Sampler, tyro.conf.OmitArgPrefixes] = Sampler()
     model: str | None = None  # DiT architecture, a name in model.CONFIGS [the checkpoint's, else t2v-1.3B]
-    vae_path: Path = Path("Wan2.1-T2V-1.3B/Wan2.1_VAE.pth")  # the Wan2.1 VAE
-    t5_path: Path = Path("Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth")  # umT5-XXL; tokenizer.json in google/umt5-xxl/ beside it
+    vae_path: Path = Path("Wan2.1-T2V-1.3B/Wan2.1_VAE.pth")  # the Wan2.1 VAE (or a diffusers vae/ folder)
+    t5_path: Path = Path("Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth")  # umT5-XXL, tokenizer.json in google/umt5-xxl/ beside it (or diffusers text_encoder/, tokenizer/ beside)
     negative_prompt: str = NEGATIVE_PROMPT  # teacher: the CFG negative prompt (default: Wan's)
     neg_embed: Path | None = None  # teacher: a precomputed negative-prompt umT5 embedding [L, 4096] (.safetensors or .pt), used instead
     resolution: str = "480p"  # 480p, 720p, or WIDTHxHEIGHT (multiples of 16)
@@ -131,6 +135,9 @@ def with_settings(cfg: Config) -> tuple[Config, dict]:
     """cfg with every unset sampling flag filled from the checkpoint's stored settings, else DEFAULTS; and the
     settings. Prints what was taken from the checkpoint."""
     settings = read_settings(cfg.dit_path) if cfg.dit_path.exists() else {}
+    source = cfg.dit_path
+    if cfg.lora is not None and cfg.lora.exists() and read_settings(cfg.lora):  # a student exported as a LoRA
+        settings, source = {**settings, **read_settings(cfg.lora)}, cfg.lora       # carries the student's settings
     toy_settings = settings.get("toy", {})
     taken = []
 
@@ -158,10 +165,28 @@ def with_settings(cfg: Config) -> tuple[Config, dict]:
     causal = cfg.causal or settings.get("method") == "causal"
     if cfg.model is None and "dit" in settings:
         taken.append("architecture")
+    root = cfg.dit_path if (cfg.dit_path / "model_index.json").exists() else None
+    if root is not None:  # a diffusers pipeline folder: its vae/, text_encoder/ and tokenizer/ unless given
+        defaults = Config(dit_path=root)
+        parts = {k: root for k in ("vae_path", "t5_path") if getattr(cfg, k) == getattr(defaults, k)}
+        stored.update(parts)
+        print(f"{root} (a diffusers pipeline): its transformer/" + "".join(
+            f", {k[:-5].replace('t5', 'text_encoder/, tokenizer')}/" for k in parts))
+        if cfg.model is None and "dit" not in settings:
+            stored["model"] = diffusers_model(root / "transformer" / "config.json")
     if settings:
-        print(f"{cfg.dit_path} ({settings.get('method', '?')} run): from its stored settings: "
+        print(f"{source} ({settings.get('method', '?')} run): from its stored settings: "
               + (", ".join(taken) or "nothing (every flag given)"))
     return dataclasses.replace(cfg, sampler=sampler, streaming=streaming, causal=causal, **stored), settings
+
+
+def diffusers_model(config_json: Path) -> str:
+    """The name in model.CONFIGS of a diffusers transformer's config.json."""
+    config = json.loads(config_json.read_text())
+    for name, arch in CONFIGS.items():
+        if all(config.get(k) == v for k, v in diffusers_config(arch).items() if not k.startswith("_")):
+            return name
+    raise ValueError(f"{config_json} describes no architecture of model.CONFIGS: pass --model")
 
 
 def architecture(cfg: Config, settings: dict) -> WanConfig:
@@ -326,6 +351,8 @@ def check(cfg: Config, settings: dict):
             raise ValueError(f"--toy samples the clips of the checkpoint's toy world (their shape is the world's): "
                              f"drop {', '.join(unused)}")
     files = [("--dit-path", cfg.dit_path, "the DiT weights")]
+    if cfg.lora is not None:
+        files.append(("--lora", cfg.lora, "a LoRA .safetensors"))
     if cfg.prompts_file is not None:
         files.append(("--prompts-file", cfg.prompts_file, "one prompt per line"))
     if not cfg.toy:
@@ -342,6 +369,8 @@ def check(cfg: Config, settings: dict):
                              "(or pick a text-to-video --model)"
                              if cfg.image is None else "--image needs an image-to-video model (--model i2v-14B or "
                              "i2v-A14B); the text-to-video ones take no image")
+        if cfg.lora is not None and cfg.model in BOUNDARY:
+            raise ValueError("--lora merges into one DiT; the two experts of an A14B model would each need their own")
         if cfg.dit_path_low is not None and cfg.model not in BOUNDARY:
             raise ValueError(f"--dit-path-low is the low-noise expert of a two-expert model ({', '.join(BOUNDARY)})")
         if arch.model_type == "i2v" and arch.clip:
@@ -354,9 +383,10 @@ def check(cfg: Config, settings: dict):
             raise ValueError(f"--num-frames {cfg.num_frames} is not 4k+1 (the VAE packs 4 frames per latent frame "
                              f"after the first): use {max(1, round((cfg.num_frames - 1) / 4) * 4 + 1)}")
         video_size(cfg)
-        tokenizer = cfg.t5_path.parent / "google" / "umt5-xxl" / "tokenizer.json"
-        files += [("--t5-path", cfg.t5_path, "models_t5_umt5-xxl-enc-bf16.pth of the Wan2.1 release"),
-                  ("--t5-path", tokenizer, "the google/umt5-xxl tokenizer, in google/umt5-xxl/ beside the T5 weights")]
+        weights, tokenizer = umt5_files(cfg.t5_path)
+        files += [("--t5-path", weights, "models_t5_umt5-xxl-enc-bf16.pth of the Wan2.1 release"),
+                  ("--t5-path", tokenizer, "the google/umt5-xxl tokenizer, in google/umt5-xxl/ beside the T5 weights "
+                                           "(diffusers: tokenizer/ beside text_encoder/)")]
         if cfg.videos:
             files.append(("--vae-path", cfg.vae_path, "Wan2.1_VAE.pth of the Wan2.1 release"))
         if s.mode == "teacher" and cfg.neg_embed is not None:
@@ -383,6 +413,9 @@ def load_dit(arch: WanConfig, cfg: Config) -> WanModel:
     hint = "a checkpoint of `train_rcm.py toy`" if cfg.toy else f"a {cfg.model} checkpoint (else set --model)"
     load_checkpoint(net, cfg.dit_path, dtype=getattr(torch, cfg.dtype),
                     header=f"{cfg.dit_path} does not match the model: is --dit-path {hint}?")
+    if cfg.lora is not None:
+        net.load_state_dict(merge_lora(net.state_dict(), read_state_dict(cfg.lora), cfg.lora_strength), assign=True)
+        print(f"merged {cfg.lora} at strength {cfg.lora_strength}")
     net = net.to(cfg.device).eval().requires_grad_(False)
     if cfg.compile:
         for block in net.blocks:

@@ -150,18 +150,48 @@ class UMT5Encoder(nn.Module):
         return self.norm(x)
 
 
+# The transformers UMT5EncoderModel names of the official keys (a diffusers pipeline's text_encoder/), for
+# checkpoint.rename; the token embedding is stored under both of its tied names there.
+TRANSFORMERS_NAMES = [
+    ("token_embedding", "shared"),
+    ("token_embedding", "encoder.embed_tokens"),
+    ("blocks.#.norm1", "encoder.block.#.layer.0.layer_norm"),
+    *((f"blocks.#.attn.{w}", f"encoder.block.#.layer.0.SelfAttention.{w}") for w in "qkvo"),
+    ("blocks.#.pos_embedding.embedding", "encoder.block.#.layer.0.SelfAttention.relative_attention_bias"),
+    ("blocks.#.norm2", "encoder.block.#.layer.1.layer_norm"),
+    ("blocks.#.ffn.gate.0", "encoder.block.#.layer.1.DenseReluDense.wi_0"),
+    ("blocks.#.ffn.fc1", "encoder.block.#.layer.1.DenseReluDense.wi_1"),
+    ("blocks.#.ffn.fc2", "encoder.block.#.layer.1.DenseReluDense.wo"),
+    ("norm", "encoder.final_layer_norm"),
+]
+
+
+def umt5_files(path: str | Path) -> tuple[Path, Path]:
+    """(weights, tokenizer.json) of the encoder at `path`: the Wan2.1 release's .pth with google/umt5-xxl/ beside
+    it, a diffusers pipeline folder (text_encoder/ and tokenizer/), or its text_encoder/ folder (tokenizer/ beside)."""
+    path = Path(path)
+    if (path / "model_index.json").exists():
+        return path / "text_encoder", path / "tokenizer" / "tokenizer.json"
+    if path.is_dir():
+        return path, path.parent / "tokenizer" / "tokenizer.json"
+    return path, path.parent / "google" / "umt5-xxl" / "tokenizer.json"
+
+
 def load_umt5(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
               cfg: UMT5Config = UMT5Config()) -> UMT5Encoder:
-    """Build UMT5Encoder on the meta device and assign the weights of `path` (.pth or .safetensors)
-    strictly, so the 11 GB of weights are never in memory twice. dtype: bfloat16 (as released) or
-    float32. device='cpu' keeps the GPU free for the DiT. Returns the model in eval mode, frozen."""
+    """Build UMT5Encoder on the meta device and assign the weights of `path` (the release's .pth or .safetensors, or
+    a diffusers text_encoder/ or pipeline folder) strictly, so the 11 GB of weights are never in memory twice.
+    dtype: bfloat16 (as released) or float32. device='cpu' keeps the GPU free for the DiT. Returns the model in eval
+    mode, frozen."""
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"dtype {dtype} is not supported: umT5 activations overflow float16; use bfloat16 or float32")
-    if not Path(path).is_file():
+    path = umt5_files(path)[0]
+    if not path.exists():
         raise FileNotFoundError(f"T5 checkpoint not found: {path} "
                                 "(expected models_t5_umt5-xxl-enc-bf16.pth from the Wan2.1 release)")
     return load_strict(lambda: UMT5Encoder(cfg), path, f"{path} does not fit UMT5Encoder({cfg}); is it the umT5-XXL "
-                       "encoder, and does the config match?", dtype=dtype, device=device)
+                       "encoder, and does the config match?", dtype=dtype, device=device,
+                       other_names=TRANSFORMERS_NAMES)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -188,7 +218,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer.json not found at {path}: the Wan2.1 release has it in "
-                                "google/umt5-xxl/ next to models_t5_umt5-xxl-enc-bf16.pth")
+                                "google/umt5-xxl/ next to models_t5_umt5-xxl-enc-bf16.pth, a diffusers pipeline in "
+                                "tokenizer/")
     tokenizer = Tokenizer.from_file(str(path))
     for token in ("</s>", "<pad>"):
         if tokenizer.token_to_id(token) is None:
@@ -236,9 +267,9 @@ def encode_prompts_and_free(checkpoint: str | Path, prompts: list[str], *, devic
                             out_device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
                             tokenizer_json: str | Path | None = None, cfg: UMT5Config = UMT5Config()) -> list[torch.Tensor]:
     """Load umT5 on `device` ('cpu' spares the GPU), encode the prompts, free the encoder, and return
-    the embeddings [L_i, 4096] on out_device (default: device). The tokenizer defaults to the Wan2.1
-    layout, google/umt5-xxl/tokenizer.json in the checkpoint's folder."""
-    tokenizer = load_tokenizer(tokenizer_json or Path(checkpoint).parent / "google" / "umt5-xxl" / "tokenizer.json")
+    the embeddings [L_i, 4096] on out_device (default: device). The tokenizer defaults to the one beside the
+    checkpoint (umt5_files)."""
+    tokenizer = load_tokenizer(tokenizer_json or umt5_files(checkpoint)[1])
     encoder = load_umt5(checkpoint, dtype=dtype, device=device, cfg=cfg)
     embeddings = [e.to(out_device or device) for e in encode_prompts(encoder, tokenizer, prompts)]
     del encoder

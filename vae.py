@@ -300,13 +300,41 @@ def image_condition(vae: WanVAE, image: torch.Tensor, num_frames: int) -> torch.
 
 # ----------------------------------------------------------------------------- checkpoint
 
+def diffusers_names(cfg: VAEConfig) -> list[tuple[str, str]]:
+    """The (official, diffusers AutoencoderKLWan) names of the VAE's modules, for checkpoint.rename. The official
+    decoder numbers its residual blocks and upsamplers in one list; diffusers groups them per resolution."""
+    resnet = [("residual.0", "norm1"), ("residual.2", "conv1"), ("residual.3", "norm2"), ("residual.6", "conv2"),
+              ("shortcut", "conv_shortcut")]
+    table = [("conv1", "quant_conv"), ("conv2", "post_quant_conv")]
+    for side in ("encoder", "decoder"):
+        table += [(f"{side}.conv1", f"{side}.conv_in"), (f"{side}.head.0", f"{side}.norm_out"),
+                  (f"{side}.head.2", f"{side}.conv_out"), (f"{side}.middle.1", f"{side}.mid_block.attentions.0")]
+        table += [(f"{side}.middle.{i}.{a}", f"{side}.mid_block.resnets.{i // 2}.{b}") for i in (0, 2) for a, b in resnet]
+    table += [(f"encoder.downsamples.#.{a}", f"encoder.down_blocks.#.{b}") for a, b in resnet]
+    table += [("encoder.downsamples", "encoder.down_blocks")]
+    i = 0
+    for level in range(len(cfg.dim_mult)):
+        for k in range(cfg.num_res_blocks + 1):
+            table += [(f"decoder.upsamples.{i}.{a}", f"decoder.up_blocks.{level}.resnets.{k}.{b}") for a, b in resnet]
+            i += 1
+        if level < len(cfg.dim_mult) - 1:
+            table.append((f"decoder.upsamples.{i}", f"decoder.up_blocks.{level}.upsamplers.0"))
+            i += 1
+    return table
+
+
 def load_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
              cfg: VAEConfig = VAEConfig()) -> WanVAE:
-    """Build WanVAE on the meta device and assign the weights of `path` (.pth or .safetensors) strictly.
+    """Build WanVAE on the meta device and assign the weights of `path` strictly: Wan2.1_VAE.pth (or .safetensors),
+    a diffusers `vae/` folder, or a diffusers pipeline folder (its vae/).
 
     dtype: float32 (as released) or bfloat16. Returns the model in eval mode, requires_grad off.
     """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"VAE checkpoint not found: {path} (expected Wan2.1_VAE.pth from the Wan2.1 release)")
+    path = Path(path)
+    if (path / "model_index.json").exists():
+        path = path / "vae"
+    if not path.exists():
+        raise FileNotFoundError(f"VAE checkpoint not found: {path} (expected Wan2.1_VAE.pth from the Wan2.1 release, "
+                                f"or a diffusers vae/ folder)")
     return load_strict(lambda: WanVAE(cfg), path, f"{path} does not fit WanVAE({cfg}); is it Wan2.1_VAE.pth, and does "
-                       "the config match?", dtype=dtype, device=device)
+                       "the config match?", dtype=dtype, device=device, other_names=diffusers_names(cfg))

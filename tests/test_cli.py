@@ -8,6 +8,7 @@ import pytest
 import tyro
 
 import bench
+import export
 import sample
 import train_causal
 import train_rcm
@@ -33,7 +34,8 @@ def parser_of(cls, default=None):
 CLIS = {**{f"train_rcm.py {name}": (type(cfg), cfg) for name, (_, cfg) in train_rcm.PRESETS.items()},
         **{f"train_causal.py {name}": (type(cfg), cfg) for name, (_, cfg) in train_causal.PRESETS.items()},
         "sample.py": (sample.Config, None),
-        **{f"bench.py {cls.__name__}": (cls, None) for cls in bench.BENCHES}}
+        **{f"bench.py {cls.__name__}": (cls, None) for cls in bench.BENCHES},
+        **{f"export.py {cls.__name__}": (cls, None) for cls in (export.Diffusers, export.Lora)}}
 
 
 @pytest.mark.parametrize("cli", CLIS)
