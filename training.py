@@ -66,6 +66,7 @@ class RunConfig:
 
     # logging
     log_every: int = 10  # iterations between lines of metrics.jsonl (losses averaged over the ranks)
+    log: Literal["none", "tensorboard", "wandb"] = "none"  # also send metrics.jsonl's scalars there (if installed)
     ckpt_every: int = 500  # iterations between checkpoints (state/ and ema.safetensors)
     accept_changes: bool = False  # rerunning a run folder with other settings (e.g. a new --lr) continues it with them
 
@@ -93,6 +94,12 @@ def check_config(cfg: RunConfig):
     check_positive(cfg, "batch", "grad_accum", "cp_size", "log_every", "ckpt_every")
     if cfg.toy is not None and cfg.toy.preview_every < 0:
         raise ValueError(f"--toy.preview-every must be 0 (no previews) or more, got {cfg.toy.preview_every}")
+    if cfg.log != "none":
+        try:
+            __import__({"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}[cfg.log])
+        except ImportError:
+            raise ValueError(f"--log {cfg.log} needs the {cfg.log} package: pip install {cfg.log} (or --log none)") \
+                from None
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but this machine has no CUDA GPU: pass --device cpu")
     if cfg.batch % cfg.grad_accum:
@@ -157,7 +164,7 @@ def run_folder_lock(folder: Path, d: parallel.Dist):
 
 
 # Settings a rerun may change without asking: where and how fast it runs, logging, evaluation, and how long it runs.
-FREE_SETTINGS = {"out_dir", "device", "compile", "checkpointing", "log_every", "ckpt_every", "accept_changes",
+FREE_SETTINGS = {"out_dir", "device", "compile", "checkpointing", "log_every", "log", "ckpt_every", "accept_changes",
                  "stages", "eval_teacher_steps", "toy.eval_per_prompt", "toy.eval_seed", "toy.preview_every",
                  "toy.cache_dir"}
 
@@ -549,6 +556,7 @@ def train_loop(cfg: RunConfig, d: parallel.Dist, nets: Nets, iterations: int, st
             lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["iteration"] < start]
             log_path.write_text("".join(ln + "\n" for ln in lines))
     draw, skipped = data_stream(cfg, d, start_batches)
+    write_scalars = scalar_logger(cfg) if d.is_main else None
 
     bar = tqdm(range(start, iterations), initial=start, total=iterations, desc=desc, disable=not d.is_main)
     t0 = time.time()
@@ -566,6 +574,7 @@ def train_loop(cfg: RunConfig, d: parallel.Dist, nets: Nets, iterations: int, st
                 if d.is_main:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
+                    write_scalars(record)
                     bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")})
             stop = torch.tensor(float(len(caught)), device=d.device)
             dist.all_reduce(stop)  # a signal to any rank stops every rank after the same iteration
@@ -578,6 +587,30 @@ def train_loop(cfg: RunConfig, d: parallel.Dist, nets: Nets, iterations: int, st
                     print(f"{desc}: stopped by {name} after iteration {i + 1}, its state saved in {cfg.out_dir}; "
                           f"rerun the same command to resume", flush=True)
                 raise SystemExit(128 + (caught[0] if caught else signal.SIGTERM))
+
+
+def scalar_logger(cfg: RunConfig) -> Callable[[dict], None]:
+    """record -> the same scalars as metrics.jsonl, to TensorBoard (out_dir/tensorboard) or W&B (one run per run
+    folder, resumed with it; project rcm), or nowhere."""
+    if cfg.log == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(cfg.out_dir / "tensorboard"))
+
+        def write(record):
+            for k, v in record.items():
+                if k != "iteration":
+                    writer.add_scalar(k, v, record["iteration"])
+            writer.flush()
+        return write
+    if cfg.log == "wandb":
+        import wandb
+        run_id = cfg.out_dir / "wandb_id"  # the same W&B run continues when the folder resumes
+        if not run_id.exists():
+            run_id.write_text(wandb.util.generate_id())
+        run = wandb.init(project="rcm", id=run_id.read_text(), name=str(cfg.out_dir), dir=str(cfg.out_dir),
+                         config=flat_settings(cfg), resume="allow")
+        return lambda record: run.log({k: v for k, v in record.items() if k != "iteration"}, step=record["iteration"])
+    return lambda record: None
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import tyro
 
 import bench
 import export
+import plot
 import sample
 import train_causal
 import train_rcm
@@ -20,9 +21,9 @@ def flags(parser, path=""):
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
                 yield from flags(sub, f"{path} {name}")
-        elif action.option_strings and action.option_strings[0] != "-h":
+        elif action.option_strings[:1] != ["-h"]:  # flags, and positional arguments
             text = re.sub(r"\s*\((default: .*|required|fixed to: .*)\)$", "", action.help or "", flags=re.S)
-            yield path, action.option_strings[0], text.strip()
+            yield path, (action.option_strings or [str(action.metavar or action.dest)])[0], text.strip()
 
 
 def parser_of(cls, default=None):
@@ -35,12 +36,13 @@ CLIS = {**{f"train_rcm.py {name}": (type(cfg), cfg) for name, (_, cfg) in train_
         **{f"train_causal.py {name}": (type(cfg), cfg) for name, (_, cfg) in train_causal.PRESETS.items()},
         "sample.py": (sample.Config, None),
         **{f"bench.py {cls.__name__}": (cls, None) for cls in bench.BENCHES},
-        **{f"export.py {cls.__name__}": (cls, None) for cls in (export.Diffusers, export.Lora)}}
+        **{f"export.py {cls.__name__}": (cls, None) for cls in (export.Diffusers, export.Lora)},
+        "plot.py": (plot.Plot, None)}
 
 
 @pytest.mark.parametrize("cli", CLIS)
 def test_every_flag_has_help_text(cli):
     found = list(flags(parser_of(*CLIS[cli])))
-    assert len(found) >= 4
+    assert len(found) >= 2
     bare = [f"{path} {flag}".strip() for path, flag, text in found if not text]
     assert not bare, f"{cli}: flags without help text: {bare}"

@@ -395,3 +395,25 @@ def test_the_clis_print_a_user_error_as_one_line_without_a_traceback(tmp_path):
                              timeout=300)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_log_tensorboard_writes_the_scalars_of_metrics_jsonl(tmp_path, teacher):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = tiny_run(teacher, tmp_path / "run", eval_per_prompt=0, iterations=4, log="tensorboard")
+    train_rcm.train(cfg)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    logged_ = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    want = {(k, r["iteration"]): v for r in logged_ for k, v in r.items() if k != "iteration"}
+    got = {(k, e.step): e.value for k in events.Tags()["scalars"] for e in events.Scalars(k)}
+    assert got.keys() == want.keys() and "loss/dmd" in {k for k, _ in got}
+    assert all(got[k] == pytest.approx(v, rel=1e-6, nan_ok=True) for k, v in want.items())
+
+
+def test_log_needs_its_package(tmp_path, teacher, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "wandb" else real_import(name, *a, **k))
+    with pytest.raises(ValueError, match="--log wandb needs the wandb package: pip install wandb"):
+        train_rcm.train(tiny_run(teacher, tmp_path / "run", log="wandb"))
