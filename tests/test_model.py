@@ -241,8 +241,9 @@ def test_two_experts_route_by_time_and_split_a_straddling_batch():
 
 
 def test_two_experts_load_from_the_official_folder_or_two_rcm_files(tmp_path, monkeypatch):
-    """Wan2.2's layout (high_noise_model/, low_noise_model/) and NVlabs's merged expert files (net. prefix, Linear patch
-    embedding, .pth) give the same two-expert net; a folder without the experts is named."""
+    """Wan2.2's layout (high_noise_model/, low_noise_model/), a diffusers pipeline (transformer/, transformer_2/) and
+    NVlabs's merged expert files (net. prefix, Linear patch embedding, .pth) give the same two-expert net; a folder
+    without the experts is named."""
     cfg = dataclasses.replace(CONFIGS["i2v-tiny"], clip=False)
     monkeypatch.setitem(wan.CONFIGS, "i2v-A14B", cfg)
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model_type"}
@@ -253,13 +254,19 @@ def test_two_experts_load_from_the_official_folder_or_two_rcm_files(tmp_path, mo
         sd = {f"net.{k}": v for k, v in net.state_dict().items()}
         sd["net.patch_embedding.weight"] = sd["net.patch_embedding.weight"].flatten(1)
         torch.save(sd, tmp_path / f"{name}-rCM-merged.pth")
+        # the diffusers pipeline layout: transformer/ is the high-noise expert, transformer_2/ the low-noise one
+        part = {"high_noise_model": "transformer", "low_noise_model": "transformer_2"}[name]
+        wan.save_diffusers(net.state_dict(), cfg, tmp_path / "a14b-diffusers" / part)
+    (tmp_path / "a14b-diffusers" / "model_index.json").write_text("{}")
     folder = wan.load_two_experts("i2v-A14B", tmp_path / "a14b")
     files = wan.load_two_experts("i2v-A14B", tmp_path / "high_noise_model-rCM-merged.pth",
                                  tmp_path / "low_noise_model-rCM-merged.pth")
+    pipeline = wan.load_two_experts("i2v-A14B", tmp_path / "a14b-diffusers")
     x, y, context = torch.randn(2, 16, 1, 4, 4), torch.randn(2, 20, 1, 4, 4), torch.randn(2, 8, 48)
     with torch.no_grad():
         for t in (torch.tensor([950.0, 950.0]), torch.tensor([100.0, 950.0])):
             torch.testing.assert_close(folder(x, t, context, y=y), files(x, t, context, y=y))
+            torch.testing.assert_close(folder(x, t, context, y=y), pipeline(x, t, context, y=y))
     assert folder.boundary == 0.9
     with pytest.raises(FileNotFoundError, match="high_noise_model"):
         wan.load_two_experts("i2v-A14B", tmp_path)
