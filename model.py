@@ -69,6 +69,9 @@ CONFIGS = {
                           num_layers=40),
     "ti2v-5B": WanConfig(model_type="ti2v", in_dim=48, out_dim=48, dim=3072, ffn_dim=14336, num_heads=24,
                          num_layers=30),
+    # the toy world's DiT (toy.py), and a larger one to distil it from (a teacher of another size)
+    "toy": WanConfig(text_len=8, dim=128, ffn_dim=256, freq_dim=64, text_dim=32, num_heads=4, num_layers=5),
+    "toy-large": WanConfig(text_len=8, dim=192, ffn_dim=512, freq_dim=64, text_dim=32, num_heads=4, num_layers=6),
     # the tiny shapes of the golden fixtures (tests/golden)
     "t2v-tiny": WanConfig(**_TINY),
     "i2v-tiny": WanConfig(model_type="i2v", in_dim=36, **_TINY),

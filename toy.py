@@ -18,7 +18,7 @@ import torch
 
 from checkpoint import save_checkpoint
 from data import write_shards as write_data_shards
-from model import WanConfig, WanModel
+from model import CONFIGS, WanConfig, WanModel
 from samplers import flow_times, guidance, sample_euler
 
 
@@ -37,8 +37,7 @@ class ToyConfig:
 
 # The toy teacher/student: a tiny Wan DiT (same model.py as the 1.3B/14B runs). Depth over width: after equal teacher
 # steps, 5 layers of 128 err ~20% less at high noise than 3 layers (2 layers of 256: no better than 3 of 128).
-TOY_DIT = WanConfig(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=128, ffn_dim=256, freq_dim=64,
-                    text_dim=32, out_dim=16, num_heads=4, num_layers=5, qk_norm=True, cross_attn_norm=True, eps=1e-6)
+TOY_DIT = CONFIGS["toy"]
 
 
 @dataclass

@@ -307,6 +307,9 @@ def train(cfg: CausalConfig) -> dict:
     training.check_positive(cfg, "first_chunk_t", "chunk_t")
     training.check_positive(cfg.sf, "student_update_freq", "max_simulation_steps", prefix="sf.")
     check_times(cfg.sigma_max, cfg.mid_t)
+    if cfg.teacher_model is not None and CONFIGS[cfg.teacher_model] != cfg.dit:
+        raise ValueError("train_causal.py trains every stage at --dit's size for now: a teacher of another size "
+                         "(--teacher-model) is train_rcm.py's")
     if max(cfg.sf.steps_per_chunk or (cfg.sf.max_simulation_steps,)) > len(cfg.mid_t) + 1:
         raise ValueError(f"the rollout's steps per chunk need one --mid-t time per step after the first: "
                          f"{len(cfg.mid_t)} given")
@@ -317,7 +320,7 @@ def train(cfg: CausalConfig) -> dict:
 
 def run(cfg: CausalConfig, d) -> dict:
     world = toy.make_world(cfg.toy.world) if cfg.toy is not None else None
-    bidirectional = training.teacher_checkpoint(cfg, d)  # toy: rCM's cached toy teacher
+    bidirectional, _ = training.checkpoints(cfg, d)  # toy: rCM's cached toy teacher
     results = {stage: train_stage(cfg, d, stage, world, bidirectional) for stage in cfg.stages}
     if world is None or cfg.toy.eval_per_prompt == 0 or not d.is_main:
         return {}

@@ -168,8 +168,8 @@ def evaluate(cfg: RCMConfig, world: toy.World, teacher: Path, student: Path) -> 
     samples = {
         "exact": toy.teacher_sample(lambda *a: toy.exact_velocity(world, *a), world, prompt, 1.0, 200, 1.0,
                                     seed=seed, device=device),
-        "teacher-50": toy.teacher_sample(training.load_frozen(cfg, teacher), world, prompt, cfg.teacher_guidance, 50,
-                                         5.0, seed=seed, device=device),
+        "teacher-50": toy.teacher_sample(training.load_frozen(cfg, teacher, training.teacher_arch(cfg)), world,
+                                         prompt, cfg.teacher_guidance, 50, 5.0, seed=seed, device=device),
         **student_samples(cfg, world, training.load_frozen(cfg, student), prompt, seed)}
     return {name: toy.metrics(world, x, prompt) for name, x in samples.items()}
 
@@ -188,9 +188,10 @@ def train(cfg: RCMConfig) -> dict:
 
 def run(cfg: RCMConfig, d) -> dict:
     training.check_run_folder(cfg, d)
-    teacher = training.teacher_checkpoint(cfg, d)
-    nets = training.build_nets(cfg, d, cfg, teacher=teacher, trained=cfg.student_ckpt or teacher,
-                               fake=teacher if cfg.fake_score else None, lr_fake=cfg.lr_fake)
+    teacher, base = training.checkpoints(cfg, d)
+    # the fake score starts from the teacher, or from the student's base when the two differ in size
+    fake = (teacher if training.teacher_arch(cfg) == cfg.dit else base) if cfg.fake_score else None
+    nets = training.build_nets(cfg, d, cfg, teacher=teacher, trained=base, fake=fake, lr_fake=cfg.lr_fake)
     world = toy.make_world(cfg.toy.world) if cfg.toy is not None else None
     step = lambda i, batches: (student_step if is_student_iteration(cfg, i) else critic_step)(cfg, nets, batches, i)
     training.train_loop(cfg, d, nets, cfg.iterations, step, desc="rCM",

@@ -35,7 +35,7 @@ import toy
 from toy import ToyRun
 from checkpoint import check_state_dict, save_checkpoint
 from data import DataConfig, data_shape, list_shards, make_loader
-from model import WanConfig, WanModel, load_checkpoint, read_state_dict
+from model import CONFIGS, WanConfig, WanModel, load_checkpoint, read_state_dict
 from text_encoder import read_negative_embedding
 
 
@@ -45,7 +45,8 @@ class RunConfig:
     out_dir: Path = Path("runs/rcm")  # run folder: metrics.jsonl, state/ (resume), ema.safetensors, previews/
     teacher_ckpt: Path | None = None  # teacher weights (folder, .safetensors, .index.json, .pt); toy: cached
     student_ckpt: Path | None = None  # start the (first) trained net from these weights, not the teacher's
-    dit: WanConfig = field(default_factory=WanConfig)  # network config of every net
+    dit: WanConfig = field(default_factory=WanConfig)  # network config of the trained nets (student, fake score, EMA)
+    teacher_model: str | None = None  # the teacher's architecture if not --dit: a name in model.CONFIGS (t2v-14B)
     device: Literal["cuda", "cpu"] = "cuda" if torch.cuda.is_available() else "cpu"  # cuda (NCCL) or cpu (gloo)
     seed: int = 0  # seed of every random draw (noise, times, data order; the toy world's clips)
 
@@ -105,6 +106,19 @@ def check_config(cfg: RunConfig):
     if cfg.batch % cfg.grad_accum:
         raise ValueError(f"--batch {cfg.batch} is not divisible by --grad-accum {cfg.grad_accum}: each rank splits "
                          f"its batch into grad_accum equal micro-batches")
+    if cfg.teacher_model is not None:
+        if cfg.teacher_model not in CONFIGS:
+            raise ValueError(f"--teacher-model {cfg.teacher_model!r}: use one of {', '.join(CONFIGS)}")
+        t, s = CONFIGS[cfg.teacher_model], cfg.dit
+        if (t.model_type, t.in_dim, t.out_dim, t.text_dim, t.patch_size) != (s.model_type, s.in_dim, s.out_dim,
+                                                                              s.text_dim, s.patch_size):
+            raise ValueError(f"--teacher-model {cfg.teacher_model} and --dit differ in what they take or make (type, "
+                             f"channels, text width, patch): a teacher of another size must share them")
+        if t.num_heads % cfg.cp_size:
+            raise ValueError(f"the teacher has {t.num_heads} attention heads, not divisible by --cp-size {cfg.cp_size}")
+        if t != s and cfg.student_ckpt is None and cfg.toy is None:
+            raise ValueError(f"the student (--dit) is another size than the teacher ({cfg.teacher_model}): pass its "
+                             f"base weights with --student-ckpt (e.g. Wan2.1-T2V-1.3B)")
     if cfg.dit.num_heads % cfg.cp_size:
         raise ValueError(f"the model has {cfg.dit.num_heads} attention heads, not divisible by --cp-size "
                          f"{cfg.cp_size}: pick a divisor of {cfg.dit.num_heads}")
@@ -226,15 +240,24 @@ def run_identity(folder: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------------ the nets
-def teacher_checkpoint(cfg: RunConfig, d: parallel.Dist) -> Path:
-    """The teacher's checkpoint: --teacher-ckpt, or in the toy world the cached toy teacher (trained first if
-    missing); toy runs with --toy.data-clips also get their shards written, and toy shards must hold the world's
-    clip shape. Rank 0 does the work, the others wait."""
+def teacher_arch(cfg: RunConfig) -> WanConfig:
+    """The teacher's network config: --teacher-model, else the trained nets' --dit."""
+    return CONFIGS[cfg.teacher_model] if cfg.teacher_model is not None else cfg.dit
+
+
+def checkpoints(cfg: RunConfig, d: parallel.Dist) -> tuple[Path, Path]:
+    """(teacher, base of the trained nets): --teacher-ckpt and --student-ckpt (else the teacher). The toy world
+    trains and caches what is missing: its teacher at the teacher's size and, for a student of another size, a toy
+    teacher of the student's size as its base; toy runs with --toy.data-clips also get their shards written, and
+    toy shards must hold the world's clip shape. Rank 0 does the work, the others wait."""
+    sizes_differ = teacher_arch(cfg) != cfg.dit
     if cfg.toy is None:
-        return cfg.teacher_ckpt
+        return cfg.teacher_ckpt, cfg.student_ckpt or cfg.teacher_ckpt
 
     def prepare():
         if cfg.teacher_ckpt is None:
+            toy.cached_teacher(cfg.toy, teacher_arch(cfg), d.device, log=tqdm.write)
+        if cfg.student_ckpt is None and sizes_differ:
             toy.cached_teacher(cfg.toy, cfg.dit, d.device, log=tqdm.write)
         if cfg.toy.data_clips and not any(Path(cfg.data).glob("shard*.tar")):
             toy.write_shards(toy.make_world(cfg.toy.world), cfg.toy.data_clips, cfg.data, cfg.seed)
@@ -245,7 +268,8 @@ def teacher_checkpoint(cfg: RunConfig, d: parallel.Dist) -> Path:
                                  f"pass another --data folder (an empty one gets the world's shards with "
                                  f"--toy.data-clips N)")
     on_main_rank(d, prepare)
-    return cfg.teacher_ckpt if cfg.teacher_ckpt is not None else toy.teacher_path(cfg.toy, cfg.dit)
+    teacher = cfg.teacher_ckpt or toy.teacher_path(cfg.toy, teacher_arch(cfg))
+    return teacher, cfg.student_ckpt or (toy.teacher_path(cfg.toy, cfg.dit) if sizes_differ else teacher)
 
 
 def on_main_rank(d: parallel.Dist, work: Callable, default=None):
@@ -274,13 +298,14 @@ def read_weights(d: parallel.Dist, path, dit: WanConfig) -> dict:
     return on_main_rank(d, read, {})
 
 
-def build_net(cfg: RunConfig, d: parallel.Dist, state_dict: dict, role: Literal["teacher", "trained", "ema"]):
+def build_net(cfg: RunConfig, d: parallel.Dist, state_dict: dict, role: Literal["teacher", "trained", "ema"],
+              dit: WanConfig):
     """One net, built on the meta device (nothing allocated), wrapped, sharded by FSDP2 over all ranks, then filled
-    from rank 0's full state dict. trained (student, fake score): fp32 masters, checkpointed activations; teacher:
-    frozen, stored in bf16 under bf16 precision; ema: fp32, never differentiated."""
+    from rank 0's full state dict (its config: `dit`). trained (student, fake score): fp32 masters, checkpointed
+    activations; teacher: frozen, stored in bf16 under bf16 precision; ema: fp32, never differentiated."""
     bf16 = cfg.precision == "bf16"
     with torch.device("meta"):
-        net = WanModel(cfg.dit)
+        net = WanModel(dit)
     if role == "teacher" and bf16:
         net.to(torch.bfloat16)
     net.requires_grad_(role == "trained").train(role == "trained")
@@ -298,11 +323,11 @@ def build_net(cfg: RunConfig, d: parallel.Dist, state_dict: dict, role: Literal[
     return net
 
 
-def load_frozen(cfg: RunConfig, path: Path) -> WanModel:
-    """A plain (unsharded) frozen net on this process's device in the run's precision: the toy evaluation runs the
-    exported files, as sample.py does."""
+def load_frozen(cfg: RunConfig, path: Path, dit: WanConfig | None = None) -> WanModel:
+    """A plain (unsharded) frozen net (config `dit`, else --dit) on this process's device in the run's precision:
+    the toy evaluation runs the exported files, as sample.py does."""
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    return load_checkpoint(WanModel(cfg.dit), path, dtype=dtype).to(cfg.device).requires_grad_(False).eval()
+    return load_checkpoint(WanModel(dit or cfg.dit), path, dtype=dtype).to(cfg.device).requires_grad_(False).eval()
 
 
 @dataclass
@@ -329,19 +354,21 @@ def adamw(optim: Optim, net: WanModel, lr: float):
 def build_nets(cfg: RunConfig, d: parallel.Dist, optim: Optim, *, teacher: Path | dict | None, trained: Path | dict,
                fake: Path | dict | None = None, lr_fake: float = 0.0) -> Nets:
     """The nets from their checkpoints (each file read once, by rank 0; or state dicts, e.g. bench.py's random
-    weights): teacher (frozen), trained net and EMA (from `trained`), fake score (from `fake`, trained at lr_fake)."""
+    weights): teacher (frozen, teacher_arch), trained net and EMA (from `trained`), fake score (from `fake`, trained
+    at lr_fake); the trained nets and the fake score have --dit's config. Each is sharded on its own."""
     weights = {}
 
-    def read(source):
+    def read(source, dit):
         if isinstance(source, dict):
             return source
         if str(source) not in weights:
-            weights[str(source)] = read_weights(d, source, cfg.dit)
+            weights[str(source)] = read_weights(d, source, dit)
         return weights[str(source)]
-    nets = dict(teacher=build_net(cfg, d, read(teacher), "teacher") if teacher is not None else None,
-                trained=build_net(cfg, d, read(trained), "trained"),
-                fake=build_net(cfg, d, read(fake), "trained") if fake is not None else None,
-                ema=build_net(cfg, d, read(trained), "ema"))
+    nets = dict(teacher=build_net(cfg, d, read(teacher, teacher_arch(cfg)), "teacher", teacher_arch(cfg))
+                if teacher is not None else None,
+                trained=build_net(cfg, d, read(trained, cfg.dit), "trained", cfg.dit),
+                fake=build_net(cfg, d, read(fake, cfg.dit), "trained", cfg.dit) if fake is not None else None,
+                ema=build_net(cfg, d, read(trained, cfg.dit), "ema", cfg.dit))
     opt, sched = adamw(optim, nets["trained"], optim.lr)
     opt_fake, sched_fake = adamw(optim, nets["fake"], lr_fake) if fake is not None else (None, None)
     return Nets(**nets, opt=opt, sched=sched, opt_fake=opt_fake, sched_fake=sched_fake)

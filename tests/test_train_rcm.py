@@ -14,6 +14,7 @@ import tyro
 from safetensors.torch import load_file
 
 import toy
+import parallel
 import train_rcm
 import training
 from data import write_shards
@@ -417,3 +418,78 @@ def test_log_needs_its_package(tmp_path, teacher, monkeypatch):
                         if name == "wandb" else real_import(name, *a, **k))
     with pytest.raises(ValueError, match="--log wandb needs the wandb package: pip install wandb"):
         train_rcm.train(tiny_run(teacher, tmp_path / "run", log="wandb"))
+
+
+# ------------------------------------------------------------------------------ a teacher of another size
+TINY_LARGE = dataclasses.replace(TINY_DIT, dim=48, ffn_dim=96, num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def large_teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("large") / "teacher.safetensors"
+    toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=3, batch=4), TINY_LARGE, path,
+                      log=lambda s: None)
+    return path
+
+
+def test_a_larger_teacher_distils_into_a_student_of_its_own_size(tmp_path, monkeypatch, teacher, large_teacher):
+    """--teacher-model: the teacher is built at its size, the student, EMA and fake score at --dit's from the
+    student's base weights; the export and the toy evaluation follow (the toy world caches a base of each size)."""
+    import model
+    monkeypatch.setitem(model.CONFIGS, "tiny-large", TINY_LARGE)
+    cfg = tiny_run(large_teacher, tmp_path / "run", teacher_model="tiny-large", student_ckpt=teacher, iterations=5)
+    d = parallel.init_distributed(1, "cpu")
+    try:
+        nets = training.build_nets(cfg, d, cfg, teacher=large_teacher, trained=teacher, fake=teacher)
+        assert nets.teacher.cfg == TINY_LARGE and nets.trained.cfg == nets.fake.cfg == nets.ema.cfg == TINY_DIT
+        base = load_file(teacher)
+        assert all(torch.equal(v.full_tensor() if hasattr(v, "full_tensor") else v, base[k])
+                   for k, v in nets.fake.state_dict().items())
+    finally:
+        dist.destroy_process_group()
+    out = train_rcm.train(cfg)
+    assert {"teacher-50", "student-4"} <= out.keys()
+    load_checkpoint(WanModel(TINY_DIT), tmp_path / "run" / "ema.safetensors")
+    # the toy world without checkpoints: a teacher of each size trained and cached
+    small = dataclasses.replace(cfg, out_dir=tmp_path / "cached", teacher_ckpt=None, student_ckpt=None, iterations=2,
+                                toy=dataclasses.replace(cfg.toy, cache_dir=tmp_path / "cache", eval_per_prompt=0,
+                                                        teacher=toy.TeacherConfig(steps=2, batch=2)))
+    train_rcm.train(small)
+    assert len(list((tmp_path / "cache").glob("toy_teacher_*.safetensors"))) == 2
+    with pytest.raises(ValueError, match="differ in what they take or make"):
+        train_rcm.train(dataclasses.replace(cfg, dit=dataclasses.replace(TINY_DIT, text_dim=16)))
+    with pytest.raises(ValueError, match="pass its base weights with --student-ckpt"):
+        train_rcm.train(dataclasses.replace(cfg, toy=None, student_ckpt=None, data=tmp_path, neg_embed=teacher))
+
+
+def _mixed_sizes(rank, tmp, teacher, large_teacher):
+    import model
+    model.CONFIGS["tiny-large"] = TINY_LARGE  # (this process's own registry)
+    tmp = Path(tmp)
+    run = lambda name: tiny_run(large_teacher, tmp / name, teacher_model="tiny-large", student_ckpt=teacher,
+                                iterations=7, ckpt_every=4, eval_per_prompt=0)
+    train_rcm.train(run("full"))
+    critic_loss, calls = train_rcm.critic_loss, []
+
+    def dying_critic_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return critic_loss(*args, **kwargs)
+    train_rcm.critic_loss = dying_critic_loss
+    try:
+        train_rcm.train(run("run"))
+        raise AssertionError("the run was not killed")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        train_rcm.critic_loss = critic_loss
+    train_rcm.train(run("run"))
+
+
+def test_a_killed_two_process_mixed_size_run_resumes_bit_for_bit(tmp_path, teacher, large_teacher):
+    spawn(_mixed_sizes, tmp_path, teacher, large_teacher, backend="gloo")
+    full, run = logged(tmp_path / "full"), logged(tmp_path / "run")
+    assert [r["iteration"] for r in run] == list(range(7)) and json.dumps(run) == json.dumps(full)
+    a, b = load_file(tmp_path / "full" / "ema.safetensors"), load_file(tmp_path / "run" / "ema.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
