@@ -190,6 +190,25 @@ def shards(tmp) -> dict:
     return dict(data=tmp / "shards", data_clips=24, num_workers=0, shuffle_buffer=4)
 
 
+def train_killed_in_second_critic_iteration(cfg):
+    """train_rcm.train(cfg), killed (KeyboardInterrupt) in its second critic iteration."""
+    critic_loss, calls = train_rcm.critic_loss, []
+
+    def dying_critic_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return critic_loss(*args, **kwargs)
+    train_rcm.critic_loss = dying_critic_loss
+    try:
+        train_rcm.train(cfg)
+        raise AssertionError("the run was not killed")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        train_rcm.critic_loss = critic_loss
+
+
 def _two_process_runs(rank, tmp, teacher, device):
     tmp = Path(tmp)
     # FSDP: 2 data-parallel ranks of 2 fresh toy clips each; CP: both ranks split the tokens of the same 2 clips, read
@@ -202,21 +221,7 @@ def _two_process_runs(rank, tmp, teacher, device):
     # checkpoint at 4) and restarted
     run = lambda name: tiny_run(teacher, tmp / name, device=device, iterations=7, ckpt_every=4, **shards(tmp))
     train_rcm.train(run("full"))
-    critic_loss, calls = train_rcm.critic_loss, []
-
-    def dying_critic_loss(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return critic_loss(*args, **kwargs)
-    train_rcm.critic_loss = dying_critic_loss
-    try:
-        train_rcm.train(run("run"))
-        raise AssertionError("the run was not killed")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        train_rcm.critic_loss = critic_loss
+    train_killed_in_second_critic_iteration(run("run"))
     if dist.get_rank() == 0:
         assert json.loads((tmp / "run" / "state" / "latest.json").read_text())["iteration"] == 4
     train_rcm.train(run("run"))
@@ -469,21 +474,7 @@ def _mixed_sizes(rank, tmp, teacher, large_teacher):
     run = lambda name: tiny_run(large_teacher, tmp / name, teacher_model="tiny-large", student_ckpt=teacher,
                                 iterations=7, ckpt_every=4, eval_per_prompt=0)
     train_rcm.train(run("full"))
-    critic_loss, calls = train_rcm.critic_loss, []
-
-    def dying_critic_loss(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return critic_loss(*args, **kwargs)
-    train_rcm.critic_loss = dying_critic_loss
-    try:
-        train_rcm.train(run("run"))
-        raise AssertionError("the run was not killed")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        train_rcm.critic_loss = critic_loss
+    train_killed_in_second_critic_iteration(run("run"))
     train_rcm.train(run("run"))
 
 
