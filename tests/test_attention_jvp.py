@@ -75,6 +75,11 @@ def rel_err(x, ref):
     return ((x.double() - ref).norm() / ref.norm()).item()
 
 
+# The small-shape kernel tests run the Triton kernel on the CPU through the interpreter, or on the GPU where there is
+# one (conftest sets TRITON_INTERPRET only without CUDA).
+KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") or not torch.cuda.is_available() else "cuda"
+
+
 def random_qkv(B, Lq, Lk, H, D, dtype, device="cpu"):
     q, k, v = (torch.randn(B, L, H, D, device=device).to(dtype) for L in (Lq, Lk, Lk))
     return q, k, v, torch.randn_like(q), torch.randn_like(k), torch.randn_like(v)
@@ -118,7 +123,7 @@ def test_matches_float64_jvp(backend, dtype, Lq, Lk, D, kind, poisoned_outputs):
         mask = A.block_causal(chunks) if kind == "block_causal" else A.teacher_forcing(chunks)
         allowed = chunk_mask_dense(kind, chunks)
         Lq = Lk = mask.seq_len()
-    q, k, v, tq, tk, tv = random_qkv(1, Lq, Lk, 2, D, dtype)
+    q, k, v, tq, tk, tv = random_qkv(1, Lq, Lk, 2, D, dtype, KERNEL_DEVICE if backend == "triton" else "cpu")
     scale = 1.3 / math.sqrt(D)
     o, to, lse = A.attention_with_lse(q, k, v, tq, tk, tv, scale=scale, mask=mask, backend=backend)
     ro, rto, rlse = oracle(q, k, v, tq, tk, tv, scale, allowed)
@@ -166,7 +171,7 @@ def test_primal_gradients(kind):
 
 
 def test_missing_tangents_are_zero():
-    q, k, v, tq, _, _ = random_qkv(1, 40, 24, 2, 16, torch.float32)
+    q, k, v, tq, _, _ = random_qkv(1, 40, 24, 2, 16, torch.float32, KERNEL_DEVICE)
     o, to = A.attention(q, k, v, tq, backend="triton")
     ro, rto, _ = oracle(q, k, v, tq, torch.zeros_like(k), torch.zeros_like(v), 0.25)
     assert rel_err(o, ro) < 1e-4 and rel_err(to, rto) < 1e-4
@@ -174,7 +179,7 @@ def test_missing_tangents_are_zero():
 
 def test_tile_override_reaches_the_kernel():
     """bench.py tries tile configs through `tiles` (no module global changes): other tiles, the same result."""
-    q, k, v, tq, tk, tv = random_qkv(1, 40, 24, 2, 16, torch.float32)
+    q, k, v, tq, tk, tv = random_qkv(1, 40, 24, 2, 16, torch.float32, KERNEL_DEVICE)
     o, to = A.attention(q, k, v, tq, tk, tv, backend="triton")
     o2, to2 = A.attention(q, k, v, tq, tk, tv, backend="triton", tiles=(16, 16, 4, 1))
     assert rel_err(o2, o) < 1e-5 and rel_err(to2, to) < 1e-5
