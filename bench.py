@@ -486,6 +486,7 @@ class IterationBench:
     """train_rcm's own student_step (sCM + DMD) and critic_step on random weights: seconds, peak memory and MFU of an
     rCM iteration. Under torchrun the nets are FSDP-sharded over all ranks and --cp-size splits each clip's tokens."""
     preset: str = "wan1.3b"  # a train_rcm preset (its precision, guidance, warm-up and update schedule)
+    teacher_model: str | None = None  # a teacher of another size, a name in model.CONFIGS (e.g. t2v-14B)
     resolution: Literal["480p", "720p"] = "480p"  # video size (832x480 or 1280x720)
     frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
     batch: int = 1  # clips per data-parallel rank
@@ -496,13 +497,13 @@ class IterationBench:
     peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H200 SXM)
 
 
-def rcm_iteration_flops(dit, L, n_sim: int) -> tuple[int, int]:
+def rcm_iteration_flops(student, teacher, L, n_sim: int) -> tuple[int, int]:
     """Model FLOPs (no recomputation) of one clip's student iteration (sCM + DMD, CFG teacher) and critic iteration,
-    n_sim backward-simulation steps; a backward costs two forwards.
+    n_sim backward-simulation steps, over all nets (the teacher at its own size); a backward costs two forwards.
     student: teacher CFG 2 + student JVP (tangent) + with-grad student 3 (sCM); n_sim − 1 no-grad student + with-grad
     student 3 + fake 1 + teacher CFG 2 (DMD). critic: n_sim no-grad student + fake with grad 3."""
-    f, f_jvp = dit_flops(dit, L), dit_flops(dit, L, tangent=True)
-    return f_jvp + (n_sim + 10) * f, (n_sim + 3) * f
+    f, f_jvp, f_teacher = dit_flops(student, L), dit_flops(student, L, tangent=True), dit_flops(teacher, L)
+    return f_jvp + (n_sim + 6) * f + 4 * f_teacher, (n_sim + 3) * f
 
 
 def bench_iteration(cfg: IterationBench):
@@ -512,21 +513,25 @@ def bench_iteration(cfg: IterationBench):
     import training
     from model import WanModel
     rcm = dataclasses.replace(train_rcm.PRESETS[cfg.preset][1], device="cuda", batch=cfg.batch, cp_size=cfg.cp_size,
-                              checkpointing=cfg.checkpointing, compile=cfg.compile)
+                              checkpointing=cfg.checkpointing, compile=cfg.compile, teacher_model=cfg.teacher_model)
     d = parallel.init_distributed(rcm.cp_size, "cuda")
-    dit, processes = rcm.dit, dist.get_world_size()
+    dit, teacher_dit, processes = rcm.dit, training.teacher_arch(rcm), dist.get_world_size()
     T, (H, W) = 1 + (cfg.frames - 1) // 4, LATENT[cfg.resolution]
     L = T * (H // 2) * (W // 2)
     if d.is_main:
         print(f"# {torch.cuda.get_device_name()} x{processes} (dp {d.dp_size} x cp {d.cp_size}), torch {torch.__version__}, "
-              f"{cfg.preset}, {cfg.resolution}, {cfg.frames} frames ({L} tokens), batch {cfg.batch} per dp rank, "
+              f"{cfg.preset}, teacher {cfg.teacher_model or 'of --dit'}, {cfg.resolution}, {cfg.frames} frames "
+              f"({L} tokens), batch {cfg.batch} per dp rank, "
               f"SAC {cfg.checkpointing}, compile {cfg.compile}, {time.strftime('%Y-%m-%d')}", flush=True)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in WanModel(dit).state_dict().items()}
-    weights = {k: torch.empty(s, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
-               for k, s in shapes.items()} if d.is_main else {}
-    nets = training.build_nets(rcm, d, rcm, teacher=weights, trained=weights, fake=weights, lr_fake=rcm.lr_fake)
-    del weights
+    def random_weights(arch):
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in WanModel(arch).state_dict().items()}
+        return {k: torch.empty(s, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
+                for k, s in shapes.items()} if d.is_main else {}
+    weights = random_weights(dit)
+    teacher = weights if teacher_dit == dit else random_weights(teacher_dit)
+    nets = training.build_nets(rcm, d, rcm, teacher=teacher, trained=weights, fake=weights, lr_fake=rcm.lr_fake)
+    del weights, teacher
     g = torch.Generator("cuda").manual_seed(d.dp_rank)  # the ranks of a CP group hold the same clip
     x0 = torch.randn(cfg.batch, 16, T, H, W, device="cuda", generator=g)
     cond, uncond = (torch.randn(cfg.batch, 512, dit.text_dim, device="cuda", generator=g) for _ in range(2))
@@ -552,7 +557,7 @@ def bench_iteration(cfg: IterationBench):
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         for sec, record in runs:
             n_sim = int(record.get("dmd/steps", record.get("critic/steps")))
-            flops = rcm_iteration_flops(dit, L, n_sim)[offset] * cfg.batch * d.dp_size  # every clip of every rank
+            flops = rcm_iteration_flops(dit, teacher_dit, L, n_sim)[offset] * cfg.batch * d.dp_size  # every clip
             rows.append((name, n_sim, sec, peak.item(), flops / sec / processes / 1e12))
     if d.is_main:
         print("\n| iteration | sim steps | seconds | peak GiB (max over ranks) | TFLOP/s per GPU | MFU |")
