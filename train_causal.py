@@ -114,6 +114,11 @@ PRESETS = {
                 "--data, --neg-embed",
                 CausalConfig(out_dir=Path("runs/causal_wan1.3b"), dit=CONFIGS["t2v-1.3B"], precision="bf16",
                              checkpointing="block")),
+    # the paper's headline setting: 14B causal and bidirectional teachers, a 1.3B student
+    "wan14b-to-1.3b": ("Causal-rCM of a Wan2.1 T2V 1.3B student from 14B teachers (tf trains the 14B causal teacher); "
+                       "torchrun on 8+ GPUs, needs --teacher-ckpt (14B), --student-ckpt (1.3B), --data, --neg-embed",
+                       CausalConfig(out_dir=Path("runs/causal_wan14b_to_1.3b"), dit=CONFIGS["t2v-1.3B"],
+                                    teacher_model="t2v-14B", precision="bf16", checkpointing="matmul", cp_size=4)),
 }
 
 
@@ -230,10 +235,11 @@ def evaluate(cfg: CausalConfig, world: toy.World, bidirectional: Path, results: 
         "exact": toy.teacher_sample(lambda *a: toy.exact_velocity(world, *a), world, prompt, 1.0, 200, 1.0, seed=seed,
                                     device=cfg.device),
         f"teacher-{cfg.eval_teacher_steps}": toy.teacher_sample(
-            training.load_frozen(cfg, bidirectional), world, prompt, cfg.sf.teacher_guidance, cfg.eval_teacher_steps, 5.0,
-            seed=seed, device=cfg.device)}
+            training.load_frozen(cfg, bidirectional, training.teacher_arch(cfg)), world, prompt,
+            cfg.sf.teacher_guidance, cfg.eval_teacher_steps, 5.0, seed=seed, device=cfg.device)}
     for stage, path in results.items():
-        samples.update(stage_samples(cfg, world, stage, training.load_frozen(cfg, path), prompt, seed))
+        samples.update(stage_samples(cfg, world, stage, training.load_frozen(cfg, path, stage_arch(cfg, stage)), prompt,
+                                     seed))
     out = {name: toy.metrics(world, x, prompt) for name, x in samples.items()}
     (cfg.out_dir / "eval.json").write_text(json.dumps(out, indent=2))
     toy.save_grids(world, samples, per_prompt, cfg.out_dir / "previews", "eval_")
@@ -242,27 +248,39 @@ def evaluate(cfg: CausalConfig, world: toy.World, bidirectional: Path, results: 
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def stage_checkpoints(cfg: CausalConfig, stage: Stage, bidirectional: Path) -> tuple[Path, Path]:
-    """(init of the trained net, its teacher) for a stage: each stage starts from the EMA of the stage before it in
-    cfg.stages (the first one from student_ckpt, else from its teacher). tf learns from data (its 'teacher' is the
-    bidirectional net it starts from); tf_scm/tf_dcm distil the causal teacher; sf_dmd the bidirectional teacher."""
+def stage_arch(cfg: CausalConfig, stage: Stage):
+    """A stage's network config: the causal teacher (tf) has the teacher's size, the student stages --dit's."""
+    return training.teacher_arch(cfg) if stage == "tf" else cfg.dit
+
+
+def stage_checkpoints(cfg: CausalConfig, stage: Stage, bidirectional: Path, base: Path) -> tuple[Path, Path]:
+    """(init of the trained net, its teacher) for a stage. The init is the EMA of the stage before it in cfg.stages
+    when that one has the same size; else the pretrained net of the stage's size: for tf the bidirectional teacher, for
+    a student stage --student-ckpt (`base`, the student's base when the teacher is of another size), else its
+    teacher. tf learns from data (it has no teacher); tf_scm/tf_dcm distil the causal teacher; sf_dmd the
+    bidirectional teacher."""
     k = cfg.stages.index(stage)
-    previous = cfg.out_dir / cfg.stages[k - 1] / "ema.safetensors" if k > 0 else cfg.student_ckpt
+    teacher = bidirectional
     if stage in ("tf_scm", "tf_dcm"):
-        causal = cfg.out_dir / "tf" / "ema.safetensors" if "tf" in cfg.stages[:k] else cfg.causal_teacher_ckpt
-        if causal is None:
+        teacher = cfg.out_dir / "tf" / "ema.safetensors" if "tf" in cfg.stages[:k] else cfg.causal_teacher_ckpt
+        if teacher is None:
             raise ValueError(f"stage {stage} distils a causal teacher: pass --causal-teacher-ckpt or run the stage tf "
                              f"before it (--stages tf {stage} ...)")
-        return previous or causal, causal
-    return previous or bidirectional, bidirectional
+    if k > 0 and stage_arch(cfg, cfg.stages[k - 1]) == stage_arch(cfg, stage):
+        return cfg.out_dir / cfg.stages[k - 1] / "ema.safetensors", teacher
+    if stage == "tf":
+        return cfg.student_ckpt if training.teacher_arch(cfg) == cfg.dit and cfg.student_ckpt else bidirectional, None
+    return (base if training.teacher_arch(cfg) != cfg.dit else cfg.student_ckpt or teacher), teacher
 
 
-def train_stage(cfg: CausalConfig, d, stage: Stage, world: toy.World | None, bidirectional: Path) -> Path:
+def train_stage(cfg: CausalConfig, d, stage: Stage, world: toy.World | None, bidirectional: Path, base: Path) -> Path:
     """Run one stage to its last iteration in its own run folder, resuming from its newest checkpoint if there is one
     (a finished stage is skipped); returns its EMA weights."""
     folder, k = cfg.out_dir / stage, cfg.stages.index(stage)
     scfg = stage_config(cfg, stage)
-    run = replace(cfg, out_dir=folder, seed=cfg.seed + k)  # the stage's own run folder and random draws
+    # the stage's own run folder, random draws and size (tf, the causal teacher, has the teacher's and no teacher)
+    run = replace(cfg, out_dir=folder, seed=cfg.seed + k, dit=stage_arch(cfg, stage),
+                  teacher_model=None if stage == "tf" else cfg.teacher_model)
     # A stage built from earlier stages that have changed since (more iterations, accepted new settings) is stale: it
     # is moved aside, never deleted, and trained again.
     inputs = {s: training.run_identity(cfg.out_dir / s) for s in cfg.stages[:k]}
@@ -279,9 +297,10 @@ def train_stage(cfg: CausalConfig, d, stage: Stage, world: toy.World | None, bid
     training.check_run_folder(run, d, inputs, ignore=tuple({"tf.", "cm.", "sf."} - {own}))
     if training.saved_iteration(folder) >= scfg.iterations:
         return folder / "ema.safetensors"
-    init, teacher = stage_checkpoints(cfg, stage, bidirectional)
-    nets = training.build_nets(run, d, scfg, teacher=teacher if stage != "tf" else None, trained=init,
-                               fake=bidirectional if stage == "sf_dmd" else None, lr_fake=cfg.sf.lr_fake)
+    init, teacher = stage_checkpoints(cfg, stage, bidirectional, base)
+    # the fake score starts from the bidirectional teacher, or from the student's base when the two differ in size
+    fake = (bidirectional if training.teacher_arch(cfg) == cfg.dit else base) if stage == "sf_dmd" else None
+    nets = training.build_nets(run, d, scfg, teacher=teacher, trained=init, fake=fake, lr_fake=cfg.sf.lr_fake)
 
     def step(i, batches):  # sf_dmd gives one iteration in student_update_freq to the student, the others to the critic
         if stage == "sf_dmd" and i % cfg.sf.student_update_freq:
@@ -290,7 +309,7 @@ def train_stage(cfg: CausalConfig, d, stage: Stage, world: toy.World | None, bid
     preview_every = 0 if world is None else cfg.toy.preview_every
     training.train_loop(run, d, nets, scfg.iterations, step, desc=stage,
                         settings=training.sampling_settings(
-                            cfg, method="causal", stage=stage, sigma_max=cfg.sigma_max, mid_t=cfg.mid_t,
+                            run, method="causal", stage=stage, sigma_max=cfg.sigma_max, mid_t=cfg.mid_t,
                             first_chunk_t=cfg.first_chunk_t, chunk_t=cfg.chunk_t, eval_steps=[1, 2, 4],
                             steps_per_chunk=cfg.sf.steps_per_chunk or (2,), noisy_context=cfg.sf.noisy_context),
                         preview=lambda i: toy.preview(world, lambda p, seed: stage_samples(cfg, world, stage, nets.ema,
@@ -307,9 +326,6 @@ def train(cfg: CausalConfig) -> dict:
     training.check_positive(cfg, "first_chunk_t", "chunk_t")
     training.check_positive(cfg.sf, "student_update_freq", "max_simulation_steps", prefix="sf.")
     check_times(cfg.sigma_max, cfg.mid_t)
-    if cfg.teacher_model is not None and CONFIGS[cfg.teacher_model] != cfg.dit:
-        raise ValueError("train_causal.py trains every stage at --dit's size for now: a teacher of another size "
-                         "(--teacher-model) is train_rcm.py's")
     if max(cfg.sf.steps_per_chunk or (cfg.sf.max_simulation_steps,)) > len(cfg.mid_t) + 1:
         raise ValueError(f"the rollout's steps per chunk need one --mid-t time per step after the first: "
                          f"{len(cfg.mid_t)} given")
@@ -320,8 +336,8 @@ def train(cfg: CausalConfig) -> dict:
 
 def run(cfg: CausalConfig, d) -> dict:
     world = toy.make_world(cfg.toy.world) if cfg.toy is not None else None
-    bidirectional, _ = training.checkpoints(cfg, d)  # toy: rCM's cached toy teacher
-    results = {stage: train_stage(cfg, d, stage, world, bidirectional) for stage in cfg.stages}
+    bidirectional, base = training.checkpoints(cfg, d)  # toy: rCM's cached toy teacher(s)
+    results = {stage: train_stage(cfg, d, stage, world, bidirectional, base) for stage in cfg.stages}
     if world is None or cfg.toy.eval_per_prompt == 0 or not d.is_main:
         return {}
     return evaluate(cfg, world, bidirectional, results)

@@ -319,3 +319,28 @@ def test_a_stage_built_from_a_changed_stage_is_moved_aside_and_trained_again(tmp
     assert (tmp_path / "run" / "tf_scm" / "ema.safetensors").read_bytes() != first
     train_causal.train(longer)
     assert not (tmp_path / "run" / "tf_scm.stale-2").exists()
+
+
+def test_a_larger_teacher_gives_a_causal_teacher_of_its_size_and_students_of_theirs(tmp_path, monkeypatch):
+    """The Causal-rCM recipe across sizes: tf trains the causal teacher at the teacher's size from the bidirectional
+    teacher; tf_scm distils it into a student of --dit's size started from the student's base; sf_dmd continues that
+    student against the bidirectional teacher with a fake score from the student's base."""
+    import model
+    large = dataclasses.replace(TINY_DIT, dim=48, ffn_dim=96)
+    monkeypatch.setitem(model.CONFIGS, "tiny-large", large)
+    teacher, base = tmp_path / "teacher.safetensors", tmp_path / "base.safetensors"
+    toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=2, batch=4), large, teacher,
+                      log=lambda s: None)
+    toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=2, batch=4), TINY_DIT, base,
+                      log=lambda s: None)
+    cfg = tiny_config(tmp_path, teacher, out_dir=tmp_path / "run", teacher_model="tiny-large", student_ckpt=base)
+    cfg = dataclasses.replace(cfg, tf=dataclasses.replace(cfg.tf, iterations=2),
+                              cm=dataclasses.replace(cfg.cm, iterations=2), sf=dataclasses.replace(cfg.sf, iterations=3))
+    out = train_causal.train(cfg)
+    assert {"causal-teacher-3", "tf-1", "tf_scm-2", "sf_dmd-4"} <= out.keys()
+    load_checkpoint(WanModel(large), tmp_path / "run" / "tf" / "ema.safetensors")
+    for stage in ("tf_scm", "sf_dmd"):
+        load_checkpoint(WanModel(TINY_DIT), tmp_path / "run" / stage / "ema.safetensors")
+    tf_ema = tmp_path / "run" / "tf" / "ema.safetensors"
+    assert train_causal.stage_checkpoints(cfg, "tf_scm", teacher, base) == (base, tf_ema)
+    assert train_causal.stage_checkpoints(cfg, "tf", teacher, base) == (teacher, None)
