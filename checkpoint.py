@@ -103,8 +103,8 @@ def load_strict(build, path, header: str, *, dtype, device="cpu", other_names=No
 
 # ------------------------------------------------------------------------------------------------ LoRA
 # A LoRA file in the layout ComfyUI and diffusers read for Wan ("diffusion_model." + the official module name):
-# every linear layer's delta W − W_base ≈ B·A as lora_B [out, r] and lora_A [r, in] (no alpha: scale 1), bias deltas
-# as diff_b, and every other parameter's delta (norms, modulation, the patch embedding) as a full diff.
+# every linear layer's delta W − W_base ≈ B·A as lora_B [out, r] and lora_A [r, in] (no alpha: scale 1), bias
+# deltas as diff_b, and every other parameter's delta (norms, modulation, the patch embedding) as a full diff.
 LORA_PREFIX = "diffusion_model."
 
 

@@ -774,7 +774,8 @@ DIFFUSERS_NAMES = [
     ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
     ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
     ("blocks.#.modulation", "blocks.#.scale_shift_table"),
-    *((f"blocks.#.{ours}.{a}", f"blocks.#.{theirs}.{b}") for ours, theirs in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+    *((f"blocks.#.{ours}.{a}", f"blocks.#.{theirs}.{b}")
+      for ours, theirs in (("self_attn", "attn1"), ("cross_attn", "attn2"))
       for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"), ("norm_q", "norm_q"),
                    ("norm_k", "norm_k"), ("k_img", "add_k_proj"), ("v_img", "add_v_proj"),
                    ("norm_k_img", "norm_added_k"))),
@@ -804,8 +805,8 @@ def save_diffusers(state_dict: dict, cfg: WanConfig, folder, settings: dict | No
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
-    checkpoint.save_checkpoint(checkpoint.rename(state_dict, DIFFUSERS_NAMES), folder / "diffusion_pytorch_model.safetensors",
-                               settings)
+    checkpoint.save_checkpoint(checkpoint.rename(state_dict, DIFFUSERS_NAMES),
+                               folder / "diffusion_pytorch_model.safetensors", settings)
 
 
 def read_state_dict(path, prefix=None, device="cpu", patch_size=(1, 2, 2)):

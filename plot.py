@@ -4,7 +4,8 @@
     python plot.py runs/causal_toy           # a causal run folder: one pair of PNGs per stage
 
 One panel per scalar that changes, losses first: the raw values faint, their exponential moving average on top
-(losses on a log axis when they span more than two decades). Drawn with Pillow (imageio's own dependency), so nothing more is installed.
+(losses on a log axis when they span more than two decades). Drawn with Pillow (imageio's own dependency), so
+nothing more is installed.
 """
 import json
 import math
@@ -89,8 +90,8 @@ def plot_run(folder: Path, smooth: float) -> list[Path]:
     series = {k: v for k, v in series.items() if len({p[1] for p in v}) > 1}  # (a constant says nothing)
     series = dict(sorted(series.items(), key=lambda kv: not kv[0].startswith("loss/")))  # losses first
     written = []
-    for name, keep in (("losses", lambda k: not k.startswith("preview/")), ("previews", lambda k: k.startswith("preview/"))):
-        chosen = {k: v for k, v in series.items() if keep(k)}
+    for name, previews in (("losses", False), ("previews", True)):
+        chosen = {k: v for k, v in series.items() if k.startswith("preview/") == previews}
         if chosen:
             plot(chosen, folder / "plots" / f"{name}.png", smooth)
             written.append(folder / "plots" / f"{name}.png")

@@ -96,7 +96,7 @@ class Streaming:
 @dataclass
 class Config:
     """Sample videos from a Wan2.1 T2V DiT (the rCM student or the teacher), or from a toy-world checkpoint (--toy)."""
-    dit_path: Path  # DiT weights: official .safetensors (file, folder or sharded .index.json), an rCM .pt/.pth, or a diffusers pipeline folder (its parts are then the defaults of the other paths)
+    dit_path: Path  # DiT weights: official (file, folder, .index.json), rCM .pt/.pth, or a diffusers pipeline folder
     image: Path | None = None  # image-to-video: the first frame (with an I2V --model: i2v-14B, i2v-A14B)
     lora: Path | None = None  # a LoRA to merge into the DiT (export.py lora, or a Wan LoRA in the ComfyUI layout)
     lora_strength: float = 1.0  # the LoRA's multiplier (1: the exported student exactly, at full rank)
@@ -108,7 +108,7 @@ class Config:
     sampler: Annotated[Sampler, tyro.conf.OmitArgPrefixes] = Sampler()
     model: str | None = None  # DiT architecture, a name in model.CONFIGS [the checkpoint's, else t2v-1.3B]
     vae_path: Path = Path("Wan2.1-T2V-1.3B/Wan2.1_VAE.pth")  # the Wan2.1 VAE (or a diffusers vae/ folder)
-    t5_path: Path = Path("Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth")  # umT5-XXL, tokenizer.json in google/umt5-xxl/ beside it (or diffusers text_encoder/, tokenizer/ beside)
+    t5_path: Path = Path("Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth")  # umT5-XXL (or diffusers text_encoder/)
     negative_prompt: str = NEGATIVE_PROMPT  # teacher: the CFG negative prompt (default: Wan's)
     neg_embed: Path | None = None  # teacher: a precomputed negative-prompt umT5 embedding [L, 4096] (.safetensors or .pt), used instead
     resolution: str = "480p"  # 480p, 720p, or WIDTHxHEIGHT (multiples of 16)

@@ -169,8 +169,7 @@ def run_folder_lock(folder: Path, d: parallel.Dist):
     try:
         if flag.item():
             holder = (folder / ".lock").read_text().strip() if d.is_main else "?"
-            raise OSError(f"another run ({holder}) is using {folder}: wait for it to end, or pick another "
-                               f"--out-dir")
+            raise OSError(f"another run ({holder}) is using {folder}: wait for it to end, or pick another --out-dir")
         yield
     finally:
         if handle is not None:
@@ -484,7 +483,8 @@ def micro_batches(cfg: RunConfig, d: parallel.Dist, i: int, draw):
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
-COUNTS = ("scm/nan_samples", "data/bad_samples", "data/wrong_shape", "data/bad_shards")  # metrics that add up (the others are means)
+# metrics that add up (the others are means)
+COUNTS = ("scm/nan_samples", "data/bad_samples", "data/wrong_shape", "data/bad_shards")
 
 
 def accumulate_metrics(metrics: dict, record: dict, n: int):

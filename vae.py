@@ -309,7 +309,8 @@ def diffusers_names(cfg: VAEConfig) -> list[tuple[str, str]]:
     for side in ("encoder", "decoder"):
         table += [(f"{side}.conv1", f"{side}.conv_in"), (f"{side}.head.0", f"{side}.norm_out"),
                   (f"{side}.head.2", f"{side}.conv_out"), (f"{side}.middle.1", f"{side}.mid_block.attentions.0")]
-        table += [(f"{side}.middle.{i}.{a}", f"{side}.mid_block.resnets.{i // 2}.{b}") for i in (0, 2) for a, b in resnet]
+        table += [(f"{side}.middle.{i}.{a}", f"{side}.mid_block.resnets.{i // 2}.{b}")
+                  for i in (0, 2) for a, b in resnet]
     table += [(f"encoder.downsamples.#.{a}", f"encoder.down_blocks.#.{b}") for a, b in resnet]
     table += [("encoder.downsamples", "encoder.down_blocks")]
     i = 0
