@@ -5,6 +5,7 @@ import functools
 import json
 import math
 
+import pytest
 import torch
 
 import sample
@@ -115,19 +116,28 @@ def test_render_and_save_grid(tmp_path):
     assert (tmp_path / "grid.gif").stat().st_size > 100
 
 
-def test_short_toy_run_meets_loose_bounds(tmp_path):
+@pytest.mark.parametrize("teacher_size", ["same", "larger"])
+def test_short_toy_run_meets_loose_bounds(tmp_path, monkeypatch, teacher_size):
     """The toy preset end to end at a fraction of its size (a smaller, wider-moded world, a smaller DiT, a short
-    teacher training and rCM run): loose bounds that an untrained or broken pipeline misses."""
+    teacher training and rCM run): loose bounds that an untrained or broken pipeline misses. "larger": a teacher of
+    twice the width distilled into the small student, which starts from a small teacher (its base)."""
+    import model
     preset = train_rcm.PRESETS["toy"][1]
     world_cfg = toy.ToyConfig(shape=(16, 2, 4, 4), sigma=0.3)
     dit = dataclasses.replace(toy.TOY_DIT, dim=64, ffn_dim=128, num_layers=2)
+    teacher_train = dataclasses.replace(preset.toy.teacher, steps=400)
     teacher = tmp_path / "teacher.safetensors"
-    toy.train_teacher(toy.make_world(world_cfg), dataclasses.replace(preset.toy.teacher, steps=400), dit, teacher,
-                      log=lambda s: None)
+    toy.train_teacher(toy.make_world(world_cfg), teacher_train, dit, teacher, log=lambda s: None)
+    sizes = dict(teacher_ckpt=teacher)
+    if teacher_size == "larger":
+        monkeypatch.setitem(model.CONFIGS, "toy-test-large", dataclasses.replace(dit, dim=128, ffn_dim=256))
+        sizes = dict(teacher_model="toy-test-large", student_ckpt=teacher, teacher_ckpt=tmp_path / "large.safetensors")
+        toy.train_teacher(toy.make_world(world_cfg), teacher_train, model.CONFIGS["toy-test-large"],
+                          sizes["teacher_ckpt"], log=lambda s: None)
     results = train_rcm.train(dataclasses.replace(
         preset, toy=dataclasses.replace(preset.toy, world=world_cfg, preview_every=10**6, eval_per_prompt=64), dit=dit,
-        teacher_ckpt=teacher, out_dir=tmp_path / "run", device="cpu", iterations=90, batch=8, dcm_iterations=15,
-        tangent_warmup=30, ckpt_every=10**6))
+        out_dir=tmp_path / "run", device="cpu", iterations=90, batch=8, dcm_iterations=15, tangent_warmup=30,
+        ckpt_every=10**6, **sizes))
     assert results["exact"]["precision"] >= 0.98 and results["exact"]["mode_tv"] <= 0.2
     assert all(m["wrong_prompt"] <= 0.02 for m in results.values())     # every sampler follows its prompt
     for n in (1, 2, 4):  # measured 0.93 / 0.91 / 0.75 precision, TV 0.11 / 0.23 / 0.21
