@@ -119,9 +119,10 @@ class Config:
     save_path: Path = Path("samples")  # folder for the mp4s
     videos: bool = True  # decode and write mp4s (--no-videos when only building --shard-dir)
     shard_dir: Path | None = None  # also write latent.pt / embed.pt / prompt.txt webdataset shards here
-    dtype: Literal["bfloat16", "float32"] | None = None  # DiT weights [the run's precision, else bfloat16]; T5 bf16, VAE fp32
+    dtype: Literal["bfloat16", "float32"] | None = None  # DiT weights [the run's precision, else bfloat16]; T5 bf16
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the DiT, T5 and VAE run
-    compile: bool = False  # torch.compile each DiT block (fuses the fp32 norm/modulation glue; the first video compiles)
+    compile: bool = False  # torch.compile each DiT and VAE block (fuses the elementwise glue; the first video compiles)
+    vae_dtype: Literal["float32", "bfloat16"] = "float32"  # the VAE's precision (bf16 with --compile: 2.3x faster decode)
     causal: bool = False  # stream a Causal-rCM student chunk by chunk with a KV cache (train_causal's exports always are)
     streaming: Annotated[Streaming, tyro.conf.OmitArgPrefixes] = Streaming()
     toy: bool = False  # sample the toy world the checkpoint was trained on: its prompts, no T5/VAE, exact metrics, grid mp4s
@@ -492,7 +493,10 @@ def sample_wan(cfg: Config, settings: dict):
     embeds, neg, t5_seconds = embed_texts(cfg, prompts)
     if torch.device(cfg.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the encoder is gone: the peak below is the DiT's and the VAE's
-    vae = load_vae(cfg.vae_path, device=cfg.device, cfg=cfg.vae_cfg) if cfg.videos or cfg.image else None
+    vae = load_vae(cfg.vae_path, device=cfg.device, dtype=getattr(torch, cfg.vae_dtype), cfg=cfg.vae_cfg) \
+        if cfg.videos or cfg.image else None
+    if vae is not None and cfg.compile:
+        vae.compile_blocks()
     y = clip_fea = None
     if cfg.image is not None:
         y, clip_fea, width, height = i2v_inputs(cfg, architecture(cfg, settings), vae, width, height)

@@ -90,3 +90,17 @@ def test_strict_loader_round_trip(golden, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="Wan2.1_VAE.pth"):
         load_vae(tmp_path / "absent.pth", cfg=cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_compiled_blocks_meet_the_golden_bounds(golden, dtype, bound, monkeypatch):
+    """sample.py --compile: the VAE with compiled blocks, on the GPU, within the golden bounds of its precision (fp32:
+    full fp32 convolutions, not TF32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    vae = load_vae(golden / "vae_tiny.weights.safetensors", cfg=tiny_config(golden), dtype=dtype,
+                   device="cuda").compile_blocks()
+    io = {k: v.cuda() for k, v in load_file(golden / "vae_tiny.io.safetensors").items()}
+    assert rel_err(vae.encode(io["video"]), io["latent_mu"]) < bound
+    assert rel_err(vae.decode(io["z"]), io["decoded"]) < bound
