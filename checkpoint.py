@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 
 def read_state_dict(path, device="cpu") -> dict:
-    """{name: tensor} of a .safetensors file, a sharded *.safetensors.index.json, or a .pt/.pth file (read with
-    weights_only=True and mmap: a state dict, or the one tensor it holds). A file that cannot be read raises one
+    """{name: tensor} of a .safetensors file, a sharded *.safetensors.index.json, a folder holding one of these, or a
+    .pt/.pth file (read with weights_only=True, memory-mapped when in the zip format: a state dict, or the one tensor
+    it holds). A file that cannot be read raises one
     error naming it."""
     path = Path(path)
     if not path.exists():

@@ -136,9 +136,9 @@ def with_settings(cfg: Config) -> tuple[Config, dict]:
     """cfg with every unset sampling flag filled from the checkpoint's stored settings, else DEFAULTS; and the
     settings. Prints what was taken from the checkpoint."""
     settings = read_settings(cfg.dit_path) if cfg.dit_path.exists() else {}
-    source = cfg.dit_path
-    if cfg.lora is not None and cfg.lora.exists() and read_settings(cfg.lora):  # a student exported as a LoRA
-        settings, source = {**settings, **read_settings(cfg.lora)}, cfg.lora       # carries the student's settings
+    source, lora = cfg.dit_path, read_settings(cfg.lora) if cfg.lora is not None and cfg.lora.exists() else {}
+    if lora:  # a student exported as a LoRA carries the student's settings
+        settings, source = {**settings, **lora}, cfg.lora
     toy_settings = settings.get("toy", {})
     taken = []
 

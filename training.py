@@ -7,7 +7,8 @@ split over P ranks, which see the same clip, noise and times. Every random draw 
 from a stream seeded by (seed, i, global micro-batch index): N ranks equal one process with N-fold gradient
 accumulation, and a resumed run redraws what the interrupted one drew. A run folder holds metrics.jsonl, state/ (a
 torch.distributed.checkpoint folder and latest.json: rerun the same command, on as many processes), ema.safetensors
-(official key names, the run's sampling settings in its metadata) and previews/.
+(official key names, the run's sampling settings in its metadata), run.json (the settings a rerun must keep), .lock
+(held while a run uses the folder) and previews/.
 """
 import contextlib
 import dataclasses
