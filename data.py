@@ -6,6 +6,11 @@ The public Wan synthetic-latent format is a folder of `shard*.tar` files; sample
     KEY.embed.pt    [L, 4096]      umT5 text embedding of the prompt (L ≤ 512 real tokens)
     KEY.prompt.txt  the prompt, utf-8
 
+and, for image-to-video data (an extension: readers that do not know it ignore the members):
+
+    KEY.y.pt        [20, T, H, W]  the I2V conditioning: first-frame mask (4 channels) and latents (vae.image_condition)
+    KEY.clip.pt     [257, 1280]    the image's CLIP tokens (Wan2.1 I2V only)
+
 `write_shards` builds such shards (the toy world writes real ones, so the toy preset trains through this loader).
 `make_loader` streams batches forever: each epoch shuffles the shard list with the seed, deals the shards to
 (data-parallel rank, worker) readers, and shuffles samples in a small buffer. Every rank of a context-parallel group
@@ -53,12 +58,19 @@ def _tensor_bytes(x: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+CONDITIONING = ("y", "clip")  # the optional per-sample tensors of I2V data
+
+
 def write_shards(samples, out_dir, samples_per_shard: int = 256) -> list[Path]:
-    """Write (latent [C,T,H,W], embed [L,D], prompt str) triples as out_dir/shard-000000.tar, ... Returns the paths."""
+    """Write (latent [C,T,H,W], embed [L,D], prompt str[, conditioning {"y": [20,T,H,W], "clip": [257,1280]}])
+    samples as out_dir/shard-000000.tar, ... Returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, writer = [], None
-    for i, (latent, embed, prompt) in enumerate(samples):
+    for i, (latent, embed, prompt, *rest) in enumerate(samples):
+        conditioning = rest[0] if rest else {}
+        if set(conditioning) - set(CONDITIONING):
+            raise ValueError(f"sample {i}: unknown conditioning {sorted(set(conditioning) - set(CONDITIONING))}")
         if latent.ndim != 4 or embed.ndim != 2:
             raise ValueError(f"sample {i}: latent must be [C,T,H,W] and embed [L,D], got {tuple(latent.shape)} "
                              f"and {tuple(embed.shape)}")
@@ -68,7 +80,8 @@ def write_shards(samples, out_dir, samples_per_shard: int = 256) -> list[Path]:
             paths.append(out_dir / f"shard-{len(paths):06d}.tar")
             writer = wds.TarWriter(str(paths[-1]), encoder=False)
         writer.write({"__key__": f"{i:09d}", "latent.pt": _tensor_bytes(latent), "embed.pt": _tensor_bytes(embed),
-                      "prompt.txt": prompt.encode("utf-8")})
+                      "prompt.txt": prompt.encode("utf-8"),
+                      **{f"{name}.pt": _tensor_bytes(x) for name, x in conditioning.items()}})
     if writer is not None:
         writer.close()
     return paths
@@ -89,7 +102,8 @@ def list_shards(path) -> list[str]:
 
 
 def decode_sample(sample: dict) -> dict:
-    """Raw tar members -> {latent [C,T,H,W] fp32, embed [L,D] fp32, prompt}. Raises ValueError on a bad sample."""
+    """Raw tar members -> {latent [C,T,H,W] fp32, embed [L,D] fp32, prompt, and y / clip fp32 where the sample has
+    them}. Raises ValueError on a bad sample."""
     missing = {"latent.pt", "embed.pt", "prompt.txt"} - sample.keys()
     if missing:
         raise ValueError(f"missing members {sorted(missing)}")
@@ -99,15 +113,25 @@ def decode_sample(sample: dict) -> dict:
         raise ValueError("latent.pt must hold a [C,T,H,W] tensor and embed.pt an [L,D] tensor")
     if not (latent.isfinite().all() and embed.isfinite().all()):
         raise ValueError("non-finite values")
-    return dict(latent=latent.float(), embed=embed.float(), prompt=sample["prompt.txt"].decode("utf-8"))
+    out = dict(latent=latent.float(), embed=embed.float(), prompt=sample["prompt.txt"].decode("utf-8"))
+    for name in CONDITIONING:
+        if f"{name}.pt" in sample:
+            x = torch.load(io.BytesIO(sample[f"{name}.pt"]), weights_only=True)
+            if not (torch.is_tensor(x) and x.isfinite().all()):
+                raise ValueError(f"{name}.pt must hold a finite tensor")
+            out[name] = x.float()
+    return out
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack latents [B,C,T,H,W]; zero-pad embeddings to the longest [B,L,D] (the model pads with zeros too)."""
+    """Stack latents [B,C,T,H,W] (and y, clip where every sample has them); zero-pad embeddings to the longest
+    [B,L,D] (the model pads with zeros too)."""
     L = max(s["embed"].shape[0] for s in samples)
     return dict(latent=torch.stack([s["latent"] for s in samples]),
                 embed=torch.stack([F.pad(s["embed"], (0, 0, 0, L - s["embed"].shape[0])) for s in samples]),
-                prompt=[s["prompt"] for s in samples])
+                prompt=[s["prompt"] for s in samples],
+                **{name: torch.stack([s[name] for s in samples]) for name in CONDITIONING
+                   if all(name in s for s in samples)})
 
 
 def data_shape(shards, channels: int | None = None, n: int = 16) -> tuple[int, ...]:

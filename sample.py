@@ -548,7 +548,9 @@ def sample_wan(cfg: Config, settings: dict):
                 write_mp4(frames, path)
                 line += f" -> {path}"
             bar.write(line)
-            yield z[0].cpu(), embeds[i].cpu(), prompt
+            conditioning = {} if y is None or cfg.causal else \
+                {"y": y[0].cpu(), **({} if clip_fea is None else {"clip": clip_fea[0].cpu()})}
+            yield z[0].cpu(), embeds[i].cpu(), prompt, conditioning
 
     if cfg.shard_dir is not None:
         paths = write_shards(videos(), cfg.shard_dir)

@@ -107,6 +107,9 @@ def check_config(cfg: RunConfig):
     if cfg.batch % cfg.grad_accum:
         raise ValueError(f"--batch {cfg.batch} is not divisible by --grad-accum {cfg.grad_accum}: each rank splits "
                          f"its batch into grad_accum equal micro-batches")
+    if cfg.dit.model_type != "t2v":
+        raise ValueError(f"the trainers distil text-to-video models for now, and --dit.model-type is "
+                         f"{cfg.dit.model_type}: image-to-video distillation is not built yet")
     if cfg.teacher_model is not None:
         if cfg.teacher_model not in CONFIGS:
             raise ValueError(f"--teacher-model {cfg.teacher_model!r}: use one of {', '.join(CONFIGS)}")

@@ -124,3 +124,22 @@ def test_no_usable_sample_anywhere_is_one_clear_error(tmp_path):
     cfg = DataConfig(path=str(tmp_path), batch_size=1, num_workers=0, shape=(16, 9, 4, 4))
     with pytest.raises(ValueError, match="no usable sample"), pytest.warns(UserWarning):
         next(make_loader(cfg))
+
+
+def test_i2v_conditioning_travels_with_its_samples(tmp_path):
+    """y and clip members round-trip and are stacked per batch; shards without them read as before."""
+    g = torch.Generator().manual_seed(2)
+    samples = [(torch.randn(16, 3, 4, 4, generator=g), torch.randn(3, 8, generator=g), f"i2v {i}",
+                {"y": torch.randn(20, 3, 4, 4, generator=g), "clip": torch.randn(257, 12, generator=g)})
+               for i in range(4)]
+    write_shards(samples, tmp_path, samples_per_shard=2)
+    batches = list(islice(make_loader(DataConfig(path=str(tmp_path), batch_size=2, num_workers=0)), 2))
+    assert all(b["y"].shape == (2, 20, 3, 4, 4) and b["clip"].shape == (2, 257, 12) for b in batches)
+    by_name = {p: (b["y"][i], b["clip"][i]) for b in batches for i, p in enumerate(b["prompt"])}
+    for _, _, prompt, cond in samples:
+        assert torch.equal(by_name[prompt][0], cond["y"]) and torch.equal(by_name[prompt][1], cond["clip"])
+    plain = next(make_loader(DataConfig(path=str(tmp_path / "t2v"), num_workers=0))
+                 if write_shards(toy_samples(2), tmp_path / "t2v") else None)
+    assert "y" not in plain and "clip" not in plain
+    with pytest.raises(ValueError, match="unknown conditioning"):
+        write_shards([(*samples[0][:3], {"mask": torch.zeros(1)})], tmp_path / "bad")

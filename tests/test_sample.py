@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import data
 import sample
 from checkpoint import save_checkpoint
-from model import CONFIGS, WanModel, load_checkpoint
+from model import CLIP_DIM, CONFIGS, WanModel, load_checkpoint
 from sample import Config, Sampler, Streaming, generate_latents, main
 from samplers import flow_times, sample_euler, sample_unipc
 from image_encoder import CLIPConfig, CLIPVision
@@ -284,8 +284,11 @@ def test_image_to_video_wan21_with_clip(i2v_files, tmp_path):
         main(tiny(f, tmp_path / mode, mode=mode, steps=2, **kw))
     vae, y = conditioning(f)
     for mode in ("rcm", "teacher"):
-        (z,) = [s["latent"] for s in shard_samples(tmp_path / mode / "shards")]
+        (sample,) = shard_samples(tmp_path / mode / "shards")
+        z = sample["latent"]
         assert torch.allclose(z[:, :1], y[0, 4:, :1], atol=1e-6)       # the image's latent frame comes first
+        # the shards carry the conditioning an I2V trainer needs: y and the CLIP tokens
+        assert torch.allclose(sample["y"], y[0].float(), atol=1e-6) and sample["clip"].shape[1] == CLIP_DIM
         assert_first_frame_is(tmp_path / mode, vae, y)
     assert not torch.allclose(*[shard_samples(tmp_path / m / "shards")[0]["latent"][:, 1:] for m in ("rcm", "teacher")])
 

@@ -508,3 +508,9 @@ def test_log_wandb_sends_the_scalars_and_resumes_the_same_wandb_run(tmp_path, te
     assert sorted(sent) == [r["iteration"] for r in logged_] == [0, 1, 2]
     assert all(json.dumps(sent[r["iteration"]]) == json.dumps({k: v for k, v in r.items() if k != "iteration"})
                for r in logged_)  # (as text: NaN metrics compare equal)
+
+
+def test_an_image_to_video_net_is_refused_with_one_message(tmp_path, teacher):
+    cfg = tiny_run(teacher, tmp_path / "run", dit=dataclasses.replace(TINY_DIT, model_type="i2v", in_dim=36))
+    with pytest.raises(ValueError, match="distil text-to-video models for now"):
+        train_rcm.train(cfg)
