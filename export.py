@@ -20,7 +20,7 @@ import tyro
 
 import parallel
 from checkpoint import extract_lora, read_settings, save_checkpoint
-from model import CONFIGS, WanConfig, WanModel, read_state_dict, save_diffusers
+from model import CONFIGS, WanConfig, read_checked, save_diffusers
 
 
 @dataclass
@@ -55,11 +55,7 @@ def architecture(path: Path, model: str | None) -> WanConfig:
 
 def checked_weights(path: Path, cfg: WanConfig) -> dict:
     """The official-named weights of `path`, checked against the architecture."""
-    from checkpoint import check_state_dict
-    sd = read_state_dict(path, patch_size=cfg.patch_size)
-    with torch.device("meta"):
-        check_state_dict(WanModel(cfg), sd, f"{path} does not match the architecture (set --model):")
-    return sd
+    return read_checked(path, cfg, f"{path} does not match the architecture (set --model):")
 
 
 def export_diffusers(cfg: Diffusers):

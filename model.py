@@ -836,6 +836,15 @@ def read_state_dict(path, prefix=None, device="cpu", patch_size=(1, 2, 2)):
     return sd
 
 
+def read_checked(path, cfg: WanConfig, header: str) -> dict:
+    """read_state_dict(path), checked key by key against a model of config cfg (built on the meta device, so nothing
+    is allocated); a mismatch raises one error opening with `header`."""
+    sd = read_state_dict(path, patch_size=cfg.patch_size)
+    with torch.device("meta"):
+        checkpoint.check_state_dict(WanModel(cfg), sd, header)
+    return sd
+
+
 def load_checkpoint(model: WanModel, path, *, prefix=None, dtype=None, header: str | None = None):
     """Load weights strictly into `model` (which may live on the meta device: its tensors are then replaced,
     so a big model is never materialised twice). Tensors are converted to `dtype`, or to the model's dtypes.

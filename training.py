@@ -34,9 +34,9 @@ from tqdm import tqdm
 import parallel
 import toy
 from toy import ToyRun
-from checkpoint import check_state_dict, save_checkpoint
+from checkpoint import save_checkpoint
 from data import DataConfig, data_shape, list_shards, make_loader
-from model import CONFIGS, WanConfig, WanModel, load_checkpoint, read_state_dict
+from model import CONFIGS, WanConfig, WanModel, load_checkpoint, read_checked
 from text_encoder import read_negative_embedding
 
 
@@ -293,12 +293,7 @@ def on_main_rank(d: parallel.Dist, work: Callable, default=None):
 
 def read_weights(d: parallel.Dist, path, dit: WanConfig) -> dict:
     """Rank 0 reads a checkpoint (official key names) and checks it against the config; the other ranks get {}."""
-    def read():
-        state_dict = read_state_dict(path, patch_size=dit.patch_size)
-        with torch.device("meta"):
-            check_state_dict(WanModel(dit), state_dict, f"checkpoint {path} does not match --dit:")
-        return state_dict
-    return on_main_rank(d, read, {})
+    return on_main_rank(d, lambda: read_checked(path, dit, f"checkpoint {path} does not match --dit:"), {})
 
 
 def build_net(cfg: RunConfig, d: parallel.Dist, state_dict: dict, role: Literal["teacher", "trained", "ema"],
