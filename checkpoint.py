@@ -173,8 +173,12 @@ def save_checkpoint(module_or_state_dict, path, settings: dict | None = None):
 
 
 def read_settings(path) -> dict:
-    """The settings stored with a safetensors checkpoint ({} for other files, or none stored)."""
+    """The settings stored with a safetensors checkpoint ({} for other files, or none stored); of a folder, those of
+    its diffusion_pytorch_model.safetensors or (two experts) of its high_noise_model/'s."""
     path = Path(path)
+    if path.is_dir():
+        path = next((f for f in (path / "diffusion_pytorch_model.safetensors",
+                                 path / "high_noise_model" / "diffusion_pytorch_model.safetensors") if f.exists()), path)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
     try:

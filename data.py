@@ -47,6 +47,7 @@ class DataConfig:
     seed: int = 0
     shape: tuple[int, ...] | None = None  # the latent shape [C,T,H,W] a sample must have (None: data_shape's)
     embed_dim: int | None = None  # the width D an embedding must have (None: any)
+    needs: tuple[str, ...] = ()  # the conditioning a sample must carry (I2V: "y", Wan2.1 I2V also "clip")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,6 +184,13 @@ def reader_batches(shards, cfg: DataConfig, rank: int, ranks: int, worker: int, 
                           f"is {tuple(cfg.shape)}" + (f", width {cfg.embed_dim}" if cfg.embed_dim else ""))
             bad["wrong_shape"] += 1
             return None
+        lacking = [name for name in cfg.needs if name not in sample or
+                   (name == "y" and tuple(sample["y"].shape[1:]) != tuple(latent[1:]))]
+        if lacking:
+            warnings.warn(f"skipping {where}: no fitting {', '.join(f'{n}.pt' for n in lacking)} (the run distils an "
+                          f"image-to-video model)")
+            bad["wrong_shape"] += 1
+            return None
         return sample
 
     batch, done = [], 0
@@ -208,8 +216,10 @@ def reader_batches(shards, cfg: DataConfig, rank: int, ranks: int, worker: int, 
                 warnings.warn(f"reader {rank}.{worker}: no usable sample in its shards {attempt} of epoch "
                               f"{epoch}; reading the others'")
         else:
-            raise ValueError(f"no usable sample (latent {tuple(cfg.shape)}) in any of the {len(shards)} shards of "
-                             f"the data: check --data")
+            needs = f" with {', '.join(f'{n}.pt' for n in cfg.needs)}" if cfg.needs else ""
+            raise ValueError(f"no usable sample (latent {tuple(cfg.shape)}{needs}) in any of the {len(shards)} "
+                             f"shards of the data: check --data" + (" (I2V shards: sample.py --mode teacher --image "
+                                                                    "... --shard-dir)" if needs else ""))
 
 
 def _shuffled(samples, size, rng):

@@ -72,6 +72,9 @@ CONFIGS = {
     # the toy world's DiT (toy.py), and a larger one to distil it from (a teacher of another size)
     "toy": WanConfig(text_len=8, dim=128, ffn_dim=256, freq_dim=64, text_dim=32, num_heads=4, num_layers=5),
     "toy-large": WanConfig(text_len=8, dim=192, ffn_dim=512, freq_dim=64, text_dim=32, num_heads=4, num_layers=6),
+    # the image-conditioned toy world's DiT: Wan's I2V input (16 latent + 20 conditioning channels), no CLIP
+    "toy-i2v": WanConfig(model_type="i2v", in_dim=36, clip=False, text_len=8, dim=128, ffn_dim=256, freq_dim=64,
+                         text_dim=32, num_heads=4, num_layers=5),
     # the tiny shapes of the golden fixtures (tests/golden)
     "t2v-tiny": WanConfig(**_TINY),
     "i2v-tiny": WanConfig(model_type="i2v", in_dim=36, **_TINY),
@@ -705,9 +708,9 @@ class TwoExperts(nn.Module):
     low-noise one; a batch that straddles the boundary is split. With `device` set, the expert not in use waits on
     the CPU and the one called moves there, so one 14B expert at a time sits on the GPU."""
 
-    def __init__(self, high: WanModel, low: WanModel, boundary: float, device=None):
+    def __init__(self, high: WanModel, low: WanModel, boundary: float, device=None, sharded: bool = False):
         super().__init__()
-        self.high, self.low, self.boundary, self.device = high, low, boundary, device
+        self.high, self.low, self.boundary, self.device, self.sharded = high, low, boundary, device, sharded
         self.cfg = high.cfg
 
     def expert(self, high: bool) -> WanModel:
@@ -721,40 +724,56 @@ class TwoExperts(nn.Module):
         if kw.get("kv_cache") is not None:
             raise ValueError("streaming through a KV cache is not supported by the two-expert model")
         noisy = t.reshape(len(t), -1).amax(1) >= 1000 * self.boundary
-        if noisy.all() or not noisy.any():
-            return self.expert(bool(noisy[0]))(x, t, context, **kw)
+        needed = torch.stack([noisy.any(), (~noisy).any()]).float()
+        if self.sharded:  # FSDP experts: every rank runs each expert that any rank needs, so their collectives match
+            torch.distributed.all_reduce(needed)
+        if needed.count_nonzero() == 1:
+            return self.expert(bool(needed[0]))(x, t, context, **kw)
         out = None
         for high in (True, False):  # each expert on its samples, scattered back ((v,) or (v, tv) with a tangent)
             idx = torch.nonzero(noisy == high).flatten()
+            idle = len(idx) == 0  # (only when sharded) one sample runs through it, its output weighted by 0
+            idx = idx if not idle else torch.zeros(1, dtype=torch.long, device=noisy.device)
             o = self.expert(high)(x[idx], t[idx], _take(context, idx), **{k: _take(v, idx) for k, v in kw.items()})
             o = (o,) if torch.is_tensor(o) else o
-            out = out or [u.new_empty((len(x), *u.shape[1:])) for u in o]
-            for buf, u in zip(out, o):
-                buf[idx] = u
+            out = out or [u.new_zeros((len(x), *u.shape[1:])) for u in o]
+            for j, u in enumerate(o):
+                if idle:  # a zero that depends on the expert: its backward (and gradient collectives) run as well
+                    out[j] = out[j] + 0 * u.sum()
+                else:
+                    out[j][idx] = u
         return out[0] if len(out) == 1 else tuple(out)
 
 
-def load_two_experts(name: str, high, low=None, *, dtype=None, device="cpu", offload: bool = False) -> TwoExperts:
-    """The two experts of a Wan2.2 A14B model `name` (a key of BOUNDARY): from the official folder holding
-    high_noise_model/ and low_noise_model/ or a diffusers pipeline folder (high = that folder, low = None), or from
-    two checkpoints (e.g. NVlabs's
-    merged rCM .pth experts). offload: the idle expert waits on the CPU."""
-    if low is None:  # diffusers: transformer/ is the high-noise expert, transformer_2/ the low-noise one
-        parts = ("transformer", "transformer_2") if (Path(high) / "model_index.json").exists() else \
-            ("high_noise_model", "low_noise_model")
-        high, low = Path(high) / parts[0], Path(high) / parts[1]
-        for folder in (high, low):
-            if not folder.is_dir():
-                raise FileNotFoundError(f"{folder} not found: a Wan2.2 {name} folder holds high_noise_model/ and "
-                                        f"low_noise_model/ (diffusers: transformer/ and transformer_2/), or pass the "
-                                        f"two experts' files")
+def load_two_experts(name: str | None, high, low=None, *, dtype=None, device="cpu", offload: bool = False,
+                     arch: WanConfig | None = None, boundary: float | None = None) -> TwoExperts:
+    """The two experts of a Wan2.2 A14B model `name` (a key of BOUNDARY; or any `arch` and `boundary`, e.g. a toy
+    two-expert run's): from a folder holding both (`expert_folders`; high = that folder, low = None), or from two
+    checkpoints (e.g. NVlabs's merged rCM .pth experts). offload: the idle expert waits on the CPU."""
+    if low is None:
+        high, low = expert_folders(high)
     experts = []
     for path in (high, low):
         with torch.device("meta"):
-            net = WanModel(CONFIGS[name])
+            net = WanModel(arch or CONFIGS[name])
         load_checkpoint(net, path, dtype=dtype)
         experts.append(net.to("cpu" if offload else device).eval().requires_grad_(False))
-    return TwoExperts(*experts, BOUNDARY[name], device if offload else None)
+    return TwoExperts(*experts, boundary or BOUNDARY[name], device if offload else None)
+
+
+EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")  # the official Wan2.2 A14B layout (and train_rcm's export)
+
+
+def expert_folders(folder) -> tuple[Path, Path]:
+    """The high- and low-noise experts' folders in a Wan2.2 A14B folder (official: high_noise_model/ and
+    low_noise_model/; a diffusers pipeline: transformer/ and transformer_2/)."""
+    parts = ("transformer", "transformer_2") if (Path(folder) / "model_index.json").exists() else EXPERT_FOLDERS
+    high, low = Path(folder) / parts[0], Path(folder) / parts[1]
+    for f in (high, low):
+        if not f.is_dir():
+            raise FileNotFoundError(f"{f} not found: a two-expert (Wan2.2 A14B) folder holds high_noise_model/ and "
+                                    f"low_noise_model/ (diffusers: transformer/ and transformer_2/)")
+    return high, low
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from data import write_shards
 from image_encoder import CLIPConfig, CLIPVision, load_clip
 from model import (BOUNDARY, CONFIGS, CacheConfig, WanConfig, WanModel, chunk_frames, diffusers_config, load_checkpoint,
                    load_two_experts)
-from samplers import (check_times, draw_noise, flow_times, generate, generate_stream, guidance, kv_cache,
+from samplers import (check_times, conditioned, draw_noise, flow_times, generate, generate_stream, guidance, kv_cache,
                       sample_euler, sample_unipc, stream_times)
 from text_encoder import UMT5Config, encode_prompts_and_free, read_negative_embedding, umt5_files
 from vae import VAEConfig, i2v_size, image_condition, load_vae
@@ -370,9 +370,9 @@ def check(cfg: Config, settings: dict):
                              "(or pick a text-to-video --model)"
                              if cfg.image is None else "--image needs an image-to-video model (--model i2v-14B or "
                              "i2v-A14B); the text-to-video ones take no image")
-        if cfg.lora is not None and cfg.model in BOUNDARY:
+        if cfg.lora is not None and boundary_of(cfg, settings) is not None:
             raise ValueError("--lora merges into one DiT; the two experts of an A14B model would each need their own")
-        if cfg.dit_path_low is not None and cfg.model not in BOUNDARY:
+        if cfg.dit_path_low is not None and boundary_of(cfg, settings) is None:
             raise ValueError(f"--dit-path-low is the low-noise expert of a two-expert model ({', '.join(BOUNDARY)})")
         if arch.model_type == "i2v" and arch.clip:
             files.append(("--clip-path", cfg.clip_path, "the CLIP checkpoint of the Wan2.1 I2V release"))
@@ -473,11 +473,19 @@ def i2v_inputs(cfg: Config, arch: WanConfig, vae, width: int, height: int):
     return y, clip_fea, width, height
 
 
+def boundary_of(cfg: Config, settings: dict) -> float | None:
+    """The experts' boundary of a two-expert model: an A14B --model's, else a two-expert run's stored one; else None."""
+    return BOUNDARY.get(cfg.model, settings.get("boundary") if cfg.model is None else None)
+
+
 def load_net(cfg: Config, settings: dict):
-    """The DiT, or Wan2.2's two experts for an A14B --model (a folder with both, or --dit-path and --dit-path-low)."""
-    if cfg.model in BOUNDARY:
+    """The DiT, or the two experts of an A14B --model or a two-expert run (a folder with both, or --dit-path and
+    --dit-path-low)."""
+    boundary = boundary_of(cfg, settings)
+    if boundary is not None:
         net = load_two_experts(cfg.model, cfg.dit_path, cfg.dit_path_low, dtype=getattr(torch, cfg.dtype),
-                               device=cfg.device, offload=cfg.offload)
+                               device=cfg.device, offload=cfg.offload, arch=architecture(cfg, settings),
+                               boundary=boundary)
         if cfg.compile:
             for block in (*net.high.blocks, *net.low.blocks):
                 block.compile()
@@ -517,11 +525,8 @@ def sample_wan(cfg: Config, settings: dict):
         v = net(x, timestep, context, **kw)
         bar.update()
         return v
-    if y is not None and not cfg.causal:  # I2V: every call (both halves under CFG) gets the image's conditioning
-        counted = dit
-        dit = lambda x, timestep, context, **kw: counted(
-            x, timestep, context, y=y.expand(len(x), *y.shape[1:]),
-            clip_fea=None if clip_fea is None else clip_fea.expand(len(x), -1, -1), **kw)
+    if not cfg.causal:  # I2V: every call (both halves under CFG) gets the image's conditioning
+        dit = conditioned(dit, y=y, clip_fea=clip_fea)
 
     def videos():
         for k, (i, prompt) in enumerate(jobs):
@@ -534,7 +539,7 @@ def sample_wan(cfg: Config, settings: dict):
                 line += stream_report(seconds, cfg.num_frames)
             else:
                 z = generate_latents(dit, [embeds[i]], None if neg is None else [neg], shape, s, generator,
-                                     BOUNDARY.get(cfg.model, 1.0))
+                                     boundary_of(cfg, settings) or 1.0)
                 if y is not None:  # the conditioning image is the first frame
                     z[:, :, :1] = y[:, 4:, :1]
                 t1 = now(cfg.device)
@@ -573,9 +578,11 @@ def sample_toy(cfg: Config, settings: dict) -> dict:
     """A toy checkpoint on the world it was trained on: num_samples clips of every prompt at each step count (the
     run's evaluated ones unless --steps), their exact metrics as the run printed them, and a grid mp4 per row."""
     world = toy.make_world(toy.ToyConfig(**settings.get("toy", {}).get("world", {})))
-    net = load_dit(architecture(cfg, settings), cfg)
+    net = load_net(cfg, settings)
     prompt, context = toy.eval_prompts(world, cfg.num_samples)
     context = context.to(cfg.device)
+    image = toy.eval_conditioning(world, net.cfg, prompt, cfg.seed)  # (I2V: the run's evaluation images)
+    net = conditioned(net, **{k: v.to(cfg.device) for k, v in image.items()})
     neg_context = world.negative.expand(len(prompt), -1, -1).to(cfg.device)
     s = cfg.sampler
     steps = toy_steps(cfg, settings)
@@ -589,7 +596,7 @@ def sample_toy(cfg: Config, settings: dict) -> dict:
             x = stream_video(net, None, context, world.cfg.shape, st, sampler, generator)[0].cpu()
         else:
             x = generate_latents(net, context, neg_context, world.cfg.shape, sampler, generator).cpu()
-        results[f"{name}-{n}"] = toy.metrics(world, x, prompt)
+        results[f"{name}-{n}"] = toy.metrics(world, x, prompt, image.get("y"))
         toy.save_grid(world, x, rows=world.cfg.prompts, path=cfg.save_path / f"toy_{name}-{n}_seed{cfg.seed}.mp4")
     toy.print_table(results)
     print(f"grids (rows = prompts) -> {cfg.save_path}/toy_*_seed{cfg.seed}.mp4")

@@ -40,6 +40,22 @@ def guidance(net, uncond, w: float, w_high: float | None = None, boundary: float
     return guided
 
 
+def conditioned(net, **image):
+    """The net with each clip's I2V conditioning bound (y [B, 20, T, H, W], clip_fea [B, 257, 1280]; None entries
+    dropped): a call on k·B rows gets k copies, so under `guidance` (applied on top) the unconditional half keeps the
+    image and drops only the text, as Wan's I2V pipelines do. Nothing to bind: the net itself."""
+    image = {k: v for k, v in image.items() if v is not None}
+    if not image:
+        return net
+
+    def f(x, timestep, context, **kw):
+        if any(len(x) % len(v) for v in image.values()):
+            raise ValueError(f"a batch of {len(x)} clips, and I2V conditioning for {len(next(iter(image.values())))}")
+        return net(x, timestep, context, **kw, **{k: v.repeat(len(x) // len(v), *[1] * (v.ndim - 1))
+                                                  for k, v in image.items()})
+    return f
+
+
 def _both(cond, uncond):
     """[cond | uncond] contexts as one batch: a tensor when the shapes agree, else a list (the net pads each row)."""
     if torch.is_tensor(cond) and torch.is_tensor(uncond) and cond.shape[1:] == uncond.shape[1:]:

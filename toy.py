@@ -18,8 +18,8 @@ import torch
 
 from checkpoint import save_checkpoint
 from data import write_shards as write_data_shards
-from model import CONFIGS, WanConfig, WanModel
-from samplers import flow_times, guidance, sample_euler
+from model import CONFIGS, EXPERT_FOLDERS, WanConfig, WanModel
+from samplers import conditioned, flow_times, guidance, sample_euler
 
 
 @dataclass
@@ -83,13 +83,27 @@ def make_world(cfg: ToyConfig) -> World:
     return World(cfg, mu, torch.tensor(cfg.weights) / sum(cfg.weights), text, negative, colour, paint)
 
 
+def draw_clips(world: World, prompt: torch.Tensor, generator=None) -> torch.Tensor:
+    """Clips x0 [N, C, T, H, W] of the given prompt ids [N]: a mode by its weight, then σ noise."""
+    mode = torch.multinomial(world.weights, len(prompt), replacement=True, generator=generator)
+    return world.mu[prompt, mode] + world.cfg.sigma * torch.randn((len(prompt), *world.cfg.shape), generator=generator)
+
+
 def sample_data(world: World, n: int, generator=None):
     """n clips of the data distribution: x0 [n, C, T, H, W], their text embeddings [n, L, D] and prompt ids [n]."""
-    P, M = world.mu.shape[:2]
-    prompt = torch.randint(P, (n,), generator=generator)
-    mode = torch.multinomial(world.weights, n, replacement=True, generator=generator)
-    x0 = world.mu[prompt, mode] + world.cfg.sigma * torch.randn((n, *world.cfg.shape), generator=generator)
-    return x0, world.text[prompt], prompt
+    prompt = torch.randint(world.mu.shape[0], (n,), generator=generator)
+    return draw_clips(world, prompt, generator), world.text[prompt], prompt
+
+
+def image_condition(first: torch.Tensor, frames: int) -> torch.Tensor:
+    """Wan's I2V conditioning y [B, 20, T, H, W] (vae.image_condition's layout) for first latent frames [B, 16, H, W]:
+    a 4-channel mask that is 1 on frame 0, then the latents of [image, blank frames], which in the toy world (no VAE)
+    are the first frame followed by zeros."""
+    B, C, H, W = first.shape
+    y = first.new_zeros(B, 4 + C, frames, H, W)
+    y[:, :4, 0] = 1
+    y[:, 4:, 0] = first
+    return y
 
 
 def prompt_of(world: World, context: torch.Tensor) -> torch.Tensor:
@@ -103,30 +117,36 @@ def prompt_of(world: World, context: torch.Tensor) -> torch.Tensor:
 
 
 def exact_velocity(world: World, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                   first: torch.Tensor | None = None) -> torch.Tensor:
+                   y: torch.Tensor | None = None) -> torch.Tensor:
     """The exact rectified-flow velocity v = (x_s − E[x0 | x_s])/s of the world, with Wan's call signature.
 
     x [B, C, T, H, W]; timestep [B] = 1000·s; context [B, L, D]: a prompt's embedding (its M modes) or the negative
     one (all P·M modes). Each mode k is N((1 − s)·μ_k, v_s·I) at time s, v_s = (1 − s)²σ² + s², so the posterior
     over modes and the posterior mean are closed-form; computed in float64.
-    Image-conditioned (first [B, C, H, W], a clean first latent frame): x holds the other T − 1 frames. A Gaussian
-    mixture with diagonal covariance conditioned on some coordinates is the mixture of the other coordinates with the
-    weights reweighted by how well each mode explains the given ones (`log_prior`), so the same formula applies.
+    Image-conditioned (y [B, 20, T, H, W] from `image_condition`: the clean first latent frame f is given): frame 0's
+    velocity is (x_s − f)/s exactly. A Gaussian mixture with diagonal covariance, conditioned on some coordinates, is
+    the mixture of the other coordinates with the weights reweighted by how well each mode explains the given ones
+    (`log_prior_of`), so the same formula applies to the other frames.
     """
     if timestep.ndim != 1:
         raise ValueError("exact_velocity takes one timestep per sample, [B]")
     sigma = world.cfg.sigma
+    first = None if y is None else y[:, 4:, 0].double()
     mu = world.mu.to(x.device, torch.float64).flatten(0, 1)                        # [K = P·M, C, T, H, W]
     log_prior = log_prior_of(world, context, first).to(x.device)                    # [B, K]
     mu = (mu if first is None else mu[:, :, 1:]).flatten(1)                         # [K, d]
     s = (timestep.double() / 1000).clamp(min=1e-6, max=1.0)[:, None]               # [B, 1]
-    xs = x.double().flatten(1)
+    xs = (x if first is None else x[:, :, 1:]).double().flatten(1)
     v_s = (1 - s) ** 2 * sigma**2 + s**2
     sq = (xs.pow(2).sum(1, keepdim=True) - 2 * (1 - s) * xs @ mu.T + (1 - s) ** 2 * mu.pow(2).sum(1))   # ‖x − (1−s)μ_k‖²
     r = torch.softmax(log_prior - sq / (2 * v_s), dim=1)                           # responsibilities [B, K]
     mean_mu = r @ mu                                                               # Σ_k r_k μ_k
     x0 = mean_mu + (1 - s) * sigma**2 / v_s * (xs - (1 - s) * mean_mu)              # E[x0 | x_s]
-    return ((xs - x0) / s).view_as(x).to(x.dtype)
+    v = (xs - x0) / s
+    if first is None:
+        return v.view_as(x).to(x.dtype)
+    v0 = (x[:, :, 0].double() - first) / s.view(-1, 1, 1, 1)                       # frame 0 is known: x0 = f
+    return torch.cat([v0[:, :, None], v.view(len(x), x.shape[1], -1, *x.shape[3:])], 2).to(x.dtype)
 
 
 def log_prior_of(world: World, context: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,16 +171,19 @@ def conditional_weights(world: World, prompt: torch.Tensor, first: torch.Tensor)
 
 
 # --------------------------------------------------------------------------------------------------- exact metrics
-def metrics(world: World, x: torch.Tensor, prompt: torch.Tensor, weights: torch.Tensor | None = None) -> dict:
+def metrics(world: World, x: torch.Tensor, prompt: torch.Tensor, y: torch.Tensor | None = None) -> dict:
     """Exact quality/diversity of samples x [N, C, T, H, W] drawn for prompt ids [N], per prompt then averaged.
 
     ρ_k = ‖x − μ_k‖/(σ√d). precision: nearest mode (over all prompts) is the prompt's own and ρ < 2;
     wrong_prompt: nearest mode is another prompt's; mode_tv: total variation between the nearest-mode histogram of
     precise samples and the weights w (1 when no sample is precise); mean_rho: mean ρ of precise samples.
-    weights [N, M]: each sample's own mode weights (image-conditioned: `conditional_weights`); the histogram is then
-    compared with their mean over the prompt's precise samples.
+    Image-conditioned samples (y [N, 20, T, H, W]: the conditioning they were drawn with): the precise samples are
+    grouped by the mode their image makes likeliest (`conditional_weights`), and mode_tv is the size-weighted mean over
+    groups of the TV between the group's histogram and its mean conditional weights; a sampler that ignores the
+    image keeps the marginal histogram but fails this.
     """
     P, M = world.mu.shape[:2]
+    weights = None if y is None else conditional_weights(world, prompt, y[:, 4:, 0])
     d = x[0].numel()
     mu = world.mu.flatten(2).flatten(0, 1).double()
     rho = torch.cdist(x.double().flatten(1), mu) / (world.cfg.sigma * math.sqrt(d))  # [N, K]
@@ -170,19 +193,42 @@ def metrics(world: World, x: torch.Tensor, prompt: torch.Tensor, weights: torch.
     out = {"precision": [], "wrong_prompt": [], "mode_tv": [], "mean_rho": []}
     for p in prompt.unique():
         sel, good = prompt == p, precise & (prompt == p)
-        hist = torch.bincount(k[good] % M, minlength=M).double()
         out["precision"].append(good.sum().item() / sel.sum().item())
         out["wrong_prompt"].append((~right & sel).sum().item() / sel.sum().item())
-        target = world.weights.double() if weights is None else weights[good].double().mean(0)
-        out["mode_tv"].append(0.5 * (hist / hist.sum() - target).abs().sum().item() if good.any() else 1.0)
+        if weights is None:
+            out["mode_tv"].append(_tv(k[good] % M, world.weights.double()) if good.any() else 1.0)
+        else:  # per group of samples whose image makes the same mode likeliest, weighted by the group's size
+            group = weights.argmax(1)
+            out["mode_tv"].append(sum((good & (group == g)).sum().item() / good.sum().item() *
+                                      _tv(k[good & (group == g)] % M, weights[good & (group == g)].double().mean(0))
+                                      for g in group[good].unique()) if good.any() else 1.0)
         out["mean_rho"].append(best_rho[good].mean().item() if good.any() else math.nan)
     return {name: sum(v) / len(v) for name, v in out.items()}
+
+
+def _tv(modes: torch.Tensor, target: torch.Tensor) -> float:
+    """Total variation between the histogram of mode ids [n] (n ≥ 1) and the weights target [M]."""
+    hist = torch.bincount(modes, minlength=len(target)).double()
+    return 0.5 * (hist / hist.sum() - target).abs().sum().item()
 
 
 def eval_prompts(world: World, per_prompt: int):
     """The evaluation set: per_prompt samples of every prompt, as prompt ids [P·per_prompt] and contexts."""
     prompt = torch.arange(world.mu.shape[0]).repeat_interleave(per_prompt)
     return prompt, world.text[prompt]
+
+
+def eval_images(world: World, prompt: torch.Tensor, seed: int) -> torch.Tensor:
+    """The image-conditioned evaluation's conditioning y [N, 20, T, H, W] for prompt ids [N]: the first frames of
+    clips of each prompt drawn from the world (seeded apart from the samplers' noise)."""
+    x0 = draw_clips(world, prompt, torch.Generator().manual_seed(10_000 + seed))
+    return image_condition(x0[:, :, 0], world.cfg.shape[1])
+
+
+def eval_conditioning(world: World, dit: WanConfig, prompt: torch.Tensor, seed: int) -> dict:
+    """The keyword arguments every net of an evaluation takes for prompt ids [N]: {"y": eval_images} for an
+    image-to-video DiT (`samplers.conditioned` binds them), else none."""
+    return {"y": eval_images(world, prompt, seed)} if dit.model_type == "i2v" else {}
 
 
 # ------------------------------------------------------------------------------------------------- toy teacher
@@ -201,7 +247,7 @@ class TeacherConfig:
 
 
 def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, device="cpu", log=print,
-                  ckpt_every: int = 500) -> WanModel:
+                  ckpt_every: int = 500, s_range: tuple[float, float] = (0.0, 1.0)) -> WanModel:
     """Train the teacher by flow matching and save it (official key names) at path; every ckpt_every steps a partial
     checkpoint beside it, from which an interrupted training resumes.
 
@@ -211,6 +257,9 @@ def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, 
     of its 50-step samples are clean blobs moving about 30° off every mode (the motion direction is a continuous
     latent to it). An off_mode_fraction of the batch therefore starts from such clips (the prompt's blob in a
     random direction, σ noise added), at s ~ U(0, 1); their exact velocity pulls them onto the nearest mode.
+    An image-to-video DiT (model_type "i2v") is trained the same way, each clip conditioned on its own first frame
+    (`image_condition`), against the exact image-conditioned velocity. s_range: the times this net serves (an
+    expert of a two-expert teacher); every draw is mapped into it.
     """
     torch.manual_seed(world.cfg.seed + 1)
     net = WanModel(dit).to(device)
@@ -225,7 +274,7 @@ def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, 
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # (map_location moved it to the device)
         start = state["step"]
         log(f"toy teacher: resuming at step {start} from {partial}")
     for step in range(start, cfg.steps):
@@ -242,11 +291,15 @@ def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, 
         context = torch.where(drop[:, None, None], world.negative, context)
         u = torch.rand(cfg.batch)
         hard = (torch.rand(cfg.batch) < cfg.hard_fraction) & ~off
-        s = torch.where(hard, cfg.hard_from + (1 - cfg.hard_from) * u, u)
+        lo, hi = s_range
+        hard &= hi == 1.0  # (the hard times s ≥ hard_from are the top of the axis: a low-noise expert has none)
+        hard_lo = max(cfg.hard_from, lo)
+        s = torch.where(hard, hard_lo + (1 - hard_lo) * u, lo + (hi - lo) * u)
         x_s = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * torch.randn_like(x0)
-        target = exact_velocity(world, x_s, 1000 * s, context)
+        image = {"y": image_condition(x0[:, :, 0], x0.shape[2])} if dit.model_type == "i2v" else {}
+        target = exact_velocity(world, x_s, 1000 * s, context, **image)
         x_s, context, s, target = (a.to(device) for a in (x_s, context, s, target))
-        loss = (net(x_s, 1000 * s, context) - target).pow(2).mean()
+        loss = (net(x_s, 1000 * s, context, **{k: v.to(device) for k, v in image.items()}) - target).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -261,10 +314,12 @@ def train_teacher(world: World, cfg: TeacherConfig, dit: WanConfig, path: Path, 
 
 @torch.no_grad()
 def teacher_sample(velocity, world: World, prompt: torch.Tensor, w: float, steps: int, shift: float, seed: int,
-                   device="cpu") -> torch.Tensor:
-    """Multi-step Euler sampling with CFG weight w of any Wan-signature velocity, for prompt ids [N]; seeded."""
+                   device="cpu", image: dict | None = None) -> torch.Tensor:
+    """Multi-step Euler sampling with CFG weight w of any Wan-signature velocity, for prompt ids [N]; seeded.
+    image: the I2V conditioning of each sample (`eval_conditioning`), kept by both CFG halves."""
     context, uncond = world.text[prompt].to(device), world.negative.expand(len(prompt), -1, -1).to(device)
     eps = torch.randn((len(prompt), *world.cfg.shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    velocity = conditioned(velocity, **{k: v.to(device) for k, v in (image or {}).items()})
     return sample_euler(guidance(velocity, uncond, w), eps, context, flow_times(steps, shift)).cpu()
 
 
@@ -306,35 +361,46 @@ class ToyRun:
     data_clips: int = 0  # write this many clips of the world as shards to --data (if it holds none), then train on them
 
 
-def teacher_path(run: ToyRun, dit: WanConfig) -> Path:
+def teacher_path(run: ToyRun, dit: WanConfig, boundary: float | None = None) -> Path:
     """The cached toy teacher for this world, DiT and training config, in the user's cache folder (never the working
-    directory, which may be read-only)."""
-    key = hashlib.sha1(repr((run.world, dit, run.teacher)).encode()).hexdigest()[:10]
+    directory, which may be read-only). Two experts switched at `boundary`: a folder in Wan2.2's layout,
+    high_noise_model/ and low_noise_model/ (model.EXPERT_FOLDERS)."""
+    key = hashlib.sha1(repr((run.world, dit, run.teacher) + ((boundary,) if boundary is not None else ()))
+                       .encode()).hexdigest()[:10]
     folder = run.cache_dir or Path(os.environ.get("RCM_CACHE") or Path.home() / ".cache" / "rcm")
-    return Path(folder) / f"toy_teacher_{key}.safetensors"
+    return Path(folder) / (f"toy_teacher_{key}.safetensors" if boundary is None else f"toy_experts_{key}")
 
 
-def cached_teacher(run: ToyRun, dit: WanConfig, device, log=print) -> Path:
-    """The cached toy teacher's checkpoint, trained first if missing (resuming an interrupted training)."""
-    path = teacher_path(run, dit)
-    if not path.exists():
+def cached_teacher(run: ToyRun, dit: WanConfig, device, log=print, boundary: float | None = None) -> Path:
+    """The cached toy teacher's checkpoint, trained first if missing (resuming an interrupted training); with a
+    boundary, two experts, each trained by flow matching on its side of it (s ≥ boundary: the high-noise one)."""
+    path = teacher_path(run, dit, boundary)
+    files = [path] if boundary is None else [path / name / "diffusion_pytorch_model.safetensors" for name in EXPERT_FOLDERS]
+    ranges = [(0.0, 1.0)] if boundary is None else [(boundary, 1.0), (0.0, boundary)]
+    for file, s_range in zip(files, ranges):
+        if file.exists():
+            continue
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".probe").touch()
-            path.with_suffix(".probe").unlink()
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.with_suffix(".probe").touch()
+            file.with_suffix(".probe").unlink()
         except OSError as e:
             raise OSError(f"cannot write the toy teacher's cache {path.parent} ({e.strerror}): set --toy.cache-dir "
                           f"or $RCM_CACHE to a writable folder") from None
-        log(f"no cached toy teacher: training one ({run.teacher.steps} steps) -> {path}")
-        train_teacher(make_world(run.world), run.teacher, dit, path, device, log=log)
+        log(f"no cached toy teacher: training one ({run.teacher.steps} steps" +
+            ("" if boundary is None else f", the expert for s in {s_range}") + f") -> {file}")
+        train_teacher(make_world(run.world), run.teacher, dit, file, device, log=log, s_range=s_range)
     return path
 
 
-def write_shards(world: World, n: int, folder: Path, seed: int):
-    """n clips of the world (drawn from a generator seeded by `seed`) as training shards in `folder` (data.py)."""
+def write_shards(world: World, n: int, folder: Path, seed: int, image: bool = False):
+    """n clips of the world (drawn from a generator seeded by `seed`) as training shards in `folder` (data.py);
+    image: with each clip's I2V conditioning y (its first frame)."""
     x0, cond, prompt = sample_data(world, n, generator=torch.Generator().manual_seed(seed))
+    y = image_condition(x0[:, :, 0], x0.shape[2]) if image else None
     # clone: a view would save the whole batch's storage with every sample
-    samples = ((x0[k].clone(), cond[k].clone(), f"toy prompt {prompt[k].item()}") for k in range(n))
+    samples = ((x0[k].clone(), cond[k].clone(), f"toy prompt {prompt[k].item()}",
+                {} if y is None else {"y": y[k].clone()}) for k in range(n))
     write_data_shards(samples, folder, samples_per_shard=-(-n // 16))
 
 
@@ -347,15 +413,17 @@ def print_table(results: dict):
               f"{m['mean_rho']:>8.3f}")
 
 
-def preview(world: World, sample, folder: Path, i: int, save: bool, per_prompt: int = 64) -> dict:
-    """A training run's preview at iteration i: sample(prompt ids, seed) -> {name: clips} for per_prompt clips of every
-    prompt (every rank samples: the net may be sharded); gif grids in folder/previews (when `save`) and the exact
-    metrics as log entries."""
+def preview(world: World, dit: WanConfig, sample, folder: Path, i: int, save: bool, per_prompt: int = 64) -> dict:
+    """A training run's preview at iteration i: sample(prompt ids, seed, image) -> {name: clips} for per_prompt clips
+    of every prompt (image: `eval_conditioning` for the trained DiT `dit`; every rank samples: the net may be
+    sharded); gif grids in folder/previews (when `save`) and the exact metrics as log entries."""
     prompt, _ = eval_prompts(world, per_prompt)
-    samples = sample(prompt, 1)
+    image = eval_conditioning(world, dit, prompt, 1)
+    samples = sample(prompt, 1, image)
     if save:
         save_grids(world, samples, per_prompt, Path(folder) / "previews", f"{i:06d}_")
-    return {f"preview/{name}/{k}": v for name, x in samples.items() for k, v in metrics(world, x, prompt).items()}
+    return {f"preview/{name}/{k}": v for name, x in samples.items()
+            for k, v in metrics(world, x, prompt, image.get("y")).items()}
 
 
 def save_grids(world: World, samples: dict, per_prompt: int, folder: Path, prefix: str, cols: int = 8):

@@ -146,11 +146,11 @@ def rollout(cfg: CausalConfig, net: WanModel, cond, x0: torch.Tensor, cycle: int
 
 # ------------------------------------------------------------------------------------------------- one iteration
 def student_step(cfg: CausalConfig, stage: Stage, nets: Nets, batches, i: int) -> dict:
-    """One update of the trained net: the stage's loss on each micro-batch (x0, cond, uncond) of `batches`, gradients
+    """One update of the trained net: the stage's loss on each micro-batch (x0, cond, uncond, image) of `batches`, gradients
     accumulated into one AdamW step, then the EMA. Returns the metrics (micro-batch means)."""
     n_eff = i // cfg.sf.student_update_freq if stage == "sf_dmd" else i   # student updates before this one
 
-    def loss_of(x0, cond, uncond):
+    def loss_of(x0, cond, uncond, _image):  # (T2V only, checked in train)
         chunks = chunk_frames(x0.shape[2], cfg.first_chunk_t, cfg.chunk_t)
         if stage == "tf":
             loss = tf_loss(nets.trained, x0, cond, chunks, cfg.tf.p_s, cfg.tf.forcing, cfg.tf.loss_scale).mean()
@@ -182,7 +182,7 @@ def critic_step(cfg: CausalConfig, nets: Nets, batches, i: int) -> dict:
     fake score's denoising loss on it (as rCM's critic); one AdamW step."""
     critic_before = i - i // cfg.sf.student_update_freq - 1   # the cycle of rollout steps runs over critic updates
 
-    def loss_of(x0, cond, _):
+    def loss_of(x0, cond, _uncond, _image):
         with torch.no_grad():
             G, steps = rollout(cfg, nets.trained, cond, x0, critic_before)
         loss = critic_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0], cfg.sf.p_D).mean()
@@ -312,8 +312,8 @@ def train_stage(cfg: CausalConfig, d, stage: Stage, world: toy.World | None, bid
                             run, method="causal", stage=stage, sigma_max=cfg.sigma_max, mid_t=cfg.mid_t,
                             first_chunk_t=cfg.first_chunk_t, chunk_t=cfg.chunk_t, eval_steps=[1, 2, 4],
                             steps_per_chunk=cfg.sf.steps_per_chunk or (2,), noisy_context=cfg.sf.noisy_context),
-                        preview=lambda i: toy.preview(world, lambda p, seed: stage_samples(cfg, world, stage, nets.ema,
-                                                                                           p, seed), folder, i, d.is_main),
+                        preview=lambda i: toy.preview(world, cfg.dit, lambda p, seed, _image: stage_samples(
+                            cfg, world, stage, nets.ema, p, seed), folder, i, d.is_main),
                         preview_every=preview_every)
     return folder / "ema.safetensors"
 
@@ -323,6 +323,12 @@ def train(cfg: CausalConfig) -> dict:
     if len(set(cfg.stages)) != len(cfg.stages):
         raise ValueError(f"each stage runs once, got --stages {' '.join(cfg.stages)}")
     training.check_config(cfg)
+    if cfg.dit.model_type != "t2v":
+        raise ValueError(f"train_causal.py distils text-to-video models, and --dit.model-type is {cfg.dit.model_type}: "
+                         f"a causal student streams image-to-video from a T2V net with the image as its first chunk "
+                         f"(sample.py --causal --image); image-conditioned causal training is not built")
+    if cfg.boundary is not None:
+        raise ValueError("train_causal.py streams one causal net: two experts (--boundary) are for train_rcm.py")
     training.check_positive(cfg, "first_chunk_t", "chunk_t")
     training.check_positive(cfg.sf, "student_update_freq", "max_simulation_steps", prefix="sf.")
     check_times(cfg.sigma_max, cfg.mid_t)

@@ -15,6 +15,7 @@ student and the critic; the "effective iteration" counts student iterations only
 ema.safetensors carries the sampling settings (σ_max, mid_t, ...) that `sample.py` then uses as its defaults, and
 toy runs add eval.json (the exact metrics printed at the end) and previews/.
 """
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ import toy
 import training
 from losses import TimeDist, critic_loss, dcm_loss, denoise, dmd_loss, scm_loss
 from model import CONFIGS, WanModel
-from samplers import check_times, generate, guidance, sample_rcm, simulation_times
+from samplers import check_times, conditioned, generate, guidance, sample_rcm, simulation_times
 from training import Nets, Optim, RunConfig
 
 
@@ -62,18 +63,26 @@ class RCMConfig(Optim, RunConfig):
     sigma_max: float = 80.0  # the sampler starts at t = arctan(sigma_max)
 
 
+# the toy preset, which the toy-i2v one varies
+TOY = RCMConfig(
+    out_dir=Path("runs/toy"), dit=toy.TOY_DIT, iterations=600, batch=16, lr=1e-4, lr_fake=1e-4,
+    lr_warmup=20, tangent_warmup=300, student_update_freq=5, teacher_guidance=3.0,
+    # The toy's modes are decided at s ≈ 0.85-0.98 (t ≈ 1.4-1.55), and the flow above that drifts every sample
+    # towards the heavy modes. Learnt step by step (sCM, or dCM with skip 1) the student misses the drift and
+    # flattens the mode weights (docs/toy_experiments.md, "Where the flattening comes from"); so, staged as
+    # docs/rcm.md recommends, a dCM warm-up whose targets lie 4 teacher steps away carries it, then sCM + DMD.
+    dcm_iterations=300, dcm_skip=4,
+    # later mid times than docs/rcm.md's (1.5, 1.4, 1.0) leave the last steps to denoise
+    mid_t=(1.2, 1.0, 0.6), log_every=10, ckpt_every=200,
+    toy=toy.ToyRun(eval_per_prompt=128, preview_every=200))
 PRESETS = {
-    "toy": ("rCM on the toy video world (CPU, minutes): teacher, distillation, exact evaluation", RCMConfig(
-        out_dir=Path("runs/toy"), dit=toy.TOY_DIT, iterations=600, batch=16, lr=1e-4, lr_fake=1e-4,
-        lr_warmup=20, tangent_warmup=300, student_update_freq=5, teacher_guidance=3.0,
-        # The toy's modes are decided at s ≈ 0.85-0.98 (t ≈ 1.4-1.55), and the flow above that drifts every sample
-        # towards the heavy modes. Learnt step by step (sCM, or dCM with skip 1) the student misses the drift and
-        # flattens the mode weights (docs/toy_experiments.md, "Where the flattening comes from"); so, staged as
-        # docs/rcm.md recommends, a dCM warm-up whose targets lie 4 teacher steps away carries it, then sCM + DMD.
-        dcm_iterations=300, dcm_skip=4,
-        # later mid times than docs/rcm.md's (1.5, 1.4, 1.0) leave the last steps to denoise
-        mid_t=(1.2, 1.0, 0.6), log_every=10, ckpt_every=200,
-        toy=toy.ToyRun(eval_per_prompt=128, preview_every=200))),
+    "toy": ("rCM on the toy video world (CPU, minutes): teacher, distillation, exact evaluation", TOY),
+    # (b) of the size/I2V/two-expert proofs: the image-conditioned toy world (docs/toy_world.md), Wan's I2V layout
+    "toy-i2v": ("rCM of an image-to-video toy DiT (each clip given its first frame): CPU, minutes, exact evaluation",
+                dataclasses.replace(TOY, out_dir=Path("runs/toy_i2v"), dit=CONFIGS["toy-i2v"])),
+    # (c): a two-expert toy teacher (two toy DiTs, each trained on its side of the boundary) into a two-expert student
+    "toy-experts": ("rCM of a two-expert toy model (Wan2.2's A14B layout, boundary 0.875): CPU, minutes, exact evaluation",
+                    dataclasses.replace(TOY, out_dir=Path("runs/toy_experts"), boundary=0.875)),
     # docs/rcm.md's defaults, the 14B values from NVlabs/rcm's wan2pt1_t2v experiment config
     "wan1.3b": ("rCM of Wan2.1 T2V 1.3B at 480p (torchrun, 1+ GPUs; needs --teacher-ckpt, --data, --neg-embed)",
                 RCMConfig(out_dir=Path("runs/wan1.3b"), dit=CONFIGS["t2v-1.3B"], precision="bf16",
@@ -109,29 +118,32 @@ def backward_simulation(cfg: RCMConfig, student, cond, x0, n_sim: int, grad_last
 
 # ------------------------------------------------------------------------------------------------- one iteration
 def student_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
-    """One student iteration: on each micro-batch (x0, cond, uncond) of `batches`, the sCM (or dCM) loss and, after
-    the tangent warm-up, the DMD loss through a backward simulation of 1..max_simulation_steps student steps; their
-    gradients accumulate into one AdamW step, then the EMA follows. Returns the metrics (micro-batch means)."""
+    """One student iteration: on each micro-batch (x0, cond, uncond, image) of `batches`, the sCM (or dCM) loss and,
+    after the tangent warm-up, the DMD loss through a backward simulation of 1..max_simulation_steps student steps;
+    their gradients accumulate into one AdamW step, then the EMA follows. Every net sees the clip's I2V conditioning
+    `image` (none for T2V); the teacher's unconditional CFG half drops only the text. Returns the metrics
+    (micro-batch means)."""
     n_eff = effective_iteration(cfg, i)
 
-    def loss_of(x0, cond, uncond):
-        teacher = guidance(nets.teacher, uncond, cfg.teacher_guidance)
+    def loss_of(x0, cond, uncond, image):
+        teacher = guidance(conditioned(nets.teacher, **image), uncond, cfg.teacher_guidance)
+        student, fake = conditioned(nets.trained, **image), conditioned(nets.fake, **image)
         record, loss = {}, torch.zeros((), device=x0.device, dtype=torch.float64)
         if cfg.loss_scale > 0:
             F_teacher = lambda x, t: denoise(teacher, x, t, cond)[1]
             if i < cfg.dcm_iterations:
-                l_cm = dcm_loss(nets.trained, cond, F_teacher, x0, cfg.dcm_total_steps, cfg.dcm_skip, cfg.dcm_shift,
+                l_cm = dcm_loss(student, cond, F_teacher, x0, cfg.dcm_total_steps, cfg.dcm_skip, cfg.dcm_shift,
                                 cfg.loss_scale)
                 record["loss/dcm"] = l_cm.mean().item()
             else:
                 r = 1.0 if cfg.tangent_warmup == 0 else min(1.0, i / cfg.tangent_warmup)
-                l_cm, n_nan = scm_loss(nets.trained, cond, F_teacher, x0, cfg.p_G, r, cfg.loss_scale)
+                l_cm, n_nan = scm_loss(student, cond, F_teacher, x0, cfg.p_G, r, cfg.loss_scale)
                 record.update({"loss/scm": l_cm.mean().item(), "scm/nan_samples": n_nan, "scm/r": r})
             loss = loss + l_cm.mean()
         if cfg.fake_score and i >= cfg.tangent_warmup:
             n_sim = n_eff % cfg.max_simulation_steps + 1
-            G = backward_simulation(cfg, nets.trained, cond, x0, n_sim, grad_last=True)
-            l_dmd = dmd_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0],
+            G = backward_simulation(cfg, student, cond, x0, n_sim, grad_last=True)
+            l_dmd = dmd_loss(G, lambda x, t: denoise(fake, x, t, cond)[0],
                              lambda x, t: denoise(teacher, x, t, cond)[0], cfg.p_D, cfg.loss_scale_dmd)
             record.update({"loss/dmd": l_dmd.mean().item(), "dmd/steps": n_sim})
             loss = loss + l_dmd.mean()
@@ -144,17 +156,20 @@ def critic_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
     score's denoising loss on its samples; one AdamW step."""
     n_sim = (i - effective_iteration(cfg, i) - 1) % cfg.max_simulation_steps + 1  # cycles over the critic's iterations
 
-    def loss_of(x0, cond, _):
-        G = backward_simulation(cfg, nets.trained, cond, x0, n_sim)
-        loss = critic_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0], cfg.p_D).mean()
+    def loss_of(x0, cond, _, image):
+        G = backward_simulation(cfg, conditioned(nets.trained, **image), cond, x0, n_sim)
+        fake = conditioned(nets.fake, **image)
+        loss = critic_loss(G, lambda x, t: denoise(fake, x, t, cond)[0], cfg.p_D).mean()
         return loss, {"loss/critic": loss.item(), "critic/steps": n_sim}
     return training.critic_update(nets, batches, loss_of, cfg.grad_accum)
 
 
 # --------------------------------------------------------------------------------------------------- toy evaluation
 @torch.no_grad()
-def student_samples(cfg: RCMConfig, world: toy.World, net: WanModel, prompt, seed: int) -> dict:
-    """The student's samples at 1, 2 and 4 steps for prompt ids [N] (sample.py --toy repeats them)."""
+def student_samples(cfg: RCMConfig, world: toy.World, net: WanModel, prompt, seed: int, image: dict) -> dict:
+    """The student's samples at 1, 2 and 4 steps for prompt ids [N] and their I2V conditioning `image`
+    (toy.eval_conditioning; sample.py --toy repeats them)."""
+    net = conditioned(net, **{k: v.to(cfg.device) for k, v in image.items()})
     return {f"student-{n}": generate(net, world.text[prompt].to(cfg.device), world.cfg.shape, n, cfg.sigma_max,
                                      cfg.mid_t, torch.Generator(cfg.device).manual_seed(seed)).cpu() for n in (1, 2, 4)}
 
@@ -162,16 +177,18 @@ def student_samples(cfg: RCMConfig, world: toy.World, net: WanModel, prompt, see
 @torch.no_grad()
 def evaluate(cfg: RCMConfig, world: toy.World, teacher: Path, student: Path) -> dict:
     """Exact metrics of the exact-velocity sampler (ground truth, 200 Euler steps, no CFG), the 50-step CFG
-    teacher and the exported EMA student at 1, 2 and 4 steps, on eval_per_prompt samples per prompt."""
+    teacher and the exported EMA student at 1, 2 and 4 steps, on eval_per_prompt samples per prompt (each given a
+    first frame of its prompt's data for an I2V DiT, the mode weights then the exact conditional ones)."""
     per_prompt, seed, device = cfg.toy.eval_per_prompt, cfg.toy.eval_seed, cfg.device
     prompt, _ = toy.eval_prompts(world, per_prompt)
+    image = toy.eval_conditioning(world, cfg.dit, prompt, seed)
     samples = {
-        "exact": toy.teacher_sample(lambda *a: toy.exact_velocity(world, *a), world, prompt, 1.0, 200, 1.0,
-                                    seed=seed, device=device),
+        "exact": toy.teacher_sample(lambda *a, **kw: toy.exact_velocity(world, *a, **kw), world, prompt, 1.0, 200,
+                                    1.0, seed=seed, device=device, image=image),
         "teacher-50": toy.teacher_sample(training.load_frozen(cfg, teacher, training.teacher_arch(cfg)), world,
-                                         prompt, cfg.teacher_guidance, 50, 5.0, seed=seed, device=device),
-        **student_samples(cfg, world, training.load_frozen(cfg, student), prompt, seed)}
-    return {name: toy.metrics(world, x, prompt) for name, x in samples.items()}
+                                         prompt, cfg.teacher_guidance, 50, 5.0, seed=seed, device=device, image=image),
+        **student_samples(cfg, world, training.load_frozen(cfg, student), prompt, seed, image)}
+    return {name: toy.metrics(world, x, prompt, image.get("y")) for name, x in samples.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -198,12 +215,12 @@ def run(cfg: RCMConfig, d) -> dict:
                         settings=training.sampling_settings(cfg, method="rcm", sigma_max=cfg.sigma_max, mid_t=cfg.mid_t,
                                                             steps=4, eval_steps=[1, 2, 4]),
                         preview=None if world is None else lambda i: toy.preview(
-                            world, lambda p, seed: student_samples(cfg, world, nets.ema, p, seed), cfg.out_dir, i,
+                            world, cfg.dit, lambda *a: student_samples(cfg, world, nets.ema, *a), cfg.out_dir, i,
                             d.is_main),
                         preview_every=0 if world is None else cfg.toy.preview_every)
     if world is None or cfg.toy.eval_per_prompt == 0 or not d.is_main:
         return {}
-    results = evaluate(cfg, world, teacher, cfg.out_dir / "ema.safetensors")
+    results = evaluate(cfg, world, teacher, training.ema_path(cfg))
     (cfg.out_dir / "eval.json").write_text(json.dumps(results, indent=2))
     toy.print_table(results)
     return results

@@ -36,7 +36,8 @@ import toy
 from toy import ToyRun
 from checkpoint import save_checkpoint
 from data import DataConfig, data_shape, list_shards, make_loader
-from model import CONFIGS, WanConfig, WanModel, load_checkpoint, read_checked
+from model import (CONFIGS, EXPERT_FOLDERS, TwoExperts, WanConfig, WanModel, expert_folders, load_checkpoint,
+                   load_two_experts, read_checked)
 from text_encoder import read_negative_embedding
 
 
@@ -48,6 +49,9 @@ class RunConfig:
     student_ckpt: Path | None = None  # start the (first) trained net from these weights, not the teacher's
     dit: WanConfig = field(default_factory=WanConfig)  # network config of the trained nets (student, fake score, EMA)
     teacher_model: str | None = None  # the teacher's architecture if not --dit: a name in model.CONFIGS (t2v-14B)
+    boundary: float | None = None  # two experts (Wan2.2 A14B): every net is a high- and a low-noise expert of --dit's
+    """architecture, switched at this rectified-flow time (t2v-A14B 0.875, i2v-A14B 0.9); checkpoints are folders with
+    high_noise_model/ and low_noise_model/, and so is the exported EMA (ema/)"""
     device: Literal["cuda", "cpu"] = "cuda" if torch.cuda.is_available() else "cpu"  # cuda (NCCL) or cpu (gloo)
     seed: int = 0  # seed of every random draw (noise, times, data order; the toy world's clips)
 
@@ -107,9 +111,12 @@ def check_config(cfg: RunConfig):
     if cfg.batch % cfg.grad_accum:
         raise ValueError(f"--batch {cfg.batch} is not divisible by --grad-accum {cfg.grad_accum}: each rank splits "
                          f"its batch into grad_accum equal micro-batches")
-    if cfg.dit.model_type != "t2v":
-        raise ValueError(f"the trainers distil text-to-video models for now, and --dit.model-type is "
-                         f"{cfg.dit.model_type}: image-to-video distillation is not built yet")
+    if cfg.dit.model_type not in ("t2v", "i2v"):
+        raise ValueError(f"--dit.model-type {cfg.dit.model_type}: the trainers distil Wan's t2v and i2v models (Wan2.2's "
+                         f"ti2v-5B conditions by its first frame's timestep, which they do not build)")
+    if cfg.toy is not None and cfg.dit.model_type == "i2v" and cfg.dit.clip:
+        raise ValueError("the toy world has no CLIP image features: an image-to-video toy DiT needs --dit.no-clip "
+                         "(the toy-i2v config)")
     if cfg.teacher_model is not None:
         if cfg.teacher_model not in CONFIGS:
             raise ValueError(f"--teacher-model {cfg.teacher_model!r}: use one of {', '.join(CONFIGS)}")
@@ -123,6 +130,11 @@ def check_config(cfg: RunConfig):
         if t != s and cfg.student_ckpt is None and cfg.toy is None:
             raise ValueError(f"the student (--dit) is another size than the teacher ({cfg.teacher_model}): pass its "
                              f"base weights with --student-ckpt (e.g. Wan2.1-T2V-1.3B)")
+    if cfg.boundary is not None and not 0 < cfg.boundary < 1:
+        raise ValueError(f"--boundary is a rectified-flow time strictly between 0 and 1, got {cfg.boundary}")
+    if cfg.boundary is not None and cfg.teacher_model is not None and CONFIGS[cfg.teacher_model] != cfg.dit:
+        raise ValueError("a two-expert run (--boundary) distils each expert into one of the same size: drop "
+                         "--teacher-model")
     if cfg.dit.num_heads % cfg.cp_size:
         raise ValueError(f"the model has {cfg.dit.num_heads} attention heads, not divisible by --cp-size "
                          f"{cfg.cp_size}: pick a divisor of {cfg.dit.num_heads}")
@@ -259,11 +271,12 @@ def checkpoints(cfg: RunConfig, d: parallel.Dist) -> tuple[Path, Path]:
 
     def prepare():
         if cfg.teacher_ckpt is None:
-            toy.cached_teacher(cfg.toy, teacher_arch(cfg), d.device, log=tqdm.write)
+            toy.cached_teacher(cfg.toy, teacher_arch(cfg), d.device, log=tqdm.write, boundary=cfg.boundary)
         if cfg.student_ckpt is None and sizes_differ:
             toy.cached_teacher(cfg.toy, cfg.dit, d.device, log=tqdm.write)
         if cfg.toy.data_clips and not any(Path(cfg.data).glob("shard*.tar")):
-            toy.write_shards(toy.make_world(cfg.toy.world), cfg.toy.data_clips, cfg.data, cfg.seed)
+            toy.write_shards(toy.make_world(cfg.toy.world), cfg.toy.data_clips, cfg.data, cfg.seed,
+                             image=bool(image_inputs(cfg.dit)))
         if cfg.data is not None:
             found, world = data_shape(list_shards(cfg.data)), toy.make_world(cfg.toy.world).cfg.shape
             if tuple(found) != tuple(world):
@@ -271,7 +284,7 @@ def checkpoints(cfg: RunConfig, d: parallel.Dist) -> tuple[Path, Path]:
                                  f"pass another --data folder (an empty one gets the world's shards with "
                                  f"--toy.data-clips N)")
     on_main_rank(d, prepare)
-    teacher = cfg.teacher_ckpt or toy.teacher_path(cfg.toy, teacher_arch(cfg))
+    teacher = cfg.teacher_ckpt or toy.teacher_path(cfg.toy, teacher_arch(cfg), cfg.boundary)
     return teacher, cfg.student_ckpt or (toy.teacher_path(cfg.toy, cfg.dit) if sizes_differ else teacher)
 
 
@@ -291,16 +304,28 @@ def on_main_rank(d: parallel.Dist, work: Callable, default=None):
     return result
 
 
-def read_weights(d: parallel.Dist, path, dit: WanConfig) -> dict:
-    """Rank 0 reads a checkpoint (official key names) and checks it against the config; the other ranks get {}."""
-    return on_main_rank(d, lambda: read_checked(path, dit, f"checkpoint {path} does not match --dit:"), {})
+def read_weights(d: parallel.Dist, path, dit: WanConfig, two_experts: bool = False) -> dict:
+    """Rank 0 reads a checkpoint (official key names) and checks it against the config; the other ranks get {}.
+    two_experts: a folder with both (model.expert_folders), read as one dict keyed high.* and low.*."""
+    def read():
+        if not two_experts:
+            return read_checked(path, dit, f"checkpoint {path} does not match --dit:")
+        return {f"{name}.{k}": v for name, folder in zip(("high", "low"), expert_folders(path))
+                for k, v in read_checked(folder, dit, f"expert {folder} does not match --dit:").items()}
+    return on_main_rank(d, read, {})
 
 
 def build_net(cfg: RunConfig, d: parallel.Dist, state_dict: dict, role: Literal["teacher", "trained", "ema"],
               dit: WanConfig):
     """One net, built on the meta device (nothing allocated), wrapped, sharded by FSDP2 over all ranks, then filled
     from rank 0's full state dict (its config: `dit`). trained (student, fake score): fp32 masters, checkpointed
-    activations; teacher: frozen, stored in bf16 under bf16 precision; ema: fp32, never differentiated."""
+    activations; teacher: frozen, stored in bf16 under bf16 precision; ema: fp32, never differentiated. With
+    --boundary, two such nets (each sharded on its own; state dict keys high.*, low.*) routed by model.TwoExperts."""
+    if cfg.boundary is not None:
+        part = lambda name: {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+        high, low = (build_net(dataclasses.replace(cfg, boundary=None), d, part(name), role, dit)
+                     for name in ("high", "low"))
+        return TwoExperts(high, low, cfg.boundary, sharded=dist.get_world_size() > 1)
     bf16 = cfg.precision == "bf16"
     with torch.device("meta"):
         net = WanModel(dit)
@@ -325,6 +350,8 @@ def load_frozen(cfg: RunConfig, path: Path, dit: WanConfig | None = None) -> Wan
     """A plain (unsharded) frozen net (config `dit`, else --dit) on this process's device in the run's precision:
     the toy evaluation runs the exported files, as sample.py does."""
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    if cfg.boundary is not None:
+        return load_two_experts(None, path, dtype=dtype, device=cfg.device, arch=dit or cfg.dit, boundary=cfg.boundary)
     return load_checkpoint(WanModel(dit or cfg.dit), path, dtype=dtype).to(cfg.device).requires_grad_(False).eval()
 
 
@@ -360,7 +387,7 @@ def build_nets(cfg: RunConfig, d: parallel.Dist, optim: Optim, *, teacher: Path 
         if isinstance(source, dict):
             return source
         if str(source) not in weights:
-            weights[str(source)] = read_weights(d, source, dit)
+            weights[str(source)] = read_weights(d, source, dit, cfg.boundary is not None)
         return weights[str(source)]
     nets = dict(teacher=build_net(cfg, d, read(teacher, teacher_arch(cfg)), "teacher", teacher_arch(cfg))
                 if teacher is not None else None,
@@ -394,12 +421,13 @@ def ema_update(ema: WanModel, net: WanModel, n: int, gamma: float):
 
 
 def optimizer_step(opt, sched, batches, loss_of, accum: int) -> dict:
-    """One AdamW step over an iteration's micro-batches: loss_of(x0, cond, uncond) -> (loss, metrics) on each, their
-    gradients accumulated; then the LR schedule. Returns the metrics (micro-batch means) and the LR."""
+    """One AdamW step over an iteration's micro-batches: loss_of(x0, cond, uncond, image) -> (loss, metrics) on each
+    (data_stream's micro-batches), their gradients accumulated; then the LR schedule. Returns the metrics
+    (micro-batch means) and the LR."""
     opt.zero_grad(set_to_none=True)
     metrics = {}
-    for x0, cond, uncond in batches:
-        loss, record = loss_of(x0, cond, uncond)
+    for batch in batches:
+        loss, record = loss_of(*batch)
         if loss.requires_grad:  # (pure DMD has no student loss during the tangent warm-up)
             (loss / accum).backward()
         accumulate_metrics(metrics, record, accum)
@@ -426,7 +454,7 @@ def sampling_settings(cfg: RunConfig, **method) -> dict:
     """What the exported EMA carries for sample.py (its defaults): the architecture, the precision, the toy world's
     evaluation (world, samples per prompt, seed) and the method's sampler settings."""
     settings = {"dit": dataclasses.asdict(cfg.dit), "dtype": "bfloat16" if cfg.precision == "bf16" else "float32",
-                **method}
+                **({"boundary": cfg.boundary} if cfg.boundary is not None else {}), **method}
     if cfg.toy is not None:
         settings["toy"] = {"world": dataclasses.asdict(cfg.toy.world), "seed": cfg.toy.eval_seed}
         if cfg.toy.eval_per_prompt:  # (a run without an evaluation leaves sample.py its own default)
@@ -435,9 +463,17 @@ def sampling_settings(cfg: RunConfig, **method) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ data
+def image_inputs(dit: WanConfig) -> dict:
+    """{net keyword: data key} of the conditioning an image-to-video DiT takes besides the text (none for T2V)."""
+    if dit.model_type != "i2v":
+        return {}
+    return {"y": "y", "clip_fea": "clip"} if dit.clip else {"y": "y"}
+
+
 def data_stream(cfg: RunConfig, d: parallel.Dist, start_batch: int):
-    """(draw, skipped): draw() -> one micro-batch (x0 [b,C,T,H,W], cond [b,L,D], uncond [b,L',D]) on the device,
-    b = batch/grad_accum; skipped counts the corrupt samples and shards the loader passed over (the caller clears
+    """(draw, skipped): draw() -> one micro-batch (x0 [b,C,T,H,W], cond [b,L,D], uncond [b,L',D], image) on the
+    device, b = batch/grad_accum, image: the I2V conditioning as the nets' keyword arguments ({"y": [b,20,T,H,W],
+    "clip_fea": [b,257,1280]}; {} for T2V; the trainers bind it with samplers.conditioned); skipped counts the corrupt samples and shards the loader passed over (the caller clears
     it). Shards are split by data-parallel rank and resume after `start_batch` micro-batches; the toy world without
     --data draws fresh clips from the global RNG (seeded per micro-batch)."""
     micro = cfg.batch // cfg.grad_accum
@@ -446,10 +482,12 @@ def data_stream(cfg: RunConfig, d: parallel.Dist, start_batch: int):
     negative = world.negative if world is not None and cfg.neg_embed is None else \
         read_negative_embedding(cfg.neg_embed, cfg.dit.text_dim)
     uncond = negative.to(d.device).expand(micro, -1, -1)
+    inputs = image_inputs(cfg.dit)
     if cfg.data is None:
         def draw():
             x0, cond, _ = toy.sample_data(world, micro)
-            return x0.to(d.device), cond.to(d.device), uncond
+            image = {"y": toy.image_condition(x0[:, :, 0], x0.shape[2]).to(d.device)} if inputs else {}
+            return x0.to(d.device), cond.to(d.device), uncond, image
         return draw, skipped
 
     # The data's latent shape: the toy world's, else the commonest of the first samples (rank 0's reading, so every
@@ -462,14 +500,15 @@ def data_stream(cfg: RunConfig, d: parallel.Dist, start_batch: int):
         tqdm.write(f"data: latents {tuple(shape.tolist())} (the commonest shape of the first samples of {cfg.data})")
     loader = make_loader(DataConfig(path=str(cfg.data), batch_size=micro, num_workers=cfg.num_workers,
                                     shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, shape=tuple(shape.tolist()),
-                                    embed_dim=cfg.dit.text_dim),
+                                    embed_dim=cfg.dit.text_dim, needs=tuple(inputs.values())),
                          rank=d.dp_rank, ranks=d.dp_size, start_batch=start_batch)
 
     def draw():
         b = next(loader)
         for reason in ("bad_samples", "wrong_shape", "bad_shards"):
             skipped[f"data/{reason}"] += b[reason]
-        return b["latent"].to(d.device), b["embed"].to(d.device), uncond
+        image = {arg: b[key].to(d.device) for arg, key in inputs.items()}
+        return b["latent"].to(d.device), b["embed"].to(d.device), uncond, image
     return draw, skipped
 
 
@@ -516,7 +555,8 @@ def training_state(nets: Nets) -> dict:
 def save_state(folder: Path, d: parallel.Dist, nets: Nets, iteration: int, data_batches: int, settings: dict):
     """state/{iteration}/ (every rank writes its shards), then state/latest.json names it (written atomically, so a
     run killed mid-save resumes from the previous one) and older folders go; the EMA is gathered to rank 0 and
-    exported as ema.safetensors (official key names; the run's sampling `settings` in its metadata)."""
+    exported as ema.safetensors (official key names; the run's sampling `settings` in its metadata; two experts: as
+    ema/high_noise_model/ and ema/low_noise_model/, Wan2.2's layout, see ema_path)."""
     ckpt = folder / "state" / f"{iteration:09d}"
     parallel.save_training_state(ckpt, **training_state(nets),
                                  counters={"iteration": iteration, "data_batches": data_batches})
@@ -529,9 +569,23 @@ def save_state(folder: Path, d: parallel.Dist, nets: Nets, iteration: int, data_
         for old in (folder / "state").iterdir():
             if old.is_dir() and old.name != ckpt.name:
                 shutil.rmtree(old)
-        save_checkpoint(ema, folder / "ema.safetensors.tmp", settings)
-        (folder / "ema.safetensors.tmp").replace(folder / "ema.safetensors")
+        if isinstance(nets.ema, TwoExperts):
+            for name, part in zip(EXPERT_FOLDERS, ("high.", "low.")):
+                path = folder / "ema" / name / "diffusion_pytorch_model.safetensors"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_checkpoint({k[len(part):]: v for k, v in ema.items() if k.startswith(part)},
+                                path.with_suffix(".tmp"), settings)
+                path.with_suffix(".tmp").replace(path)
+        else:
+            save_checkpoint(ema, folder / "ema.safetensors.tmp", settings)
+            (folder / "ema.safetensors.tmp").replace(folder / "ema.safetensors")
     dist.barrier()
+
+
+def ema_path(cfg: RunConfig) -> Path:
+    """The exported EMA of a run folder: ema.safetensors, or for two experts the folder ema/ (Wan2.2's layout, which
+    sample.py and model.load_two_experts read)."""
+    return cfg.out_dir / ("ema" if cfg.boundary is not None else "ema.safetensors")
 
 
 def saved_iteration(folder: Path) -> int:

@@ -116,19 +116,28 @@ def test_render_and_save_grid(tmp_path):
     assert (tmp_path / "grid.gif").stat().st_size > 100
 
 
-@pytest.mark.parametrize("teacher_size", ["same", "larger"])
+@pytest.mark.parametrize("teacher_size", ["same", "larger", "i2v", "experts"])
 def test_short_toy_run_meets_loose_bounds(tmp_path, monkeypatch, teacher_size):
     """The toy preset end to end at a fraction of its size (a smaller, wider-moded world, a smaller DiT, a short
     teacher training and rCM run): loose bounds that an untrained or broken pipeline misses. "larger": a teacher of
-    twice the width distilled into the small student, which starts from a small teacher (its base)."""
+    twice the width distilled into the small student, which starts from a small teacher (its base). "i2v": every
+    net an image-to-video DiT, each clip given its first frame, measured against the exact conditional mode weights.
+    "experts": a two-expert teacher (each expert trained on its side of the boundary) into a two-expert student."""
     import model
     preset = train_rcm.PRESETS["toy"][1]
     world_cfg = toy.ToyConfig(shape=(16, 2, 4, 4), sigma=0.3)
     dit = dataclasses.replace(toy.TOY_DIT, dim=64, ffn_dim=128, num_layers=2)
-    teacher_train = dataclasses.replace(preset.toy.teacher, steps=400)
+    if teacher_size == "i2v":
+        dit = dataclasses.replace(dit, model_type="i2v", in_dim=36, clip=False)
+    # (each expert of a two-expert teacher sees only its times: 800 steps each, measured to pass where 400 did not)
+    teacher_train = dataclasses.replace(preset.toy.teacher, steps=800 if teacher_size == "experts" else 400)
     teacher = tmp_path / "teacher.safetensors"
-    toy.train_teacher(toy.make_world(world_cfg), teacher_train, dit, teacher, log=lambda s: None)
-    sizes = dict(teacher_ckpt=teacher)
+    if teacher_size == "experts":
+        teacher = toy.cached_teacher(toy.ToyRun(world=world_cfg, teacher=teacher_train, cache_dir=tmp_path), dit,
+                                     "cpu", log=lambda s: None, boundary=0.875)
+    else:
+        toy.train_teacher(toy.make_world(world_cfg), teacher_train, dit, teacher, log=lambda s: None)
+    sizes = dict(teacher_ckpt=teacher, boundary=0.875 if teacher_size == "experts" else None)
     if teacher_size == "larger":
         monkeypatch.setitem(model.CONFIGS, "toy-test-large", dataclasses.replace(dit, dim=128, ffn_dim=256))
         sizes = dict(teacher_model="toy-test-large", student_ckpt=teacher, teacher_ckpt=tmp_path / "large.safetensors")
@@ -145,33 +154,45 @@ def test_short_toy_run_meets_loose_bounds(tmp_path, monkeypatch, teacher_size):
 
     # The exported student carries its sampling settings: sample.py with no sampling flags repeats the evaluation
     # (same world, architecture, σ_max, mid_t, samples and seed), so it prints the run's student figures.
-    again = sample.main(sample.Config(dit_path=tmp_path / "run" / "ema.safetensors", toy=True, device="cpu",
+    export = tmp_path / "run" / ("ema" if teacher_size == "experts" else "ema.safetensors")  # (two experts: a folder)
+    again = sample.main(sample.Config(dit_path=export, toy=True, device="cpu",
                                       save_path=tmp_path / "samples"))
     assert json.dumps(again) == json.dumps({k: v for k, v in results.items() if k.startswith("student-")})
     assert len(list((tmp_path / "samples").glob("*.mp4"))) == 3
 
 
 def test_image_conditioned_world_exact_sampler():
-    """Given a clip's first latent frame, the world is the mixture of the other frames with reweighted modes: at pure
-    noise the exact denoiser returns Σ w'_k μ_k of the other frames, and the exact sampler (200 Euler steps) meets
-    the bar against the exact conditional mode weights (precision ≥ 0.98, mode TV ≤ 0.03)."""
+    """Given a clip's first latent frame (Wan's I2V conditioning y), the world is the mixture of the other frames with
+    reweighted modes: at pure noise the exact denoiser returns the first frame itself and Σ w'_k μ_k of the other
+    frames, and the exact sampler (200 Euler steps) meets the bar against the exact conditional mode weights
+    (precision ≥ 0.98, mode TV ≤ 0.03), its first frame the given one."""
     world = toy.make_world(toy.ToyConfig())
     g = torch.Generator().manual_seed(0)
     x0, context, prompt = toy.sample_data(world, 512, generator=g)
     first = x0[:, :, 0]
+    y = toy.image_condition(first, x0.shape[2])
+    assert y.shape == (512, 20, *x0.shape[2:]) and (y[:, :4, 0] == 1).all() and (y[:, :, 1:] == 0).all()
     w = toy.conditional_weights(world, prompt, first)                       # [N, M]
     assert torch.allclose(w.sum(1), torch.ones(len(w), dtype=w.dtype))
-    # at s = 1 the denoiser's mean is the reweighted mixture mean of the frames after the first
+    # at s = 1 the denoiser's mean is the first frame, then the reweighted mixture mean of the later frames
     rest_mu = world.mu[:, :, :, 1:].double()                                # [P, M, C, T − 1, H, W]
     expected = torch.einsum("nm,nm...->n...", w, rest_mu[prompt])
-    noise = torch.randn(x0[:, :, 1:].shape, generator=g)
-    v = toy.exact_velocity(world, noise, torch.full((len(noise),), 1000.0), context, first)
-    torch.testing.assert_close((noise - v).double(), expected, rtol=1e-4, atol=1e-4)
-    # the exact conditional sampler
-    net = lambda x, t, c: toy.exact_velocity(world, x, t, c, first)
-    rest = samplers.sample_euler(net, noise, context, samplers.flow_times(200, 1.0))
-    m = toy.metrics(world, torch.cat([first[:, :, None], rest], 2), prompt, w)
+    noise = torch.randn(x0.shape, generator=g)
+    v = toy.exact_velocity(world, noise, torch.full((len(noise),), 1000.0), context, y=y)
+    torch.testing.assert_close((noise - v)[:, :, 0], first, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close((noise - v)[:, :, 1:].double(), expected, rtol=1e-4, atol=1e-4)
+    # the exact conditional sampler, as a Wan-signature I2V net with the conditioning bound (both CFG halves keep it)
+    net = samplers.conditioned(functools.partial(toy.exact_velocity, world), y=y)
+    x = samplers.sample_euler(samplers.guidance(net, world.negative.expand(512, -1, -1), 1.0), noise, context,
+                              samplers.flow_times(200, 1.0))
+    torch.testing.assert_close(x[:, :, 0], first, rtol=0, atol=1e-3)
+    m = toy.metrics(world, x, prompt, y)
     assert m["precision"] >= 0.98 and m["mode_tv"] <= 0.03 and m["wrong_prompt"] == 0
+    # a sampler that ignores the image follows the weights of the prompt alone: the marginal histogram is right (TV
+    # against the prompt's weights is small), the conditional one is not
+    blind = samplers.sample_euler(functools.partial(toy.exact_velocity, world), noise, context,
+                                  samplers.flow_times(200, 1.0))
+    assert toy.metrics(world, blind, prompt)["mode_tv"] < 0.1 and toy.metrics(world, blind, prompt, y)["mode_tv"] > 0.4
     # in this world a blob's position in the first frame already names its direction of motion, i.e. its mode
     assert (w.max(1).values > 0.99).all() and (w.argmax(1) != w[torch.randperm(len(w), generator=g)].argmax(1)).any()
 
