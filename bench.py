@@ -540,7 +540,7 @@ def bench_iteration(cfg: IterationBench):
         parallel.seed_everything(0, d, i)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        record = step(rcm, nets, [(x0, cond, uncond)], i)
+        record = step(rcm, nets, [(x0, cond, uncond, {})], i)
         torch.cuda.synchronize()
         return time.perf_counter() - t0, record
 
@@ -573,11 +573,114 @@ def bench_iteration(cfg: IterationBench):
     dist.destroy_process_group()
 
 
+# --------------------------------------------------------------------------------------- Causal-rCM stage iterations
+@dataclass
+class CausalIterationBench:
+    """train_causal's own student_step (stages tf_scm and sf_dmd) and critic_step (sf_dmd) on random weights: seconds
+    and peak memory of one iteration, and the matmul throughput (attention not counted: a lower bound on MFU). Under
+    torchrun the nets are FSDP-sharded over all ranks and --cp-size splits each clip's tokens."""
+    preset: str = "wan14b-to-1.3b"  # a train_causal preset (sizes, precision, chunks, guidance, update schedule)
+    stages: tuple[str, ...] = ("tf_scm", "sf_dmd")  # the stages to time
+    resolution: Literal["480p", "720p"] = "480p"  # video size (832x480 or 1280x720)
+    frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
+    cp_size: int | None = None  # context-parallel ranks per clip (default: the preset's, capped at the processes)
+    checkpointing: Literal["none", "block", "matmul"] | None = None  # activation checkpointing (default: the preset's)
+    iters: int = 4  # timed iterations of each kind after one warm-up
+    peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H200 SXM)
+
+
+def matmul_flops(cfg, L, text_rows=512) -> int:
+    """Token and text matmul FLOPs of one DiT forward on L tokens (no attention)."""
+    return cfg.num_layers * (2 * L * (6 * cfg.dim**2 + 2 * cfg.dim * cfg.ffn_dim) + 2 * text_rows * 2 * cfg.dim**2)
+
+
+def bench_causal_iteration(cfg: CausalIterationBench):
+    import torch.distributed as dist
+    import parallel
+    import train_causal
+    import training
+    from model import WanModel, chunk_frames
+    base = train_causal.PRESETS[cfg.preset][1]
+    processes = int(os.environ.get("WORLD_SIZE", 1))
+    cp = min(base.cp_size, processes) if cfg.cp_size is None else cfg.cp_size
+    causal = dataclasses.replace(base, device="cuda", batch=1, cp_size=cp,
+                                 checkpointing=cfg.checkpointing or base.checkpointing)
+    d = parallel.init_distributed(causal.cp_size, "cuda")
+    T, (H, W) = 1 + (cfg.frames - 1) // 4, LATENT[cfg.resolution]
+    L = T * (H // 2) * (W // 2)
+    student, teacher_dit = causal.dit, training.teacher_arch(causal)
+    if d.is_main:
+        print(f"# {torch.cuda.get_device_name()} x{processes} (dp {d.dp_size} x cp {d.cp_size}), torch {torch.__version__}, "
+              f"{cfg.preset}: student {student.dim}/{student.num_layers}, teachers {teacher_dit.dim}/"
+              f"{teacher_dit.num_layers}, {cfg.resolution}, {cfg.frames} frames ({L} tokens), chunks of "
+              f"{causal.chunk_t} latent frames, SAC {causal.checkpointing}, {time.strftime('%Y-%m-%d')}", flush=True)
+
+    def random_weights(arch):
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in WanModel(arch).state_dict().items()}
+        return {k: torch.empty(s, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
+                for k, s in shapes.items()} if d.is_main else {}
+    g = torch.Generator("cuda").manual_seed(d.dp_rank)
+    x0 = torch.randn(1, 16, T, H, W, device="cuda", generator=g)
+    cond, uncond = (torch.randn(1, student.text_len, student.text_dim, device="cuda", generator=g) for _ in range(2))
+    n_chunks = len(chunk_frames(T, causal.first_chunk_t, causal.chunk_t))
+    rows = []
+    for stage in cfg.stages:
+        run = dataclasses.replace(causal, dit=train_causal.stage_arch(causal, stage))
+        weights = random_weights(run.dit)
+        nets = training.build_nets(run, d, train_causal.stage_config(causal, stage), teacher=random_weights(teacher_dit),
+                                   trained=weights, fake=weights if stage == "sf_dmd" else None,
+                                   lr_fake=causal.sf.lr_fake)
+        del weights
+        kinds = [("student", train_causal.student_step)] + ([("critic", None)] if stage == "sf_dmd" else [])
+        for kind, _ in kinds:
+            freq = causal.sf.student_update_freq
+            its = [i for i in range(10**4) if stage != "sf_dmd" or (i % freq == 0) == (kind == "student")][
+                  :cfg.iters + 1]
+            step = (lambda i, b: train_causal.student_step(causal, stage, nets, b, i)) if kind == "student" else \
+                (lambda i, b: train_causal.critic_step(causal, nets, b, i))
+            times = []
+            for n, i in enumerate(its):
+                parallel.seed_everything(0, d, i)
+                if n == 1:
+                    torch.cuda.reset_peak_memory_stats()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                record = step(i, [(x0, cond, uncond, {})])
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0, record))
+            peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            for sec, record in times[1:]:
+                # matmul FLOPs of the clip (backward = 2 forwards): tf_scm packs [clean | noisy] (2L tokens): CFG
+                # teacher 2, student JVP 2 (primal + tangent), student with grad 3. sf_dmd: the rollout's student
+                # passes (n steps per chunk, a clean pass per chunk but the last, the last step with grad: +2),
+                # then DMD: fake 1 + CFG teacher 2 on L tokens; critic: the rollout, then the fake with grad 3.
+                f_s, f_t = (lambda n: matmul_flops(student, n)), (lambda n: matmul_flops(teacher_dit, n))
+                if stage == "tf_scm":
+                    flops = 2 * f_t(2 * L) + 5 * f_s(2 * L)
+                else:
+                    steps = int(record.get("dmd/steps", record.get("critic/steps", 1)))
+                    rollout = (steps + 1) * f_s(L) - f_s(L // n_chunks)
+                    flops = rollout + (2 * f_s(L) + f_s(L) + 2 * f_t(L) if kind == "student" else 3 * f_s(L))
+                rows.append((f"{stage} {kind}", sec, peak.item(), flops * d.dp_size / sec / processes / 1e12))
+        del nets
+        torch.cuda.empty_cache()
+    if d.is_main:
+        print("\n| iteration | seconds (median) | peak GiB (max over ranks) | matmul TFLOP/s per GPU | matmul MFU |")
+        print("|---|---:|---:|---:|---:|")
+        for name in dict.fromkeys(r[0] for r in rows):
+            rs = sorted((r for r in rows if r[0] == name), key=lambda r: r[1])
+            sec, peak, tflops = rs[len(rs) // 2][1:]
+            print(f"| {name} | {sec:.2f} | {peak:.1f} | {tflops:.0f} | {tflops / cfg.peak_tflops:.1%} |")
+    dist.destroy_process_group()
+
+
 BENCHES = {AttnBench: bench_attn, ModelBench: bench_model, SampleBench: bench_sample, CausalBench: bench_causal,
-           IterationBench: bench_iteration, I2VBench: bench_i2v}
+           IterationBench: bench_iteration, I2VBench: bench_i2v, CausalIterationBench: bench_causal_iteration}
 
 if __name__ == "__main__":
     cfg = tyro.extras.subcommand_cli_from_dict({"attn": AttnBench, "model": ModelBench, "sample": SampleBench,
                                                 "causal": CausalBench, "iteration": IterationBench,
-                                                "i2v": I2VBench})
+                                                "i2v": I2VBench, "causal-iteration": CausalIterationBench})
     BENCHES[type(cfg)](cfg)
