@@ -510,7 +510,175 @@ def test_log_wandb_sends_the_scalars_and_resumes_the_same_wandb_run(tmp_path, te
                for r in logged_)  # (as text: NaN metrics compare equal)
 
 
-def test_an_image_to_video_net_is_refused_with_one_message(tmp_path, teacher):
-    cfg = tiny_run(teacher, tmp_path / "run", dit=dataclasses.replace(TINY_DIT, model_type="i2v", in_dim=36))
-    with pytest.raises(ValueError, match="distil text-to-video models for now"):
+def test_unsupported_model_types_are_refused_with_one_message(tmp_path, teacher):
+    import train_causal
+    cfg = tiny_run(teacher, tmp_path / "run", dit=dataclasses.replace(TINY_DIT, model_type="ti2v", in_dim=48, out_dim=48))
+    with pytest.raises(ValueError, match="ti2v-5B conditions by its first frame's timestep"):
         train_rcm.train(cfg)
+    with pytest.raises(ValueError, match="the toy world has no CLIP image features"):
+        train_rcm.train(tiny_run(teacher, tmp_path / "run", dit=TINY_I2V_CLIP))
+    causal = dataclasses.replace(train_causal.PRESETS["toy"][1], dit=TINY_I2V, out_dir=tmp_path / "causal", device="cpu")
+    with pytest.raises(ValueError, match="train_causal.py distils text-to-video models"):
+        train_causal.train(causal)
+    with pytest.raises(ValueError, match="two experts .* are for train_rcm.py"):
+        train_causal.train(dataclasses.replace(causal, dit=TINY_DIT, boundary=0.9))
+
+
+# ------------------------------------------------------------------------------------ image-to-video distillation
+TINY_I2V = dataclasses.replace(TINY_DIT, model_type="i2v", in_dim=36, clip=False)
+TINY_I2V_CLIP = dataclasses.replace(TINY_I2V, clip=True)
+
+
+@pytest.fixture(scope="module")
+def i2v_teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("i2v") / "teacher.safetensors"
+    toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=3, batch=4), TINY_I2V, path, log=lambda s: None)
+    return path
+
+
+def record_calls(monkeypatch):
+    """Every WanModel call as (net, x rows, y, clip_fea)."""
+    calls, forward = [], WanModel.forward
+
+    def spy(self, x, t, context, **kw):
+        calls.append((self, len(x), kw.get("y"), kw.get("clip_fea")))
+        return forward(self, x, t, context, **kw)
+    monkeypatch.setattr(WanModel, "forward", spy)
+    return calls
+
+
+def test_i2v_conditioning_reaches_every_net(tmp_path, monkeypatch, i2v_teacher):
+    """Every call of the teacher (both CFG halves), the student (sCM, its tangent pass, dCM, the backward simulation)
+    and the fake score gets, for each of its rows, the first-frame conditioning of that row's own clip: never zeros,
+    never another clip's. The toy run draws the clips, so the test records the y it made of each batch."""
+    made, image_condition = [], toy.image_condition
+    monkeypatch.setattr(toy, "image_condition", lambda first, frames: made.append(image_condition(first, frames))
+                        or made[-1])
+    calls = record_calls(monkeypatch)
+    cfg = tiny_run(i2v_teacher, tmp_path / "run", dit=TINY_I2V, eval_per_prompt=0, dcm_iterations=1)
+    train_rcm.train(dataclasses.replace(cfg, toy=dataclasses.replace(cfg.toy, preview_every=0)))
+    assert len(made) == 6 and all(y.shape == (2, 20, *TINY_WORLD.shape[1:]) for y in made)
+    rows = torch.cat(made)
+    nets = set()
+    for net, n, y, clip_fea in calls:
+        assert y is not None and y.shape[0] == n and clip_fea is None
+        assert (y[:, :4, 0] == 1).all() and (y[:, :4, 1:] == 0).all() and (y[:, 4:, 1:] == 0).all()
+        assert y[:, 4:, 0].abs().amax() > 0                       # the image itself, not a blank
+        batch = next(b for b in made if torch.equal(y[:len(b)], b))  # the batch's own y, row by row, in order ...
+        assert torch.equal(y, batch.repeat(n // len(batch), 1, 1, 1, 1))  # ... and again for CFG's second half
+        nets.add(net)
+    assert len(nets) == 3 and len(rows) == 12       # teacher, student, fake score; (the EMA only samples previews)
+
+
+def test_i2v_shards_feed_the_conditioning_and_samples_without_it_are_skipped(tmp_path, i2v_teacher):
+    """An I2V run on shards reads each sample's y.pt; a sample without one is skipped and counted, and shards with
+    none stop the run with one message that says how to write them."""
+    world = toy.make_world(TINY_WORLD)
+    toy.write_shards(world, 8, tmp_path / "with", seed=0, image=True)
+    toy.write_shards(world, 4, tmp_path / "without", seed=1)
+    for shard in (tmp_path / "without").glob("shard*.tar"):
+        (tmp_path / "with" / f"shard-plain-{shard.name}").write_bytes(shard.read_bytes())
+    out = tiny_run(i2v_teacher, tmp_path / "run", dit=TINY_I2V, eval_per_prompt=0, data=tmp_path / "with",
+                   num_workers=0, shuffle_buffer=1)
+    train_rcm.train(out)
+    assert sum(r["data/wrong_shape"] for r in logged(tmp_path / "run")) > 0
+    with pytest.raises(ValueError, match="with y.pt.*sample.py --mode teacher --image"):
+        train_rcm.train(dataclasses.replace(out, data=tmp_path / "without", out_dir=tmp_path / "run2"))
+
+
+# ------------------------------------------------------------------------------------------ two-expert distillation
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """A tiny two-expert toy teacher (Wan2.2's folder layout), each expert trained on its side of 0.875."""
+    run = toy.ToyRun(world=TINY_WORLD, teacher=toy.TeacherConfig(steps=3, batch=4),
+                     cache_dir=tmp_path_factory.mktemp("experts"))
+    return toy.cached_teacher(run, TINY_DIT, "cpu", log=lambda s: None, boundary=0.875)
+
+
+def record_routing(monkeypatch):
+    """Every expert call of a TwoExperts as (which expert, its timesteps)."""
+    from model import TwoExperts
+    calls, expert = [], TwoExperts.expert
+
+    def spy(self, high):
+        net = expert(self, high)
+        return lambda x, t, *a, **kw: calls.append((high, t.detach().clone(), self.boundary)) or net(x, t, *a, **kw)
+    monkeypatch.setattr(TwoExperts, "expert", spy)
+    return calls
+
+
+def test_two_expert_routing_in_training_and_sampling(tmp_path, monkeypatch, experts):
+    """--boundary: every net is a pair of experts; each call sends every sample to the expert that owns its time
+    (s ≥ boundary: the high-noise one), in training (sCM, DMD's backward simulation that crosses the boundary, the
+    critic) and in sampling (the evaluation, and sample.py on the exported ema/ folder, which repeats it)."""
+    import sample
+    from model import TwoExperts
+    calls = record_routing(monkeypatch)
+    cfg = tiny_run(experts, tmp_path / "run", boundary=0.875, eval_per_prompt=4)
+    d = parallel.init_distributed(1, "cpu")
+    try:
+        nets = training.build_nets(cfg, d, cfg, teacher=experts, trained=experts, fake=experts)
+        assert all(isinstance(n, TwoExperts) for n in (nets.teacher, nets.trained, nets.fake, nets.ema))
+        low = load_file(experts / "low_noise_model" / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(v.full_tensor(), low[k]) for k, v in nets.trained.low.state_dict().items())
+    finally:
+        dist.destroy_process_group()
+    results = train_rcm.train(cfg)
+    def check(calls):
+        for high, t, boundary in calls:
+            assert ((t.reshape(len(t), -1).amax(1) >= 1000 * boundary) == high).all()
+        assert {high for high, *_ in calls} == {True, False}
+    check(calls)
+    for name in ("high_noise_model", "low_noise_model"):
+        load_checkpoint(WanModel(TINY_DIT), tmp_path / "run" / "ema" / name / "diffusion_pytorch_model.safetensors")
+    calls.clear()
+    again = sample.main(sample.Config(dit_path=tmp_path / "run" / "ema", toy=True, device="cpu",
+                                      save_path=tmp_path / "samples"))
+    check(calls)
+    assert json.dumps(again) == json.dumps({k: v for k, v in results.items() if k.startswith("student-")})
+
+
+def test_each_expert_learns_from_its_own_times_only():
+    """A loss over a batch that straddles the boundary sends each sample's gradient to its own expert: the same as
+    each expert's loss on its own samples."""
+    from model import TwoExperts
+    torch.manual_seed(0)
+    high, low = WanModel(TINY_DIT), WanModel(TINY_DIT)
+    two = TwoExperts(high, low, 0.5)
+    x, ctx = torch.randn(4, 16, 2, 4, 4), torch.randn(4, 8, 32)
+    t = torch.tensor([900.0, 100.0, 600.0, 400.0])
+    two(x, t, ctx).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in two.parameters()]
+    two.zero_grad()
+    (high(x[[0, 2]], t[[0, 2]], ctx[[0, 2]]).pow(2).sum() + low(x[[1, 3]], t[[1, 3]], ctx[[1, 3]]).pow(2).sum()).backward()
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, two.parameters()))
+    two.zero_grad()
+    two(x[[1, 3]], t[[1, 3]], ctx[[1, 3]]).sum().backward()  # only low-noise times: the high expert gets nothing
+    assert all(p.grad is None for p in high.parameters()) and any(p.grad.abs().sum() > 0 for p in low.parameters())
+
+
+def _two_experts(rank, tmp, experts):
+    tmp = Path(tmp)
+    train_rcm.train(tiny_run(experts, tmp / "dp2", boundary=0.875, eval_per_prompt=0))
+    run = lambda name: tiny_run(experts, tmp / name, boundary=0.875, iterations=7, ckpt_every=4, eval_per_prompt=0)
+    train_rcm.train(run("full"))
+    train_killed_in_second_critic_iteration(run("run"))
+    train_rcm.train(run("run"))
+
+
+def test_two_process_two_expert_runs_equal_one_process_and_resume_bit_for_bit(tmp_path, experts):
+    """Two data-parallel ranks draw their own times, so one rank's batch may need an expert the other's does not:
+    both still run it (its collectives must match), and the run equals one process with 2 accumulation steps.
+    Killed and restarted, it repeats the uninterrupted run bit for bit."""
+    train_rcm.train(tiny_run(experts, tmp_path / "one_accum", boundary=0.875, eval_per_prompt=0, batch=4,
+                             grad_accum=2))
+    spawn(_two_experts, tmp_path, experts, backend="gloo")
+    a, b = logged(tmp_path / "dp2"), logged(tmp_path / "one_accum")
+    assert [r["iteration"] for r in a] == [r["iteration"] for r in b]
+    for ra, rb in zip(a, b):
+        assert all(abs(ra[k] - rb[k]) <= 1e-5 * abs(rb[k]) + 1e-12 for k in rb if k.startswith("loss/"))
+    full, run = logged(tmp_path / "full"), logged(tmp_path / "run")
+    assert [r["iteration"] for r in run] == list(range(7)) and json.dumps(run) == json.dumps(full)
+    for name in ("high_noise_model", "low_noise_model"):
+        f = lambda r: load_file(tmp_path / r / "ema" / name / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(v, f("run")[k]) for k, v in f("full").items())
