@@ -27,7 +27,7 @@ import parallel
 import toy
 import training
 from losses import TimeDist, critic_loss, dcm_loss, denoise, dmd_loss, scm_loss
-from model import CONFIGS, WanModel
+from model import BOUNDARY, CONFIGS, WanModel
 from samplers import check_times, conditioned, generate, guidance, sample_rcm, simulation_times
 from training import Nets, Optim, RunConfig
 
@@ -75,6 +75,10 @@ TOY = RCMConfig(
     # later mid times than docs/rcm.md's (1.5, 1.4, 1.0) leave the last steps to denoise
     mid_t=(1.2, 1.0, 0.6), log_every=10, ckpt_every=200,
     toy=toy.ToyRun(eval_per_prompt=128, preview_every=200))
+# docs/rcm.md's defaults, the 14B values from NVlabs/rcm's wan2pt1_t2v experiment config
+WAN14B = RCMConfig(out_dir=Path("runs/wan14b"), dit=CONFIGS["t2v-14B"], precision="bf16", checkpointing="matmul",
+                   cp_size=8, lr=1e-6, lr_fake=1e-7, tangent_warmup=0, student_update_freq=10, sigma_max=200.0,
+                   p_G=TimeDist("lognormal", p_mean=1.5, p_std=1.6), ckpt_every=250)
 PRESETS = {
     "toy": ("rCM on the toy video world (CPU, minutes): teacher, distillation, exact evaluation", TOY),
     # (b) of the size/I2V/two-expert proofs: the image-conditioned toy world (docs/toy_world.md), Wan's I2V layout
@@ -83,15 +87,22 @@ PRESETS = {
     # (c): a two-expert toy teacher (two toy DiTs, each trained on its side of the boundary) into a two-expert student
     "toy-experts": ("rCM of a two-expert toy model (Wan2.2's A14B layout, boundary 0.875): CPU, minutes, exact evaluation",
                     dataclasses.replace(TOY, out_dir=Path("runs/toy_experts"), boundary=0.875)),
-    # docs/rcm.md's defaults, the 14B values from NVlabs/rcm's wan2pt1_t2v experiment config
     "wan1.3b": ("rCM of Wan2.1 T2V 1.3B at 480p (torchrun, 1+ GPUs; needs --teacher-ckpt, --data, --neg-embed)",
                 RCMConfig(out_dir=Path("runs/wan1.3b"), dit=CONFIGS["t2v-1.3B"], precision="bf16",
                           checkpointing="block")),
-    "wan14b": ("rCM of Wan2.1 T2V 14B at 480p (torchrun, 8+ GPUs; needs --teacher-ckpt, --data, --neg-embed)",
-               RCMConfig(out_dir=Path("runs/wan14b"), dit=CONFIGS["t2v-14B"], precision="bf16",
-                         checkpointing="matmul", cp_size=8, lr=1e-6, lr_fake=1e-7, tangent_warmup=0,
-                         student_update_freq=10, sigma_max=200.0, p_G=TimeDist("lognormal", p_mean=1.5, p_std=1.6),
-                         ckpt_every=250)),
+    "wan14b": ("rCM of Wan2.1 T2V 14B at 480p (torchrun, 8+ GPUs; needs --teacher-ckpt, --data, --neg-embed)", WAN14B),
+    # the same recipe on the image-to-video and the two-expert releases (their shards carry y.pt, and clip.pt for
+    # Wan2.1 I2V: sample.py --mode teacher --image ... --shard-dir); checkpoints and exports as the official folders
+    "wan14b-i2v": ("rCM of Wan2.1 I2V 14B at 480p (torchrun, 8+ GPUs; needs --teacher-ckpt, I2V --data, --neg-embed)",
+                   dataclasses.replace(WAN14B, out_dir=Path("runs/wan14b_i2v"), dit=CONFIGS["i2v-14B"])),
+    "wan2.2-t2v-a14b": ("rCM of Wan2.2 T2V A14B, both experts (torchrun, 16+ GPUs; --teacher-ckpt: the folder with "
+                        "high_noise_model/ and low_noise_model/)",
+                        dataclasses.replace(WAN14B, out_dir=Path("runs/wan22_t2v_a14b"), dit=CONFIGS["t2v-A14B"],
+                                            boundary=BOUNDARY["t2v-A14B"])),
+    "wan2.2-i2v-a14b": ("rCM of Wan2.2 I2V A14B, both experts (torchrun, 16+ GPUs; --teacher-ckpt: the official "
+                        "folder; I2V --data)",
+                        dataclasses.replace(WAN14B, out_dir=Path("runs/wan22_i2v_a14b"), dit=CONFIGS["i2v-A14B"],
+                                            boundary=BOUNDARY["i2v-A14B"])),
 }
 
 

@@ -49,9 +49,10 @@ class RunConfig:
     student_ckpt: Path | None = None  # start the (first) trained net from these weights, not the teacher's
     dit: WanConfig = field(default_factory=WanConfig)  # network config of the trained nets (student, fake score, EMA)
     teacher_model: str | None = None  # the teacher's architecture if not --dit: a name in model.CONFIGS (t2v-14B)
-    boundary: float | None = None  # two experts (Wan2.2 A14B): every net is a high- and a low-noise expert of --dit's
-    """architecture, switched at this rectified-flow time (t2v-A14B 0.875, i2v-A14B 0.9); checkpoints are folders with
-    high_noise_model/ and low_noise_model/, and so is the exported EMA (ema/)"""
+    boundary: float | None = None
+    """two experts (Wan2.2 A14B): every net is a high- and a low-noise expert of --dit's architecture, switched at this
+    rectified-flow time (t2v-A14B 0.875, i2v-A14B 0.9); checkpoints are folders with high_noise_model/ and
+    low_noise_model/, and so is the exported EMA (ema/)"""
     device: Literal["cuda", "cpu"] = "cuda" if torch.cuda.is_available() else "cpu"  # cuda (NCCL) or cpu (gloo)
     seed: int = 0  # seed of every random draw (noise, times, data order; the toy world's clips)
 
