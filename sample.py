@@ -23,8 +23,10 @@ With --causal (a Causal-rCM student) the video is streamed: chunk by chunk of la
 steps against a KV cache of the chunks before it, and decoded by the causal VAE as soon as it is done, with a report
 of the first-chunk latency, the per-chunk latency and FPS = frames / (DiT time + VAE time).
 """
+import contextlib
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -478,6 +480,28 @@ def boundary_of(cfg: Config, settings: dict) -> float | None:
     return BOUNDARY.get(cfg.model, settings.get("boundary") if cfg.model is None else None)
 
 
+def split_tokens(net, group):
+    """Under torchrun: every WanModel of `net` (both experts of a two-expert model) splits each clip's tokens over the
+    processes of `group` (parallel.py's Ulysses context parallelism; the head count must divide by their number)."""
+    if group is not None:
+        for m in net.modules():
+            if isinstance(m, WanModel):
+                parallel.context_parallel(m, group)
+    return net
+
+
+def cp_group():
+    """The processes of a torchrun sampling as one context-parallel group (None for one process)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return None
+    return torch.distributed.group.WORLD
+
+
+def main_rank() -> bool:
+    """Whether this process writes files and prints: always, except for the ranks > 0 of a torchrun sampling."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def load_net(cfg: Config, settings: dict):
     """The DiT, or the two experts of an A14B --model or a two-expert run (a folder with both, or --dit-path and
     --dit-path-low)."""
@@ -489,8 +513,8 @@ def load_net(cfg: Config, settings: dict):
         if cfg.compile:
             for block in (*net.high.blocks, *net.low.blocks):
                 block.compile()
-        return net
-    return load_dit(architecture(cfg, settings), cfg)
+        return split_tokens(net, cp_group())
+    return split_tokens(load_dit(architecture(cfg, settings), cfg), cp_group())
 
 
 def sample_wan(cfg: Config, settings: dict):
@@ -518,7 +542,8 @@ def sample_wan(cfg: Config, settings: dict):
         chunks = chunk_frames(shape[1], st.first_chunk_t, st.chunk_t)
         calls_per_video = (sum(len(t) - 1 for t in stream_times(chunks, st.steps_per_chunk, s.sigma_max, s.mid_t))
                            + (0 if st.noisy_context else len(chunks) - 1))
-    bar = tqdm(total=len(jobs) * calls_per_video, unit="DiT call")
+    bar = tqdm(total=len(jobs) * calls_per_video, unit="DiT call", disable=not main_rank())
+    writes = cfg.videos and main_rank()  # (under torchrun every rank runs the DiT, rank 0 decodes and writes)
     cache = stream_cache(net, 1, shape, st, int(y is not None)) if cfg.causal else None  # allocated once, reset per video
 
     def dit(x, timestep, context, **kw):  # the net, counted (CFG's two halves are one batched call)
@@ -534,7 +559,7 @@ def sample_wan(cfg: Config, settings: dict):
             generator = torch.Generator(cfg.device).manual_seed(cfg.seed + k)
             line = f"video {k}: "
             if cfg.causal:
-                z, frames, seconds = stream_video(dit, vae if cfg.videos else None, [embeds[i]], shape, st, s,
+                z, frames, seconds = stream_video(dit, vae if writes else None, [embeds[i]], shape, st, s,
                                                   generator, cache, prefix=None if y is None else y[:, 4:, :1])
                 line += stream_report(seconds, cfg.num_frames)
             else:
@@ -544,10 +569,10 @@ def sample_wan(cfg: Config, settings: dict):
                     z[:, :, :1] = y[:, 4:, :1]
                 t1 = now(cfg.device)
                 line += f"DiT {t1 - t0:.2f} s"
-                if cfg.videos:
+                if writes:
                     frames = decode(vae, z)
                     line += f", VAE {now(cfg.device) - t1:.2f} s"
-            if cfg.videos:
+            if writes:
                 frames = frames[0]
                 path = cfg.save_path / f"{k:04d}_{slug(prompt)}_seed{cfg.seed + k}.mp4"
                 write_mp4(frames, path)
@@ -557,7 +582,7 @@ def sample_wan(cfg: Config, settings: dict):
                 {"y": y[0].cpu(), **({} if clip_fea is None else {"clip": clip_fea[0].cpu()})}
             yield z[0].cpu(), embeds[i].cpu(), prompt, conditioning
 
-    if cfg.shard_dir is not None:
+    if cfg.shard_dir is not None and main_rank():
         paths = write_shards(videos(), cfg.shard_dir)
         print(f"{len(jobs)} samples written to {len(paths)} shard(s) in {cfg.shard_dir}")
     else:
@@ -597,20 +622,32 @@ def sample_toy(cfg: Config, settings: dict) -> dict:
         else:
             x = generate_latents(net, context, neg_context, world.cfg.shape, sampler, generator).cpu()
         results[f"{name}-{n}"] = toy.metrics(world, x, prompt, image.get("y"))
-        toy.save_grid(world, x, rows=world.cfg.prompts, path=cfg.save_path / f"toy_{name}-{n}_seed{cfg.seed}.mp4")
+        if main_rank():
+            toy.save_grid(world, x, rows=world.cfg.prompts, path=cfg.save_path / f"toy_{name}-{n}_seed{cfg.seed}.mp4")
     toy.print_table(results)
     print(f"grids (rows = prompts) -> {cfg.save_path}/toy_*_seed{cfg.seed}.mp4")
     return results
 
 
 def main(cfg: Config) -> dict:
-    """Sample as configured; returns the toy metrics ({} for Wan videos)."""
-    cfg, settings = with_settings(cfg)
-    check(cfg, settings)
-    if cfg.toy:
-        return sample_toy(cfg, settings)
-    sample_wan(cfg, settings)
-    return {}
+    """Sample as configured; returns the toy metrics ({} for Wan videos). Under torchrun (or in a process group) the
+    processes sample each video together, its tokens split over them (context parallelism, one GPU each): the same
+    videos as one process up to rounding; rank 0 prints and writes."""
+    joined = "RANK" in os.environ and not torch.distributed.is_initialized()
+    if joined or torch.distributed.is_initialized():
+        d = parallel.init_distributed(1, cfg.device)
+        cfg = dataclasses.replace(cfg, device=str(d.device))
+    try:
+        with contextlib.nullcontext() if main_rank() else contextlib.redirect_stdout(open(os.devnull, "w")):
+            cfg, settings = with_settings(cfg)
+            check(cfg, settings)
+            if cfg.toy:
+                return sample_toy(cfg, settings)
+            sample_wan(cfg, settings)
+            return {}
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

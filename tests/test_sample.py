@@ -415,3 +415,32 @@ def test_a_diffusers_pipeline_folder_samples_like_the_official_files(files, tmp_
     assert ((a["latent"] - b["latent"]).norm() / a["latent"].norm()).item() < 1e-6
     assert all((x.float() - y.float()).abs().max() <= 1 for x, y in zip(mp4s(tmp_path / "official"),
                                                                         mp4s(tmp_path / "diffusers")))
+
+
+def _sample_on_two_ranks(rank, tmp, files):
+    from pathlib import Path
+    import parallel
+    calls, shard_tokens = [], parallel.shard_tokens
+    model_module = __import__("model")
+    model_module.shard_tokens = lambda *a, **kw: calls.append(1) or shard_tokens(*a, **kw)
+    tmp = Path(tmp)
+    main(tiny(files, tmp / "cp2", num_samples=2, seed=3))
+    main(tiny(files, tmp / "cp2_teacher", num_samples=1, seed=3, mode="teacher", steps=3, solver="euler"))
+    main(tiny(files, tmp / "cp2_causal", num_samples=1, seed=3, causal=True))
+    (tmp / f"calls{rank}").write_text(str(len(calls)))
+
+
+def test_torchrun_sampling_splits_each_clip_over_the_processes(files, tmp_path):
+    """Under torchrun every process runs the DiT on its share of each clip's tokens (Ulysses context parallelism):
+    rCM, teacher and causal streaming sampling give the same latents as one process; rank 0 alone writes them."""
+    from test_parallel import spawn
+    for name, kw in (("cp2", {}), ("cp2_teacher", dict(mode="teacher", steps=3, solver="euler")),
+                     ("cp2_causal", dict(causal=True))):
+        main(tiny(files, tmp_path / ("one" + name[3:]), num_samples=2 if name == "cp2" else 1, seed=3, **kw))
+    spawn(_sample_on_two_ranks, tmp_path, files, backend="gloo")
+    assert all(int((tmp_path / f"calls{r}").read_text()) > 0 for r in (0, 1))  # both ranks split tokens
+    for name in ("cp2", "cp2_teacher", "cp2_causal"):
+        one, two = (shard_samples(tmp_path / d / "shards") for d in ("one" + name[3:], name))
+        assert len(one) == len(two) > 0
+        assert all(torch.allclose(a["latent"], b["latent"], atol=1e-5) for a, b in zip(one, two))
+        assert len(list((tmp_path / name).glob("*.mp4"))) == len(one)
