@@ -214,6 +214,15 @@ def random_dit(cfg, dtype=torch.bfloat16, device="cuda"):
     return net
 
 
+def random_weights(arch, d) -> dict:
+    """A random bf16 state dict of a DiT config on rank 0's GPU ({} on the other ranks, which build_nets fills)."""
+    from model import WanModel
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in WanModel(arch).state_dict().items()}
+    return {k: torch.empty(s, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
+            for k, s in shapes.items()} if d.is_main else {}
+
+
 def _load_official_dit(folder):
     """The official WanModel class from a folder holding Wan2.1's wan/modules/{model,attention}.py. diffusers' mixins
     are stubbed (they only add config bookkeeping) and attention is PyTorch SDPA, as Wan runs without flash-attn."""
@@ -511,7 +520,6 @@ def bench_iteration(cfg: IterationBench):
     import parallel
     import train_rcm
     import training
-    from model import WanModel
     rcm = dataclasses.replace(train_rcm.PRESETS[cfg.preset][1], device="cuda", batch=cfg.batch, cp_size=cfg.cp_size,
                               checkpointing=cfg.checkpointing, compile=cfg.compile, teacher_model=cfg.teacher_model)
     d = parallel.init_distributed(rcm.cp_size, "cuda")
@@ -523,13 +531,8 @@ def bench_iteration(cfg: IterationBench):
               f"{cfg.preset}, teacher {cfg.teacher_model or 'of --dit'}, {cfg.resolution}, {cfg.frames} frames "
               f"({L} tokens), batch {cfg.batch} per dp rank, "
               f"SAC {cfg.checkpointing}, compile {cfg.compile}, {time.strftime('%Y-%m-%d')}", flush=True)
-    def random_weights(arch):
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in WanModel(arch).state_dict().items()}
-        return {k: torch.empty(s, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
-                for k, s in shapes.items()} if d.is_main else {}
-    weights = random_weights(dit)
-    teacher = weights if teacher_dit == dit else random_weights(teacher_dit)
+    weights = random_weights(dit, d)
+    teacher = weights if teacher_dit == dit else random_weights(teacher_dit, d)
     nets = training.build_nets(rcm, d, rcm, teacher=teacher, trained=weights, fake=weights, lr_fake=rcm.lr_fake)
     del weights, teacher
     g = torch.Generator("cuda").manual_seed(d.dp_rank)  # the ranks of a CP group hold the same clip
@@ -599,7 +602,7 @@ def bench_causal_iteration(cfg: CausalIterationBench):
     import parallel
     import train_causal
     import training
-    from model import WanModel, chunk_frames
+    from model import chunk_frames
     base = train_causal.PRESETS[cfg.preset][1]
     processes = int(os.environ.get("WORLD_SIZE", 1))
     cp = min(base.cp_size, processes) if cfg.cp_size is None else cfg.cp_size
@@ -614,12 +617,6 @@ def bench_causal_iteration(cfg: CausalIterationBench):
               f"{cfg.preset}: student {student.dim}/{student.num_layers}, teachers {teacher_dit.dim}/"
               f"{teacher_dit.num_layers}, {cfg.resolution}, {cfg.frames} frames ({L} tokens), chunks of "
               f"{causal.chunk_t} latent frames, SAC {causal.checkpointing}, {time.strftime('%Y-%m-%d')}", flush=True)
-
-    def random_weights(arch):
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in WanModel(arch).state_dict().items()}
-        return {k: torch.empty(s, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
-                for k, s in shapes.items()} if d.is_main else {}
     g = torch.Generator("cuda").manual_seed(d.dp_rank)
     x0 = torch.randn(1, 16, T, H, W, device="cuda", generator=g)
     cond, uncond = (torch.randn(1, student.text_len, student.text_dim, device="cuda", generator=g) for _ in range(2))
@@ -627,8 +624,8 @@ def bench_causal_iteration(cfg: CausalIterationBench):
     rows = []
     for stage in cfg.stages:
         run = dataclasses.replace(causal, dit=train_causal.stage_arch(causal, stage))
-        weights = random_weights(run.dit)
-        nets = training.build_nets(run, d, train_causal.stage_config(causal, stage), teacher=random_weights(teacher_dit),
+        weights = random_weights(run.dit, d)
+        nets = training.build_nets(run, d, train_causal.stage_config(causal, stage), teacher=random_weights(teacher_dit, d),
                                    trained=weights, fake=weights if stage == "sf_dmd" else None,
                                    lr_fake=causal.sf.lr_fake)
         del weights

@@ -251,16 +251,17 @@ def stream_cache(net, batch: int, shape: tuple[int, int, int, int], st: Streamin
 
 
 def stream_video(net, vae, context, shape: tuple[int, int, int, int], st: Streaming, sampler: Sampler,
-                 generator: torch.Generator, cache=None, prefix=None):
+                 generator: torch.Generator, cache=None, prefix=None, image: dict | None = None):
     """Stream B videos (B = len(context)): each chunk's latents are decoded as soon as they exist.
     Returns latents [B, C, T, H, W], frames uint8 [B, F, 8H, 8W, 3] (None without a vae) and, per chunk, the seconds
-    (DiT, VAE) it waited for (the clean pass of chunk i counts in chunk i + 1's DiT time). prefix: the image's
-    latent frame (image-to-video), prefilled into the cache as the first chunk."""
+    (DiT, VAE) it waited for (the clean pass of chunk i counts in chunk i + 1's DiT time). Image-to-video: a T2V
+    net's prefix (the image's latent frame, prefilled into the cache as the first chunk), or an I2V net's `image`
+    conditioning of the whole clip (each chunk gets its frames of it)."""
     chunks = chunk_frames(shape[1] - (0 if prefix is None else prefix.shape[2]), st.first_chunk_t, st.chunk_t)
     cache = stream_cache(net, len(context), shape, st, 0 if prefix is None else prefix.shape[2]) if cache is None \
         else cache
     stream = generate_stream(net, context, shape, chunks, st.steps_per_chunk, sampler.sigma_max, sampler.mid_t,
-                             generator, cache, st.noisy_context, prefix)
+                             generator, cache, st.noisy_context, prefix, image)
     device = generator.device
     zs, videos, seconds, vae_cache = [], [], [], {}
     t0 = now(device)
@@ -364,10 +365,8 @@ def check(cfg: Config, settings: dict):
             raise ValueError(f"--model {cfg.model!r}: use one of {', '.join(CONFIGS)}")
         if arch.model_type == "ti2v":
             raise ValueError("--model ti2v-5B needs the Wan2.2 VAE, which sample.py does not have yet")
-        if cfg.causal and arch.model_type == "i2v":
-            raise ValueError("--causal streams a text-to-video Causal-rCM student (with --image, the image's latent "
-                             "frame is prefilled into its KV cache): drop the I2V --model")
-        if (arch.model_type == "i2v") != (cfg.image is not None and not cfg.causal):  # causal I2V: T2V + prefill
+        # (causal image-to-video: an I2V student conditioned chunk by chunk, or a T2V one with the image prefilled)
+        if (arch.model_type == "i2v") != (cfg.image is not None) and not (cfg.causal and cfg.image is not None):
             raise ValueError(f"--model {cfg.model or 'of the checkpoint'} is an image-to-video model: give --image PATH "
                              "(or pick a text-to-video --model)"
                              if cfg.image is None else "--image needs an image-to-video model (--model i2v-14B or "
@@ -544,7 +543,9 @@ def sample_wan(cfg: Config, settings: dict):
                            + (0 if st.noisy_context else len(chunks) - 1))
     bar = tqdm(total=len(jobs) * calls_per_video, unit="DiT call", disable=not main_rank())
     writes = cfg.videos and main_rank()  # (under torchrun every rank runs the DiT, rank 0 decodes and writes)
-    cache = stream_cache(net, 1, shape, st, int(y is not None)) if cfg.causal else None  # allocated once, reset per video
+    i2v_net = architecture(cfg, settings).model_type == "i2v"
+    prefix = y[:, 4:, :1] if y is not None and cfg.causal and not i2v_net else None  # a T2V student: the image prefilled
+    cache = stream_cache(net, 1, shape, st, 0 if prefix is None else 1) if cfg.causal else None  # reset per video
 
     def dit(x, timestep, context, **kw):  # the net, counted (CFG's two halves are one batched call)
         v = net(x, timestep, context, **kw)
@@ -559,8 +560,8 @@ def sample_wan(cfg: Config, settings: dict):
             generator = torch.Generator(cfg.device).manual_seed(cfg.seed + k)
             line = f"video {k}: "
             if cfg.causal:
-                z, frames, seconds = stream_video(dit, vae if writes else None, [embeds[i]], shape, st, s,
-                                                  generator, cache, prefix=None if y is None else y[:, 4:, :1])
+                z, frames, seconds = stream_video(dit, vae if writes else None, [embeds[i]], shape, st, s, generator,
+                                                  cache, prefix, image={"y": y, "clip_fea": clip_fea} if i2v_net else None)
                 line += stream_report(seconds, cfg.num_frames)
             else:
                 z = generate_latents(dit, [embeds[i]], None if neg is None else [neg], shape, s, generator,
@@ -607,7 +608,7 @@ def sample_toy(cfg: Config, settings: dict) -> dict:
     prompt, context = toy.eval_prompts(world, cfg.num_samples)
     context = context.to(cfg.device)
     image = toy.eval_conditioning(world, net.cfg, prompt, cfg.seed)  # (I2V: the run's evaluation images)
-    net = conditioned(net, **{k: v.to(cfg.device) for k, v in image.items()})
+    bound = {k: v.to(cfg.device) for k, v in image.items()}
     neg_context = world.negative.expand(len(prompt), -1, -1).to(cfg.device)
     s = cfg.sampler
     steps = toy_steps(cfg, settings)
@@ -618,9 +619,10 @@ def sample_toy(cfg: Config, settings: dict) -> dict:
         sampler = dataclasses.replace(s, steps=n)
         if cfg.causal:
             st = dataclasses.replace(cfg.streaming, steps_per_chunk=(n,))  # n steps in every chunk, as evaluated
-            x = stream_video(net, None, context, world.cfg.shape, st, sampler, generator)[0].cpu()
+            x = stream_video(net, None, context, world.cfg.shape, st, sampler, generator, image=bound)[0].cpu()
         else:
-            x = generate_latents(net, context, neg_context, world.cfg.shape, sampler, generator).cpu()
+            x = generate_latents(conditioned(net, **bound), context, neg_context, world.cfg.shape, sampler,
+                                 generator).cpu()
         results[f"{name}-{n}"] = toy.metrics(world, x, prompt, image.get("y"))
         if main_rank():
             toy.save_grid(world, x, rows=world.cfg.prompts, path=cfg.save_path / f"toy_{name}-{n}_seed{cfg.seed}.mp4")

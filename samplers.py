@@ -32,6 +32,8 @@ def guidance(net, uncond, w: float, w_high: float | None = None, boundary: float
         return net
 
     def guided(x, timestep, context, **kw):
+        # per-clip keyword tensors (I2V conditioning bound outside the guidance) serve both halves
+        kw = {k: torch.cat([v, v]) if torch.is_tensor(v) and len(v) == len(x) else v for k, v in kw.items()}
         v_c, v_u = net(torch.cat([x, x]), torch.cat([timestep, timestep]), _both(context, uncond), **kw).chunk(2)
         if w_high is None:
             return v_u + w * (v_c - v_u)
@@ -215,8 +217,13 @@ def kv_cache(net, batch: int, shape, chunks: tuple[int, ...], cache: CacheConfig
                    dtype=weight.dtype if dtype is None else dtype)
 
 
+def frames_of(image: dict, start: int, stop: int) -> dict:
+    """The I2V conditioning of latent frames [start, stop): y's frames (5-D tensors are sliced), the rest whole."""
+    return {k: v[:, :, start:stop] if v is not None and v.ndim == 5 else v for k, v in image.items()}
+
+
 def stream(net, noise, context, chunks: tuple[int, ...], times, cache: KVCache, *, sampler=sample_rcm,
-           noisy_context: bool = False, prefix=None, **kw):
+           noisy_context: bool = False, prefix=None, image: dict | None = None, **kw):
     """Causal-rCM streaming: yields each chunk's latents [B, C, Tc, H, W] as soon as `sampler` has denoised them.
 
     noise [B, C, T, H, W]: each chunk's starting noise; times[i]: chunk i's times for the sampler (rcm_times, or a
@@ -224,18 +231,24 @@ def stream(net, noise, context, chunks: tuple[int, ...], times, cache: KVCache, 
     Chunk i is sampled against [cached chunks | itself]; then its K/V join the cache: a clean pass of x̂0 at s = 0
     (no grad; run when the next chunk is asked for, so decoding this one need not wait, and none after the last), or,
     with noisy_context (rCM only), the last step's own pass on its noisy input, one forward less per chunk. The cache
-    holds constants, so no gradient crosses chunks. prefix [B, C, Tp, H, W]: clean latent frames (image-to-video: the
-    image's) that join the cache first, at s = 0, and are yielded as they are; `chunks` then cut the frames after it.
+    holds constants, so no gradient crosses chunks. prefix [B, C, Tp, H, W]: clean latent frames (image-to-video with
+    a T2V net: the image's) that join the cache first, at s = 0, and are yielded as they are; `chunks` then cut the
+    frames after it. image: an I2V net's conditioning of the whole clip (y [B, 20, T, H, W]; `conditioned`), each call
+    given its own chunk's frames of it.
     """
+    image, base = image or {}, net
     if noisy_context and sampler is not sample_rcm:
         raise ValueError("noisy_context appends the K/V of the few-step sampler's last step: it needs sample_rcm")
     cache.reset()
+    Tp = 0 if prefix is None else prefix.shape[2]  # (the noise holds the frames after the prefix)
     if prefix is not None:
         with torch.no_grad():
+            net = conditioned(base, **frames_of(image, 0, Tp))
             net(prefix, torch.zeros(len(prefix), device=prefix.device), context, kv_cache=cache, kv_append=True)
         yield prefix
     f0 = 0
     for i, (Tc, t) in enumerate(zip(chunks, times)):
+        net = conditioned(base, **frames_of(image, Tp + f0, Tp + f0 + Tc))
         extra = {"final_kwargs": {"kv_append": True}} if noisy_context else {}
         x0 = sampler(net, noise[:, :, f0:f0 + Tc], context, t, kv_cache=cache, **extra, **kw)
         yield x0
@@ -269,12 +282,13 @@ def generate(net, context, shape, steps: int, sigma_max: float, mid_t: tuple[flo
 @torch.no_grad()
 def generate_stream(net, context, shape, chunks: tuple[int, ...], steps_per_chunk: tuple[int, ...],
                     sigma_max: float, mid_t: tuple[float, ...], generator: torch.Generator,
-                    cache: KVCache | None = None, noisy_context: bool = False, prefix=None):
+                    cache: KVCache | None = None, noisy_context: bool = False, prefix=None, image: dict | None = None):
     """Like `generate`, streamed chunk by chunk (yields each chunk's latents); cache: default kv_cache of the net;
-    prefix: clean first frames (see `stream`), then `chunks` cut the shape's remaining frames."""
+    prefix: clean first frames, then `chunks` cut the shape's remaining frames; image: an I2V net's conditioning of the
+    whole clip (see `stream`)."""
     C, T, H, W = shape
     noise = draw_noise(len(context), (C, T - (0 if prefix is None else prefix.shape[2]), H, W), generator)
     cache = kv_cache(net, len(context), shape, chunks) if cache is None else cache
     yield from stream(net, noise, context, chunks, stream_times(chunks, steps_per_chunk, sigma_max, mid_t), cache,
-                      noisy_context=noisy_context, prefix=prefix, generator=generator)
+                      noisy_context=noisy_context, prefix=prefix, image=image, generator=generator)
 

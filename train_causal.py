@@ -38,7 +38,7 @@ import toy
 import training
 from losses import TimeDist, critic_loss, dcm_loss, denoise, dmd_loss, teacher_forced, tf_loss, tf_scm_loss
 from model import CONFIGS, WanModel, chunk_frames
-from samplers import (CAUSAL_MID_T, check_times, flow_times, generate_stream, guidance, kv_cache, rcm_times,
+from samplers import (CAUSAL_MID_T, check_times, conditioned, flow_times, generate_stream, guidance, kv_cache, rcm_times,
                       sample_euler, steps_of_chunks, stream)
 from training import Nets, Optim, RunConfig
 
@@ -100,16 +100,20 @@ class CausalConfig(RunConfig):
     eval_teacher_steps: int = 50  # toy evaluation: Euler steps of the teachers' samplers
 
 
+# the toy preset, which toy-i2v varies
+TOY = CausalConfig(
+    out_dir=Path("runs/causal_toy"), dit=toy.TOY_DIT, precision="fp32", checkpointing="none", batch=16,
+    first_chunk_t=1, chunk_t=1, ckpt_every=100,
+    # the toy teacher of `train_rcm.py toy` (the same cached file), and its few-step times: where the modes are
+    # decided
+    toy=toy.ToyRun(eval_per_prompt=128, preview_every=0), mid_t=(1.2, 1.0, 0.6),
+    tf=TFConfig(iterations=600, lr=3e-4, lr_warmup=20),
+    cm=CMConfig(iterations=300, lr=3e-5, lr_warmup=20, tangent_warmup=100),
+    sf=SFConfig(iterations=600, lr=1e-4, lr_fake=1e-4, lr_warmup=20, student_update_freq=3, teacher_guidance=3.0))
 PRESETS = {
-    "toy": ("Causal-rCM on the toy video world (CPU, minutes): tf -> tf_scm -> sf_dmd, frame-wise chunks", CausalConfig(
-        out_dir=Path("runs/causal_toy"), dit=toy.TOY_DIT, precision="fp32", checkpointing="none", batch=16,
-        first_chunk_t=1, chunk_t=1, ckpt_every=100,
-        # the toy teacher of `train_rcm.py toy` (the same cached file), and its few-step times: where the modes are
-        # decided
-        toy=toy.ToyRun(eval_per_prompt=128, preview_every=0), mid_t=(1.2, 1.0, 0.6),
-        tf=TFConfig(iterations=600, lr=3e-4, lr_warmup=20),
-        cm=CMConfig(iterations=300, lr=3e-5, lr_warmup=20, tangent_warmup=100),
-        sf=SFConfig(iterations=600, lr=1e-4, lr_fake=1e-4, lr_warmup=20, student_update_freq=3, teacher_guidance=3.0))),
+    "toy": ("Causal-rCM on the toy video world (CPU, minutes): tf -> tf_scm -> sf_dmd, frame-wise chunks", TOY),
+    "toy-i2v": ("Causal-rCM of image-to-video toy DiTs (each clip given its first frame; every net gets it): CPU, minutes",
+                replace(TOY, out_dir=Path("runs/causal_toy_i2v"), dit=CONFIGS["toy-i2v"])),
     "wan1.3b": ("Causal-rCM of Wan2.1 T2V 1.3B at 480p, chunk-wise (3 latent frames); torchrun, needs --teacher-ckpt, "
                 "--data, --neg-embed",
                 CausalConfig(out_dir=Path("runs/causal_wan1.3b"), dit=CONFIGS["t2v-1.3B"], precision="bf16",
@@ -132,15 +136,17 @@ def rollout_steps(cfg: SFConfig, n_chunks: int, cycle: int) -> tuple[int, ...]:
     return steps_of_chunks(cfg.steps_per_chunk or (cycle % cfg.max_simulation_steps + 1,), n_chunks)
 
 
-def rollout(cfg: CausalConfig, net: WanModel, cond, x0: torch.Tensor, cycle: int, grad_last: bool = False):
+def rollout(cfg: CausalConfig, net: WanModel, cond, x0: torch.Tensor, cycle: int, grad_last: bool = False,
+            image: dict | None = None):
     """Self forcing: the net streams whole videos of x0's shape chunk by chunk from pure noise through its KV cache,
-    as inference does, keeping the graph of each chunk's LAST step only (grad_last). Returns (video, steps)."""
+    as inference does, keeping the graph of each chunk's LAST step only (grad_last); image: the clips' I2V
+    conditioning (each chunk gets its frames of it). Returns (video, steps)."""
     chunks = chunk_frames(x0.shape[2], cfg.first_chunk_t, cfg.chunk_t)
     steps = rollout_steps(cfg.sf, len(chunks), cycle)
     cache = kv_cache(net, len(x0), x0.shape[1:], chunks, dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
     times = [rcm_times(n, math.inf, cfg.mid_t) for n in steps]
     chunks_out = stream(net, torch.randn_like(x0), cond, chunks, times, cache, noisy_context=cfg.sf.noisy_context,
-                        grad_last=grad_last)
+                        grad_last=grad_last, image=image)
     return torch.cat(list(chunks_out), dim=2), steps
 
 
@@ -150,28 +156,35 @@ def student_step(cfg: CausalConfig, stage: Stage, nets: Nets, batches, i: int) -
     accumulated into one AdamW step, then the EMA. Returns the metrics (micro-batch means)."""
     n_eff = i // cfg.sf.student_update_freq if stage == "sf_dmd" else i   # student updates before this one
 
-    def loss_of(x0, cond, uncond, _image):  # (T2V only, checked in train)
+    def loss_of(x0, cond, uncond, image):
         chunks = chunk_frames(x0.shape[2], cfg.first_chunk_t, cfg.chunk_t)
+        # I2V: every net gets the clip's conditioning; a teacher-forced net sees the clip twice ([clean | noisy]), and
+        # so its y
+        packed = {k: torch.cat([v, v], 2) if v.ndim == 5 else v for k, v in image.items()}
         if stage == "tf":
-            loss = tf_loss(nets.trained, x0, cond, chunks, cfg.tf.p_s, cfg.tf.forcing, cfg.tf.loss_scale).mean()
+            trained = conditioned(nets.trained, **(packed if cfg.tf.forcing == "teacher" else image))
+            loss = tf_loss(trained, x0, cond, chunks, cfg.tf.p_s, cfg.tf.forcing, cfg.tf.loss_scale).mean()
             return loss, {"loss/tf": loss.item()}
+        if stage in ("tf_scm", "tf_dcm"):
+            teacher = teacher_forced(guidance(conditioned(nets.teacher, **packed), uncond, cfg.cm.teacher_guidance),
+                                     x0, chunks)
+            student = conditioned(nets.trained, **packed)
         if stage == "tf_scm":
             r = 1.0 if cfg.cm.tangent_warmup == 0 else min(1.0, i / cfg.cm.tangent_warmup)
-            teacher = teacher_forced(guidance(nets.teacher, uncond, cfg.cm.teacher_guidance), x0, chunks)
-            l_cm, n_nan = tf_scm_loss(nets.trained, lambda x, timestep: teacher(x, timestep, cond), x0, cond, chunks,
+            l_cm, n_nan = tf_scm_loss(student, lambda x, timestep: teacher(x, timestep, cond), x0, cond, chunks,
                                       cfg.cm.p_G, r, cfg.cm.loss_scale)
             return l_cm.mean(), {"loss/scm": l_cm.mean().item(), "scm/nan_samples": n_nan, "scm/r": r}
         if stage == "tf_dcm":
             # the bidirectional dCM of losses.py on the teacher-forced nets (the same x̂0 = x_s − s·v): one Euler step
             # of the CFG causal teacher, the target from the same online student
-            teacher = teacher_forced(guidance(nets.teacher, uncond, cfg.cm.teacher_guidance), x0, chunks)
-            loss = dcm_loss(teacher_forced(nets.trained, x0, chunks), cond,
+            loss = dcm_loss(teacher_forced(student, x0, chunks), cond,
                             lambda x, t: denoise(teacher, x, t, cond)[1], x0, cfg.cm.dcm_total_steps, 1,
                             cfg.cm.dcm_shift, cfg.cm.loss_scale).mean()
             return loss, {"loss/dcm": loss.item()}
-        G, steps = rollout(cfg, nets.trained, cond, x0, n_eff, grad_last=True)
-        teacher = guidance(nets.teacher, uncond, cfg.sf.teacher_guidance)
-        loss = dmd_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0],
+        G, steps = rollout(cfg, nets.trained, cond, x0, n_eff, grad_last=True, image=image)
+        teacher, fake = guidance(conditioned(nets.teacher, **image), uncond, cfg.sf.teacher_guidance), \
+            conditioned(nets.fake, **image)
+        loss = dmd_loss(G, lambda x, t: denoise(fake, x, t, cond)[0],
                         lambda x, t: denoise(teacher, x, t, cond)[0], cfg.sf.p_D, cfg.sf.loss_scale_dmd).mean()
         return loss, {"loss/dmd": loss.item(), "dmd/steps": steps[-1]}
     return training.student_update(nets, stage_config(cfg, stage), n_eff, batches, loss_of, cfg.grad_accum)
@@ -182,45 +195,50 @@ def critic_step(cfg: CausalConfig, nets: Nets, batches, i: int) -> dict:
     fake score's denoising loss on it (as rCM's critic); one AdamW step."""
     critic_before = i - i // cfg.sf.student_update_freq - 1   # the cycle of rollout steps runs over critic updates
 
-    def loss_of(x0, cond, _uncond, _image):
+    def loss_of(x0, cond, _, image):
         with torch.no_grad():
-            G, steps = rollout(cfg, nets.trained, cond, x0, critic_before)
-        loss = critic_loss(G, lambda x, t: denoise(nets.fake, x, t, cond)[0], cfg.sf.p_D).mean()
+            G, steps = rollout(cfg, nets.trained, cond, x0, critic_before, image=image)
+        fake = conditioned(nets.fake, **image)
+        loss = critic_loss(G, lambda x, t: denoise(fake, x, t, cond)[0], cfg.sf.p_D).mean()
         return loss, {"loss/critic": loss.item(), "critic/steps": steps[-1]}
     return training.critic_update(nets, batches, loss_of, cfg.grad_accum)
 
 
 # --------------------------------------------------------------------------------------------------- toy evaluation
 @torch.no_grad()
-def student_streams(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanModel, prompt, seed: int) -> dict:
-    """Streamed samples of a stage's net at 1, 2 and 4 steps per chunk (`sample.py --causal --toy` repeats them)."""
+def student_streams(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanModel, prompt, seed: int,
+                    image: dict) -> dict:
+    """Streamed samples of a stage's net at 1, 2 and 4 steps per chunk, for prompt ids [N] and their I2V conditioning
+    `image` (toy.eval_conditioning; `sample.py --causal --toy` repeats them)."""
     shape = world.cfg.shape
     chunks = chunk_frames(shape[1], cfg.first_chunk_t, cfg.chunk_t)
-    context = world.text[prompt].to(cfg.device)
+    context, image = world.text[prompt].to(cfg.device), {k: v.to(cfg.device) for k, v in image.items()}
     return {f"{stage}-{n}": torch.cat(list(generate_stream(
         net, context, shape, chunks, (n,), cfg.sigma_max, cfg.mid_t, torch.Generator(cfg.device).manual_seed(seed),
-        noisy_context=cfg.sf.noisy_context)), 2).cpu() for n in (1, 2, 4)}
+        noisy_context=cfg.sf.noisy_context, image=image)), 2).cpu() for n in (1, 2, 4)}
 
 
 @torch.no_grad()
-def teacher_streams(cfg: CausalConfig, world: toy.World, net: WanModel, prompt, seed: int) -> torch.Tensor:
+def teacher_streams(cfg: CausalConfig, world: toy.World, net: WanModel, prompt, seed: int, image: dict) -> torch.Tensor:
     """The causal teacher streamed: per chunk, eval_teacher_steps Euler steps with CFG (cond and uncond halves of one
-    batch, so one KV cache serves both), then a clean pass at s = 0 appends the chunk's K/V. Seeded."""
+    batch, so one KV cache serves both; both keep the image), then a clean pass at s = 0 appends the chunk's K/V."""
     shape, B = world.cfg.shape, len(prompt)
     chunks = chunk_frames(shape[1], cfg.first_chunk_t, cfg.chunk_t)
     noise = torch.randn((B, *shape), generator=torch.Generator().manual_seed(seed)).to(cfg.device)
     teacher = guidance(net, world.negative.expand(B, -1, -1).to(cfg.device), cfg.cm.teacher_guidance)
     times = [flow_times(cfg.eval_teacher_steps, 5.0)] * len(chunks)
     return torch.cat(list(stream(teacher, noise, world.text[prompt].to(cfg.device), chunks, times,
-                                 kv_cache(net, 2 * B, shape, chunks), sampler=sample_euler)), 2).cpu()
+                                 kv_cache(net, 2 * B, shape, chunks), sampler=sample_euler,
+                                 image={k: v.to(cfg.device) for k, v in image.items()})), 2).cpu()
 
 
-def stage_samples(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanModel, prompt, seed: int) -> dict:
+def stage_samples(cfg: CausalConfig, world: toy.World, stage: Stage, net: WanModel, prompt, seed: int,
+                  image: dict) -> dict:
     """A stage's streamed samples; for the causal teacher (stage tf) also its eval_teacher_steps Euler stream with CFG
     (its few-step rows are the baseline that distillation has to beat)."""
-    out = student_streams(cfg, world, stage, net, prompt, seed)
+    out = student_streams(cfg, world, stage, net, prompt, seed, image)
     if stage == "tf":
-        out[f"causal-teacher-{cfg.eval_teacher_steps}"] = teacher_streams(cfg, world, net, prompt, seed)
+        out[f"causal-teacher-{cfg.eval_teacher_steps}"] = teacher_streams(cfg, world, net, prompt, seed, image)
     return out
 
 
@@ -231,16 +249,17 @@ def evaluate(cfg: CausalConfig, world: toy.World, bidirectional: Path, results: 
     1, 2 and 4 steps per chunk; eval_per_prompt samples per prompt. Writes eval.json and one preview gif per sampler."""
     per_prompt, seed = cfg.toy.eval_per_prompt, cfg.toy.eval_seed
     prompt, _ = toy.eval_prompts(world, per_prompt)
+    image = toy.eval_conditioning(world, cfg.dit, prompt, seed)
     samples = {
-        "exact": toy.teacher_sample(lambda *a: toy.exact_velocity(world, *a), world, prompt, 1.0, 200, 1.0, seed=seed,
-                                    device=cfg.device),
+        "exact": toy.teacher_sample(lambda *a, **kw: toy.exact_velocity(world, *a, **kw), world, prompt, 1.0, 200, 1.0,
+                                    seed=seed, device=cfg.device, image=image),
         f"teacher-{cfg.eval_teacher_steps}": toy.teacher_sample(
             training.load_frozen(cfg, bidirectional, training.teacher_arch(cfg)), world, prompt,
-            cfg.sf.teacher_guidance, cfg.eval_teacher_steps, 5.0, seed=seed, device=cfg.device)}
+            cfg.sf.teacher_guidance, cfg.eval_teacher_steps, 5.0, seed=seed, device=cfg.device, image=image)}
     for stage, path in results.items():
         samples.update(stage_samples(cfg, world, stage, training.load_frozen(cfg, path, stage_arch(cfg, stage)), prompt,
-                                     seed))
-    out = {name: toy.metrics(world, x, prompt) for name, x in samples.items()}
+                                     seed, image))
+    out = {name: toy.metrics(world, x, prompt, image.get("y")) for name, x in samples.items()}
     (cfg.out_dir / "eval.json").write_text(json.dumps(out, indent=2))
     toy.save_grids(world, samples, per_prompt, cfg.out_dir / "previews", "eval_")
     toy.print_table(out)
@@ -312,8 +331,8 @@ def train_stage(cfg: CausalConfig, d, stage: Stage, world: toy.World | None, bid
                             run, method="causal", stage=stage, sigma_max=cfg.sigma_max, mid_t=cfg.mid_t,
                             first_chunk_t=cfg.first_chunk_t, chunk_t=cfg.chunk_t, eval_steps=[1, 2, 4],
                             steps_per_chunk=cfg.sf.steps_per_chunk or (2,), noisy_context=cfg.sf.noisy_context),
-                        preview=lambda i: toy.preview(world, cfg.dit, lambda p, seed, _image: stage_samples(
-                            cfg, world, stage, nets.ema, p, seed), folder, i, d.is_main),
+                        preview=lambda i: toy.preview(world, cfg.dit, lambda *a: stage_samples(
+                            cfg, world, stage, nets.ema, *a), folder, i, d.is_main),
                         preview_every=preview_every)
     return folder / "ema.safetensors"
 
@@ -323,10 +342,6 @@ def train(cfg: CausalConfig) -> dict:
     if len(set(cfg.stages)) != len(cfg.stages):
         raise ValueError(f"each stage runs once, got --stages {' '.join(cfg.stages)}")
     training.check_config(cfg)
-    if cfg.dit.model_type != "t2v":
-        raise ValueError(f"train_causal.py distils text-to-video models, and --dit.model-type is {cfg.dit.model_type}: "
-                         f"a causal student streams image-to-video from a T2V net with the image as its first chunk "
-                         f"(sample.py --causal --image); image-conditioned causal training is not built")
     if cfg.boundary is not None:
         raise ValueError("train_causal.py streams one causal net: two experts (--boundary) are for train_rcm.py")
     training.check_positive(cfg, "first_chunk_t", "chunk_t")
