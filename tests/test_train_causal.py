@@ -194,8 +194,9 @@ def tiny_config(tmp_path, teacher, data_clips=0, **kw):
     small = dict(iterations=6, lr_warmup=2)
     kw = {"device": "cpu", **kw}  # tests on CUDA pass device="cuda"
     run = dataclasses.replace(base.toy, world=TINY_WORLD, eval_per_prompt=2, data_clips=data_clips)
+    kw = {"dit": TINY_DIT, **kw}
     return dataclasses.replace(
-        base, dit=TINY_DIT, toy=run, teacher_ckpt=teacher, batch=2, log_every=1, ckpt_every=3, eval_teacher_steps=3,
+        base, toy=run, teacher_ckpt=teacher, batch=2, log_every=1, ckpt_every=3, eval_teacher_steps=3,
         tf=dataclasses.replace(base.tf, **small), cm=dataclasses.replace(base.cm, tangent_warmup=2, **small),
         sf=dataclasses.replace(base.sf, student_update_freq=2, **small), **kw)
 
@@ -344,3 +345,55 @@ def test_a_larger_teacher_gives_a_causal_teacher_of_its_size_and_students_of_the
     tf_ema = tmp_path / "run" / "tf" / "ema.safetensors"
     assert train_causal.stage_checkpoints(cfg, "tf_scm", teacher, base) == (base, tf_ema)
     assert train_causal.stage_checkpoints(cfg, "tf", teacher, base) == (teacher, None)
+
+
+TINY_I2V = dataclasses.replace(TINY_DIT, model_type="i2v", in_dim=36, clip=False)
+
+
+def test_i2v_conditioning_reaches_every_causal_net_chunk_by_chunk(tmp_path, monkeypatch):
+    """With I2V nets in every stage (teacher forcing, diffusion forcing, TF-sCM, self forcing, the critic, the
+    evaluation), every call gets its rows' own y: whole (bidirectional teacher, fake score), packed as [y | y]
+    (teacher-forced calls), or the frames of its chunk (streaming, the rollout); never zeros or another clip's. Then
+    `sample.py --causal --toy` streams the I2V student's evaluation again."""
+    teacher = tmp_path / "teacher.safetensors"
+    toy.train_teacher(toy.make_world(TINY_WORLD), toy.TeacherConfig(steps=3, batch=4), TINY_I2V, teacher,
+                      log=lambda s: None)
+    made, image_condition = [], toy.image_condition
+    monkeypatch.setattr(toy, "image_condition", lambda first, frames: made.append(image_condition(first, frames))
+                        or made[-1])
+    calls, forward = [], WanModel.forward
+
+    def spy(self, x, t, context, **kw):
+        calls.append((len(x), x.shape[2], kw.get("y"), kw.get("teacher_forcing", False)))
+        return forward(self, x, t, context, **kw)
+    monkeypatch.setattr(WanModel, "forward", spy)
+    cfg = tiny_config(tmp_path, teacher, out_dir=tmp_path / "run", dit=TINY_I2V)
+    out = train_causal.train(cfg)
+    T = TINY_WORLD.shape[1]
+    for n, frames, y, packed in calls:
+        assert y is not None and y.shape[0] == n and y.shape[2] == frames
+        whole = torch.cat([y[:, :, :T], y[:, :, :T]], 2) if packed else None
+        if packed:  # [clean | noisy]: the clip's y twice
+            assert torch.equal(y, whole)
+            y = y[:, :, :T]
+        found = False
+        for b in made:  # the y of one batch (or the evaluation's), its rows in order, tiled for CFG's second half
+            rows = b.repeat(n // len(b), 1, 1, 1, 1) if n % len(b) == 0 else None
+            if rows is not None and any(torch.equal(y, rows[:, :, f:f + y.shape[2]]) for f in range(T - y.shape[2] + 1)):
+                found = True
+                break
+        assert found
+    assert any(p for *_, p in calls) and any(f < T and not p for _, f, _, p in calls)  # packed and chunk calls seen
+    assert any(y[:, :4].amax() == 0 for _, f, y, p in calls if f < T)                 # (later chunks: no mask)
+    assert {"tf-1", "tf_scm-2", "sf_dmd-4", "causal-teacher-3"} <= set(out)
+    monkeypatch.setattr(WanModel, "forward", forward)
+    again = sample.main(sample.Config(dit_path=tmp_path / "run" / "sf_dmd" / "ema.safetensors", toy=True, causal=True,
+                                      device="cpu", save_path=tmp_path / "samples"))
+    assert json.dumps(again) == json.dumps({k: v for k, v in out.items() if k.startswith("sf_dmd-")})
+    # diffusion forcing: the unpacked y
+    calls.clear()
+    monkeypatch.setattr(WanModel, "forward", spy)
+    df = dataclasses.replace(cfg, out_dir=tmp_path / "df", stages=("tf",), toy=dataclasses.replace(cfg.toy, eval_per_prompt=0),
+                             tf=dataclasses.replace(cfg.tf, forcing="diffusion", iterations=2))
+    train_causal.train(df)
+    assert calls and all(y.shape[2] == f == T and not p for _, f, y, p in calls)
