@@ -100,3 +100,42 @@ def test_per_expert_guidance_switches_at_the_boundary():
     x, cond, uncond = torch.ones(2, 1, 1, 1, 1), torch.full((2, 1, 1), 2.0), torch.ones(2, 1, 1)
     v = samplers.guidance(net, uncond, 3.0, w_high=5.0, boundary=0.9)(x, torch.tensor([950.0, 100.0]), cond)
     assert v.flatten().tolist() == [1 + 5.0, 1 + 3.0]
+
+
+def test_conditioned_binds_each_clips_image_and_cfg_keeps_it_in_both_halves():
+    """conditioned(net, y=Y): every call gets Y, tiled when CFG doubles the batch (the unconditional half keeps the
+    image, only the text changes); guidance also tiles per-clip tensors bound outside it; a wrong batch is refused."""
+    seen = []
+
+    def net(x, t, context, y=None):
+        seen.append((context.clone(), y))
+        return torch.zeros_like(x)
+    B = 3
+    x, Y = torch.randn(B, 16, 2, 4, 4), torch.randn(B, 20, 2, 4, 4)
+    cond, uncond = torch.ones(B, 4, 8), torch.zeros(B, 4, 8)
+    samplers.guidance(samplers.conditioned(net, y=Y), uncond, 3.0)(x, torch.zeros(B), cond)
+    samplers.conditioned(samplers.guidance(net, uncond, 3.0), y=Y)(x, torch.zeros(B), cond)
+    for context, y in seen:
+        assert torch.equal(y, torch.cat([Y, Y])) and torch.equal(context, torch.cat([cond, uncond]))
+    assert samplers.conditioned(net) is net and samplers.conditioned(net, y=None, clip_fea=None) is net
+    with pytest.raises(ValueError, match="I2V conditioning for 3"):
+        samplers.conditioned(net, y=Y)(torch.randn(2, 16, 2, 4, 4), torch.zeros(2), cond[:2])
+
+
+def test_stream_gives_each_chunk_its_own_frames_of_the_image_conditioning():
+    """stream(..., image={"y": y}) with a clean prefix: the prefix call gets y's first frames, each chunk (its sampling
+    steps and its clean pass) the frames it covers."""
+    from model import CacheConfig, KVCache
+    frames = []
+
+    def net(x, t, context, y=None, kv_cache=None, kv_append=False, **kw):
+        frames.append((x.shape[2], y[0, 0, :, 0, 0].tolist()))
+        return torch.zeros_like(x)
+    T, y = 5, torch.arange(5.0).view(1, 1, 5, 1, 1).expand(1, 20, 5, 2, 2)
+    cache = KVCache(CacheConfig(max_frames=T), layers=1, batch=1, frame_tokens=1, heads=1, head_dim=8, max_chunk_t=2,
+                    device="cpu", dtype=torch.float32)
+    out = list(samplers.stream(net, torch.randn(1, 16, 4, 2, 2), torch.zeros(1, 4, 8), (2, 2),
+                               [samplers.rcm_times(1, 80.0, (1.0,))] * 2, cache, prefix=torch.zeros(1, 16, 1, 2, 2),
+                               image={"y": y}))
+    assert [o.shape[2] for o in out] == [1, 2, 2]
+    assert frames == [(1, [0.0]), (2, [1.0, 2.0]), (2, [1.0, 2.0]), (2, [3.0, 4.0])]
