@@ -517,11 +517,9 @@ def test_unsupported_model_types_are_refused_with_one_message(tmp_path, teacher)
         train_rcm.train(cfg)
     with pytest.raises(ValueError, match="the toy world has no CLIP image features"):
         train_rcm.train(tiny_run(teacher, tmp_path / "run", dit=TINY_I2V_CLIP))
-    causal = dataclasses.replace(train_causal.PRESETS["toy"][1], dit=TINY_I2V, out_dir=tmp_path / "causal", device="cpu")
-    with pytest.raises(ValueError, match="train_causal.py distils text-to-video models"):
-        train_causal.train(causal)
+    causal = dataclasses.replace(train_causal.PRESETS["toy"][1], dit=TINY_DIT, out_dir=tmp_path / "causal", device="cpu")
     with pytest.raises(ValueError, match="two experts .* are for train_rcm.py"):
-        train_causal.train(dataclasses.replace(causal, dit=TINY_DIT, boundary=0.9))
+        train_causal.train(dataclasses.replace(causal, boundary=0.9))
 
 
 # ------------------------------------------------------------------------------------ image-to-video distillation
