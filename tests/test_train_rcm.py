@@ -680,3 +680,46 @@ def test_two_process_two_expert_runs_equal_one_process_and_resume_bit_for_bit(tm
     for name in ("high_noise_model", "low_noise_model"):
         f = lambda r: load_file(tmp_path / r / "ema" / name / "diffusion_pytorch_model.safetensors")
         assert all(torch.equal(v, f("run")[k]) for k, v in f("full").items())
+
+
+def _straddling_experts(rank, tmp):
+    from model import TwoExperts
+    torch.manual_seed(0)
+    experts = [WanModel(TINY_DIT), WanModel(TINY_DIT)]
+    d = parallel.init_distributed(1, "cpu")
+    for net in experts:
+        parallel.shard_model(net, d.fsdp_mesh, compute_dtype=None)
+    two = TwoExperts(*experts, 0.5, sharded=True)
+    x, ctx, t = _straddle_inputs(rank)
+    out = two(x, t, ctx)
+    out.pow(2).sum().backward()
+    grads = {k: p.grad.full_tensor() for k, p in two.named_parameters() if p.grad is not None}
+    torch.save({"out": out.detach(), "grads": grads}, Path(tmp) / f"rank{rank}.pt")
+
+
+def _straddle_inputs(rank):
+    """Rank 0's two samples both belong to the high-noise expert; rank 1's straddle the boundary."""
+    g = torch.Generator().manual_seed(10 + rank)
+    t = torch.tensor([900.0, 800.0]) if rank == 0 else torch.tensor([900.0, 100.0])
+    return torch.randn(2, 16, 2, 4, 4, generator=g), torch.randn(2, 8, 32, generator=g), t
+
+
+def test_sharded_experts_run_when_another_rank_needs_them_and_match_one_process(tmp_path):
+    """FSDP experts on 2 ranks where only rank 1 needs the low-noise expert: rank 0 runs it too (its collectives must
+    match, else the ranks hang), its outputs and the averaged gradients equal one process's."""
+    from model import TwoExperts
+    spawn(_straddling_experts, tmp_path, backend="gloo")
+    torch.manual_seed(0)
+    two = TwoExperts(WanModel(TINY_DIT), WanModel(TINY_DIT), 0.5)
+    for rank in (0, 1):
+        x, ctx, t = _straddle_inputs(rank)
+        out = two(x, t, ctx)
+        (out.pow(2).sum() / 2).backward()  # (FSDP averages the ranks' gradients)
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.allclose(saved["out"], out.detach(), atol=1e-5)
+    grads = {k: p.grad for k, p in two.named_parameters() if p.grad is not None}
+    assert any(k.startswith("low.") for k in grads) and any(k.startswith("high.") for k in grads)
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["grads"]
+        assert saved.keys() == grads.keys()
+        assert all(torch.allclose(saved[k], v, atol=1e-5, rtol=1e-4) for k, v in grads.items())
