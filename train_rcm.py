@@ -48,6 +48,7 @@ class RCMConfig(Optim, RunConfig):
     dcm_skip: int = 1  # dCM: teacher Euler steps k between the two student evaluations
     dcm_shift: float = 5.0  # dCM: timestep shift of the grid
     teacher_guidance: float = 5.0  # classifier-free guidance weight of the teacher (distilled into the student)
+    teacher_guidance_high: float | None = None  # two experts: the weight at times ≥ --boundary instead (Wan2.2 T2V: 4)
 
     # distribution matching (DMD) and its critic
     fake_score: bool = True  # train a fake score and add the DMD loss (off: pure sCM)
@@ -98,11 +99,12 @@ PRESETS = {
     "wan2.2-t2v-a14b": ("rCM of Wan2.2 T2V A14B, both experts (torchrun, 16+ GPUs; --teacher-ckpt: the folder with "
                         "high_noise_model/ and low_noise_model/)",
                         dataclasses.replace(WAN14B, out_dir=Path("runs/wan22_t2v_a14b"), dit=CONFIGS["t2v-A14B"],
-                                            boundary=BOUNDARY["t2v-A14B"])),
+                                            boundary=BOUNDARY["t2v-A14B"], teacher_guidance=3.0,
+                                            teacher_guidance_high=4.0)),  # (the official sampler's per-expert CFG)
     "wan2.2-i2v-a14b": ("rCM of Wan2.2 I2V A14B, both experts (torchrun, 16+ GPUs; --teacher-ckpt: the official "
                         "folder; I2V --data)",
                         dataclasses.replace(WAN14B, out_dir=Path("runs/wan22_i2v_a14b"), dit=CONFIGS["i2v-A14B"],
-                                            boundary=BOUNDARY["i2v-A14B"])),
+                                            boundary=BOUNDARY["i2v-A14B"], teacher_guidance=3.5)),
 }
 
 
@@ -137,7 +139,8 @@ def student_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
     n_eff = effective_iteration(cfg, i)
 
     def loss_of(x0, cond, uncond, image):
-        teacher = guidance(conditioned(nets.teacher, **image), uncond, cfg.teacher_guidance)
+        teacher = guidance(conditioned(nets.teacher, **image), uncond, cfg.teacher_guidance,
+                           cfg.teacher_guidance_high, cfg.boundary or 1.0)
         student, fake = conditioned(nets.trained, **image), conditioned(nets.fake, **image)
         record, loss = {}, torch.zeros((), device=x0.device, dtype=torch.float64)
         if cfg.loss_scale > 0:
@@ -208,6 +211,8 @@ def train(cfg: RCMConfig) -> dict:
     training.check_config(cfg)
     training.check_positive(cfg, "student_update_freq", "max_simulation_steps")
     check_times(cfg.sigma_max, cfg.mid_t)
+    if cfg.teacher_guidance_high is not None and cfg.boundary is None:
+        raise ValueError("--teacher-guidance-high is the CFG weight of the high-noise expert: it needs --boundary")
     if cfg.dmd_fix_timesteps and cfg.max_simulation_steps > len(cfg.mid_t) + 1:
         raise ValueError(f"--dmd-fix-timesteps simulates at --mid-t: --max-simulation-steps "
                          f"{cfg.max_simulation_steps} needs {cfg.max_simulation_steps - 1} --mid-t times")

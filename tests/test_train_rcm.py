@@ -723,3 +723,17 @@ def test_sharded_experts_run_when_another_rank_needs_them_and_match_one_process(
         saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["grads"]
         assert saved.keys() == grads.keys()
         assert all(torch.allclose(saved[k], v, atol=1e-5, rtol=1e-4) for k, v in grads.items())
+
+
+def test_two_expert_teacher_guidance_per_expert(tmp_path, monkeypatch, experts):
+    """--teacher-guidance-high: the teacher's CFG weight at times ≥ the boundary (Wan2.2 T2V's official 4 above, 3
+    below); refused without --boundary."""
+    seen, guidance = [], train_rcm.guidance
+    monkeypatch.setattr(train_rcm, "guidance", lambda net, uncond, w, w_high=None, boundary=1.0: seen.append(
+        (w, w_high, boundary)) or guidance(net, uncond, w, w_high, boundary))
+    train_rcm.train(tiny_run(experts, tmp_path / "run", boundary=0.875, teacher_guidance=3.0, teacher_guidance_high=4.0,
+                             eval_per_prompt=0, iterations=3))
+    assert seen and set(seen) == {(3.0, 4.0, 0.875)}
+    with pytest.raises(ValueError, match="needs --boundary"):
+        train_rcm.train(tiny_run(experts, tmp_path / "x", teacher_guidance_high=4.0))
+    assert train_rcm.PRESETS["wan2.2-t2v-a14b"][1].teacher_guidance_high == 4.0
