@@ -706,7 +706,8 @@ class TwoExperts(nn.Module):
     """Wan2.2's A14B model: a high-noise and a low-noise expert (each a WanModel) behind WanModel's call. A sample goes
     to the high-noise expert when its timestep is at least 1000·boundary (the noisiest frame decides), else to the
     low-noise one; a batch that straddles the boundary is split. With `device` set, the expert not in use waits on
-    the CPU and the one called moves there, so one 14B expert at a time sits on the GPU."""
+    the CPU and the one called moves there, so one 14B expert at a time sits on the GPU. `sharded` (FSDP experts, one
+    process per rank): every rank runs each expert that any rank needs, so the ranks' collectives stay matched."""
 
     def __init__(self, high: WanModel, low: WanModel, boundary: float, device=None, sharded: bool = False):
         super().__init__()

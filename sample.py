@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -640,7 +641,7 @@ def main(cfg: Config) -> dict:
         d = parallel.init_distributed(1, cfg.device)
         cfg = dataclasses.replace(cfg, device=str(d.device))
     try:
-        with contextlib.nullcontext() if main_rank() else contextlib.redirect_stdout(open(os.devnull, "w")):
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if main_rank() else devnull):
             cfg, settings = with_settings(cfg)
             check(cfg, settings)
             if cfg.toy:
