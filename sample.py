@@ -94,6 +94,7 @@ class Streaming:
     kv_rope: Literal["after", "before"] = "after"  # cache keys after RoPE, or before (a window re-indexes kept frames)
     kv_quant: Literal["none", "int8", "fp8"] = "none"  # store the KV cache as int8 or fp8 e4m3 codes with scales
     kv_scale: Literal["token", "channel"] = "token"  # quantisation scale per token, or per channel over each frame
+    overlap_decode: bool = True  # on a GPU, decode chunk i on a second CUDA stream while the DiT makes chunk i + 1
 
 
 @dataclass
@@ -255,35 +256,62 @@ def stream_video(net, vae, context, shape: tuple[int, int, int, int], st: Stream
                  generator: torch.Generator, cache=None, prefix=None, image: dict | None = None):
     """Stream B videos (B = len(context)): each chunk's latents are decoded as soon as they exist.
     Returns latents [B, C, T, H, W], frames uint8 [B, F, 8H, 8W, 3] (None without a vae) and, per chunk, the seconds
-    (DiT, VAE) it waited for (the clean pass of chunk i counts in chunk i + 1's DiT time). Image-to-video: a T2V
-    net's prefix (the image's latent frame, prefilled into the cache as the first chunk), or an I2V net's `image`
-    conditioning of the whole clip (each chunk gets its frames of it)."""
+    from the start until its frames (without a vae: its latents) were ready. With st.overlap_decode on a GPU, a chunk
+    is decoded on a second CUDA stream while the DiT goes on with the next one. Image-to-video: a T2V net's prefix
+    (the image's latent frame, prefilled into the cache as the first chunk), or an I2V net's `image` conditioning of
+    the whole clip (each chunk gets its frames of it)."""
     chunks = chunk_frames(shape[1] - (0 if prefix is None else prefix.shape[2]), st.first_chunk_t, st.chunk_t)
     cache = stream_cache(net, len(context), shape, st, 0 if prefix is None else prefix.shape[2]) if cache is None \
         else cache
     stream = generate_stream(net, context, shape, chunks, st.steps_per_chunk, sampler.sigma_max, sampler.mid_t,
                              generator, cache, st.noisy_context, prefix, image)
     device = generator.device
-    zs, videos, seconds, vae_cache = [], [], [], {}
-    t0 = now(device)
+    # The decoder's stream has the higher priority: its kernels go first and the DiT's fill the rest of the GPU.
+    side = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" and st.overlap_decode and vae else None
+    zs, videos, marks, vae_cache = [], [], [], {}
+    start = clock_mark(device)
     for z in stream:
-        t1 = now(device)
-        if vae is not None:
-            videos.append(decode(vae, z, vae_cache))
-        t2 = now(device)
         zs.append(z)
-        seconds.append((t1 - t0, t2 - t1))
-        t0 = t2
-    return torch.cat(zs, 2), torch.cat(videos, 1) if videos else None, seconds
+        if vae is None:
+            marks.append(clock_mark(device))
+        elif side is None:
+            videos.append(decode(vae, z, vae_cache))
+            marks.append(clock_mark(device))
+        else:
+            side.wait_stream(torch.cuda.current_stream(device))  # z is written
+            with torch.cuda.stream(side):
+                videos.append(decode(vae, z, vae_cache))
+                marks.append(clock_mark(device, side))
+            z.record_stream(side)
+    if side is not None:
+        torch.cuda.current_stream(device).wait_stream(side)
+        for video in videos:  # made on the side stream, read by the main one's concatenation below
+            video.record_stream(torch.cuda.current_stream(device))
+    ready = [seconds_between(start, mark) for mark in marks]
+    return torch.cat(zs, 2), torch.cat(videos, 1) if videos else None, ready
 
 
-def stream_report(seconds: list[tuple[float, float]], frames: int) -> str:
-    """First-chunk latency, mean latency of the later chunks, and FPS = frames / (DiT + VAE seconds)."""
-    dit, vae = sum(s[0] for s in seconds), sum(s[1] for s in seconds)
-    later = [sum(s) for s in seconds[1:]]
-    per_chunk = f", later chunks {sum(later) / len(later):.3f} s each" if later else ""
-    return (f"first chunk {sum(seconds[0]):.3f} s (DiT {seconds[0][0]:.3f} + VAE {seconds[0][1]:.3f}){per_chunk}; "
-            f"DiT {dit:.2f} s + VAE {vae:.2f} s for {frames} frames = {frames / (dit + vae):.1f} FPS")
+def clock_mark(device: torch.device, stream=None):
+    """A point in time that does not stop the GPU: a CUDA event recorded on `stream`, else the host's clock."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+def seconds_between(start, end) -> float:
+    if isinstance(start, torch.cuda.Event):
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    return end - start
+
+
+def stream_report(ready: list[float], frames: int) -> str:
+    """First-chunk latency, mean latency of the later chunks, and FPS = frames / seconds until the last chunk."""
+    later = [b - a for a, b in zip(ready, ready[1:])]
+    per_chunk = f", later chunks {sum(later) / len(later):.3f} s apart" if later else ""
+    return f"first chunk {ready[0]:.3f} s{per_chunk}; {frames} frames in {ready[-1]:.2f} s = {frames / ready[-1]:.1f} FPS"
 
 
 def write_mp4(frames: torch.Tensor, path: Path):
@@ -561,9 +589,9 @@ def sample_wan(cfg: Config, settings: dict):
             generator = torch.Generator(cfg.device).manual_seed(cfg.seed + k)
             line = f"video {k}: "
             if cfg.causal:
-                z, frames, seconds = stream_video(dit, vae if writes else None, [embeds[i]], shape, st, s, generator,
-                                                  cache, prefix, image={"y": y, "clip_fea": clip_fea} if i2v_net else None)
-                line += stream_report(seconds, cfg.num_frames)
+                z, frames, ready = stream_video(dit, vae if writes else None, [embeds[i]], shape, st, s, generator,
+                                                cache, prefix, image={"y": y, "clip_fea": clip_fea} if i2v_net else None)
+                line += stream_report(ready, cfg.num_frames)
             else:
                 z = generate_latents(dit, [embeds[i]], None if neg is None else [neg], shape, s, generator,
                                      boundary_of(cfg, settings) or 1.0)

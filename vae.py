@@ -18,6 +18,8 @@ from einops import rearrange
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from checkpoint import load_strict
 
@@ -42,6 +44,72 @@ class VAEConfig:
 
 # ----------------------------------------------------------------------------- layers
 
+# The channel norm and SiLU before each causal convolution are memory-bound passes over the biggest tensors of the
+# VAE; as separate torch ops (norm, divide, scale, SiLU, then the time padding's concatenation) they took half of a
+# bf16 decode's GPU time. On CUDA one Triton kernel reads x twice (sum of squares, then scale) and writes the result
+# once, straight into the convolution's time-padded input buffer, in either memory layout (`WanVAE.channels_last`).
+
+@triton.jit
+def _norm_silu_kernel(x_ptr, gamma_ptr, out_ptr, C, S, x_sb, x_sc, x_ss, o_sb, o_sc, o_ss, scale, eps,
+                      SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """x[b, c, s] at x_ptr + b·x_sb + c·x_sc + s·x_ss (channels first: x_ss = 1; channels last: x_sc = 1), out alike:
+    out = silu?(x / max(‖x[b, :, s]‖, eps) · scale · γ_c), computed in fp32."""
+    b = tl.program_id(1).to(tl.int64)
+    s = (tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    x_ptr += b * x_sb
+    out_ptr += b * o_sb
+    sum_sq = tl.zeros([BLOCK_S], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+        mask = (s[:, None] < S) & (c[None, :] < C)
+        x = tl.load(x_ptr + s[:, None] * x_ss + c[None, :] * x_sc, mask=mask, other=0.0).to(tl.float32)
+        sum_sq += tl.sum(x * x, axis=1)
+    factor = scale / tl.maximum(tl.sqrt(sum_sq), eps)
+    for c0 in range(0, C, BLOCK_C):
+        c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+        mask = (s[:, None] < S) & (c[None, :] < C)
+        x = tl.load(x_ptr + s[:, None] * x_ss + c[None, :] * x_sc, mask=mask, other=0.0).to(tl.float32)
+        y = x * factor[:, None] * tl.load(gamma_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(out_ptr + s[:, None] * o_ss + c[None, :] * o_sc, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def norm_silu(x: torch.Tensor, gamma: torch.Tensor, silu: bool = True, out: torch.Tensor | None = None,
+              backend: str = "auto") -> torch.Tensor:
+    """The VAE's channel norm, x / ‖x‖_C · √C · γ, then SiLU if `silu`. x [B, C, ...] -> the same shape, written into
+    `out` if given (any view whose dims past the first two merge into one, as a time slice of a buffer does).
+
+    backend "triton" (default on CUDA) is one fused kernel computing in fp32; "torch" (default elsewhere) is the
+    plain ops in x's dtype, as the official code computes them."""
+    if backend == "auto":  # (under torch.compile the plain ops, which inductor fuses by itself)
+        backend = "triton" if x.is_cuda and not torch.compiler.is_compiling() else "torch"
+    if backend == "torch":
+        y = F.normalize(x, dim=1) * gamma.shape[0] ** 0.5 * gamma.view(-1, *[1] * (x.ndim - 2))
+        y = F.silu(y) if silu else y
+        return y if out is None else out.copy_(y)
+    B, C = x.shape[:2]
+    xs = x.flatten(2)  # [B, C, S]: a view for channels-first and channels-last tensors, a copy otherwise
+    if xs.stride(2) != 1 and xs.stride(1) != 1:
+        xs = xs.contiguous()
+    out = torch.empty_like(x) if out is None else out
+    if out.shape != x.shape:
+        raise ValueError(f"norm_silu: out {tuple(out.shape)} cannot hold x {tuple(x.shape)}")
+    outs = out.view(B, C, -1)  # (raises if out's dims past the first two do not merge: writes must reach out)
+    S = xs.shape[2]
+    channels_last = xs.stride(1) == 1 and C > 1
+    block_c, block_s = (min(triton.next_power_of_2(C), 128), 32) if channels_last else (32, 128)
+    _norm_silu_kernel[(triton.cdiv(S, block_s), B)](
+        xs, gamma, outs, C, S, *xs.stride(), *outs.stride(), C ** 0.5, 1e-12, SILU=silu, BLOCK_C=block_c,
+        BLOCK_S=block_s)
+    return out
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d for a 5-D tensor whose channels are innermost (WanVAE.channels_last), else contiguous."""
+    return torch.channels_last_3d if x.ndim == 5 and x.stride(1) == 1 and x.shape[1] > 1 else torch.contiguous_format
+
+
 class CausalConv3d(nn.Conv3d):
     """A 'same'-size Conv3d that sees only the present and the past in time.
 
@@ -54,16 +122,27 @@ class CausalConv3d(nn.Conv3d):
         kernel = (kernel,) * 3 if isinstance(kernel, int) else kernel
         super().__init__(c_in, c_out, kernel, padding=(0, kernel[1] // 2, kernel[2] // 2))
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        """x [B, C, T, H, W] -> [B, C_out, T, H, W]."""
+    def forward(self, x: torch.Tensor, cache: dict | None = None, norm: "RMSNorm | None" = None) -> torch.Tensor:
+        """x [B, C, T, H, W] -> [B, C_out, T, H, W]. norm: an RMSNorm whose norm + SiLU (the residual blocks' and
+        heads' pre-activation) is applied to x on its way into the time-padded input."""
         past = self.kernel_size[0] - 1
+        if not past:
+            return super().forward(x if norm is None else norm_silu(x, norm.gamma))
         prev = cache.get(self) if cache is not None else None
-        if prev is not None:
-            x = torch.cat([prev, x], dim=2)
-        if past and cache is not None:
-            cache[self] = x[:, :, -past:].clone()  # clone: keep a few frames, not the whole chunk
-        front = past - (0 if prev is None else prev.shape[2])
-        return super().forward(F.pad(x, (0, 0, 0, 0, front, 0)) if front else x)
+        n_prev = 0 if prev is None else prev.shape[2]
+        b, c, t, h, w = x.shape
+        # [zeros where the stream has no past | cached past | x], in x's memory layout
+        padded = torch.empty(b, c, past + t, h, w, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+        padded[:, :, :past - n_prev].zero_()
+        if n_prev:
+            padded[:, :, past - n_prev:past] = prev
+        if norm is None:
+            padded[:, :, past:] = x
+        else:
+            norm_silu(x, norm.gamma, out=padded[:, :, past:])
+        if cache is not None:  # clone: keep a few frames, not the whole chunk
+            cache[self] = padded[:, :, -past:].clone()
+        return super().forward(padded)
 
 
 class RMSNorm(nn.Module):
@@ -74,14 +153,7 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.gamma.shape[0] ** 0.5 * self.gamma
-
-
-def causal_seq(layers: nn.Sequential, x: torch.Tensor, cache: dict) -> torch.Tensor:
-    """Run a Sequential in which only the causal convolutions need the cache."""
-    for layer in layers:
-        x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
-    return x
+        return norm_silu(x, self.gamma, silu=False)
 
 
 class ResidualBlock(nn.Module):
@@ -96,7 +168,8 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        return self.shortcut(x) + causal_seq(self.residual, x, cache)
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        return conv2(conv1(x, cache, norm=norm1), cache, norm=norm2).add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -142,8 +215,10 @@ class Resample(nn.Module):
     def forward(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         """x [B, C, T, H, W] -> [B, C', T', 2H, 2W] or [B, C, T', H/2, W/2]."""
         if self.mode == "upsample3d":
-            if self.time_conv in cache:
-                x = rearrange(self.time_conv(x, cache), "b (two c) t h w -> b c (t two) h w", two=2)
+            if self.time_conv in cache:  # channels (two, c) -> frames (t, two), in the input's memory layout
+                y, (b, c, t, h, w) = self.time_conv(x, cache), x.shape
+                x = torch.empty(b, c, 2 * t, h, w, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+                x[:, :, 0::2], x[:, :, 1::2] = y[:, :c], y[:, c:]
             else:  # frame 0 is not doubled; the time conv's stream starts after it, with no past
                 cache[self.time_conv] = x[:, :, :0]
         t = x.shape[2]
@@ -184,7 +259,7 @@ class Encoder(nn.Module):
         x = self.conv1(x, cache)
         for block in (*self.downsamples, *self.middle):
             x = block(x, cache)
-        return causal_seq(self.head, x, cache)
+        return self.head[2](x, cache, norm=self.head[0])
 
 
 class Decoder(nn.Module):
@@ -216,7 +291,7 @@ class Decoder(nn.Module):
         x = self.conv1(z, cache)
         for block in (*self.middle, *self.upsamples):
             x = block(x, cache)
-        return causal_seq(self.head, x, cache)
+        return self.head[2](x, cache, norm=self.head[0])
 
 
 # ----------------------------------------------------------------------------- the VAE
@@ -237,6 +312,18 @@ class WanVAE(nn.Module):
         self.decoder = Decoder(cfg)
         self.time_factor = 2 ** sum(cfg.temporal_downsample)
         self.space_factor = 2 ** (len(cfg.dim_mult) - 1)
+        self.layout = torch.contiguous_format  # of the activations
+
+    def channels_last(self, on: bool = True):
+        """Store every convolution's weights, and so its activations, channels-last (NDHWC in memory), or (on=False)
+        channels-first again. cuDNN's bf16 and TF32 convolutions work in that layout and otherwise transpose each
+        one's input and output; the fused norm kernel reads either. The same numbers up to summation order."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+                last = torch.channels_last if module.weight.ndim == 4 else torch.channels_last_3d
+                module.weight.data = module.weight.data.contiguous(memory_format=last if on else torch.contiguous_format)
+        self.layout = torch.channels_last_3d if on else torch.contiguous_format
+        return self
 
     def compile_blocks(self):
         """torch.compile each residual, attention and resampling block, which fuses the elementwise work around the
@@ -264,7 +351,7 @@ class WanVAE(nn.Module):
         if video.ndim != 5 or video.shape[1] != 3 or (video.shape[2] - 1) % tf or video.shape[3] % sf or video.shape[4] % sf:
             raise ValueError(f"encode expects video [B, 3, 1+{tf}k, H, W] with H, W multiples of {sf}; "
                              f"got {tuple(video.shape)}: crop or pad the clip to such a size")
-        x = video.to(self.conv1.weight.dtype)
+        x = video.to(self.conv1.weight.dtype).contiguous(memory_format=self.layout)
         cache = {}
         chunks = [x[:, :, :1], *x[:, :, 1:].split(tf, dim=2)]
         h = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
@@ -273,19 +360,22 @@ class WanVAE(nn.Module):
         return (mu - mean) / std
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, cache: dict | None = None, frames_per_call: int = 1) -> torch.Tensor:
         """Normalised latents [B, 16, 1+k, h, w] -> video [B, 3, 1+4k, 8h, 8w], fp32, NOT clamped to [-1, 1].
 
         Streaming: pass the same `cache` dict (start with {}) to successive calls on consecutive latent chunks of one
         clip; the first latent frame of the clip gives 1 frame, every later one 4, and the concatenated results equal
-        one call on the whole clip."""
+        one call on the whole clip. The decoder runs on `frames_per_call` latent frames at a time (the official code
+        on 1; more makes bigger convolutions and more memory, the same result up to rounding); the clip's first latent
+        frame always goes alone, as the temporal upsampling treats it apart."""
         if z.ndim != 5 or z.shape[1] != self.cfg.z_dim:
             raise ValueError(f"decode expects latents [B, {self.cfg.z_dim}, T, h, w]; got {tuple(z.shape)}")
         mean, std = self._latent_stats(z.device)
-        x = self.conv2((z.float() * std + mean).to(self.conv2.weight.dtype))
+        x = self.conv2((z.float() * std + mean).to(self.conv2.weight.dtype).contiguous(memory_format=self.layout))
+        first = 1 if not cache else 0  # an empty cache: this call starts the clip
         cache = {} if cache is None else cache
-        frames = [self.decoder(x[:, :, i:i + 1], cache).float() for i in range(x.shape[2])]
-        return torch.cat(frames, dim=2)
+        chunks = [x[:, :, :first], *x[:, :, first:].split(frames_per_call, dim=2)]
+        return torch.cat([self.decoder(chunk, cache).float() for chunk in chunks if chunk.shape[2]], dim=2)
 
 
 # ----------------------------------------------------------------------------- image-to-video conditioning
@@ -341,7 +431,8 @@ def load_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: st
     """Build WanVAE on the meta device and assign the weights of `path` strictly: Wan2.1_VAE.pth (or .safetensors),
     a diffusers `vae/` folder, or a diffusers pipeline folder (its vae/).
 
-    dtype: float32 (as released) or bfloat16. Returns the model in eval mode, requires_grad off.
+    dtype: float32 (as released) or bfloat16. Returns the model in eval mode, requires_grad off, channels-last on
+    CUDA (faster there; WanVAE.channels_last).
     """
     path = Path(path)
     if (path / "model_index.json").exists():
@@ -349,5 +440,6 @@ def load_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: st
     if not path.exists():
         raise FileNotFoundError(f"VAE checkpoint not found: {path} (expected Wan2.1_VAE.pth from the Wan2.1 release, "
                                 f"or a diffusers vae/ folder)")
-    return load_strict(lambda: WanVAE(cfg), path, f"{path} does not fit WanVAE({cfg}); is it Wan2.1_VAE.pth, and does "
-                       "the config match?", dtype=dtype, device=device, other_names=diffusers_names(cfg))
+    vae = load_strict(lambda: WanVAE(cfg), path, f"{path} does not fit WanVAE({cfg}); is it Wan2.1_VAE.pth, and does "
+                      "the config match?", dtype=dtype, device=device, other_names=diffusers_names(cfg))
+    return vae.channels_last() if torch.device(device).type == "cuda" else vae

@@ -220,9 +220,10 @@ def test_sample_causal_writes_streamed_mp4(files, tmp_path):  # noqa: F811
     dit, vae = load_dit(CONFIGS["t2v-tiny"], cfg), load_vae(files / "vae.safetensors", cfg=cfg.vae_cfg)
     context = [torch.randn(4, 48, generator=torch.Generator().manual_seed(0))]
     sampler = Sampler(sigma_max=1600.0, mid_t=samplers.CAUSAL_MID_T)
-    z, frames, seconds = stream_video(dit, vae, context, (16, 3, 4, 4), Streaming(1, 1, (2,), False), sampler,
-                                      torch.Generator().manual_seed(1))
-    assert z.shape == (1, 16, 3, 4, 4) and frames.shape == (1, 9, 32, 32, 3) and len(seconds) == 3
+    z, frames, ready = stream_video(dit, vae, context, (16, 3, 4, 4), Streaming(1, 1, (2,), False), sampler,
+                                    torch.Generator().manual_seed(1))
+    assert z.shape == (1, 16, 3, 4, 4) and frames.shape == (1, 9, 32, 32, 3) and len(ready) == 3
+    assert 0 < ready[0] < ready[1] < ready[2]  # seconds from the start until each chunk's frames
     assert torch.equal(decode(vae, z), frames)  # chunk-by-chunk decoding is exact
     for st in (Streaming(1, 1, (2,), noisy_context=True), Streaming(1, 1, (4, 2), noisy_context=False)):
         other = stream_video(dit, None, context, (16, 3, 4, 4), st, sampler, torch.Generator().manual_seed(1))[0]
@@ -352,3 +353,22 @@ def test_with_grad_chunk_under_activation_checkpointing(net, inputs, rope):
         windowed(x[:, :, 2:4], t[:, 2:4], context, kv_cache=cache, kv_append=True)  # the window slides
     with pytest.raises(RuntimeError, match="slid its window"):
         out.square().mean().backward()
+
+
+@pytest.mark.gpu
+def test_gpu_overlapped_decode_equals_decoding_after(files, tmp_path):  # noqa: F811
+    """Streaming on CUDA: decoding chunk i on a second CUDA stream while the DiT makes chunk i + 1 gives the frames of
+    decoding each chunk after its DiT steps, and of decoding the whole clip at the end."""
+    from sample import load_dit
+    from vae import load_vae
+    cfg = tiny(files, tmp_path, device="cuda")
+    dit, vae = load_dit(CONFIGS["t2v-tiny"], cfg), load_vae(files / "vae.safetensors", cfg=cfg.vae_cfg, device="cuda")
+    context = [torch.randn(4, 48, device="cuda", generator=torch.Generator("cuda").manual_seed(0))]
+    sampler = Sampler(sigma_max=1600.0, mid_t=samplers.CAUSAL_MID_T)
+    runs = [stream_video(dit, vae, context, (16, 5, 4, 4), Streaming(1, 2, (2,), overlap_decode=overlap), sampler,
+                         torch.Generator("cuda").manual_seed(1)) for overlap in (True, False)]
+    (z, frames, ready), (z_serial, frames_serial, _) = runs
+    assert torch.equal(z, z_serial) and frames.shape == (1, 17, 32, 32, 3)
+    assert (frames.int() - frames_serial.int()).abs().max() <= 1
+    assert (decode(vae, z).int() - frames.int()).abs().max() <= 1
+    assert len(ready) == 3 and 0 < ready[0] < ready[1] < ready[2]

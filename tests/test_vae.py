@@ -104,3 +104,58 @@ def test_compiled_blocks_meet_the_golden_bounds(golden, dtype, bound, monkeypatc
     io = {k: v.cuda() for k, v in load_file(golden / "vae_tiny.io.safetensors").items()}
     assert rel_err(vae.encode(io["video"]), io["latent_mu"]) < bound
     assert rel_err(vae.decode(io["z"]), io["decoded"]) < bound
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("silu", [True, False])
+def test_fused_norm_silu_kernel_matches_torch(dtype, tol, silu, layout):
+    """The Triton norm + SiLU (Triton's interpreter on CPU) against the plain ops in fp32, written into the tail of a
+    time-padded buffer as the causal convolutions use it, channels first or last; odd channel and pixel counts
+    exercise the masks."""
+    import vae as vae_module
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 37, 3, 5, 7, generator=g) * 3).to(device, dtype).contiguous(memory_format=layout)
+    gamma = (torch.rand(37, 1, 1, 1, generator=g) + 0.5).to(device, dtype)
+    ref = vae_module.norm_silu(x.float(), gamma.float(), silu, backend="torch")
+    padded = torch.full((2, 37, 5, 5, 7), 7.0, device=device, dtype=dtype).contiguous(memory_format=layout)
+    out = vae_module.norm_silu(x, gamma, silu, out=padded[:, :, 2:], backend="triton")
+    assert out.dtype == dtype and out.data_ptr() == padded[:, :, 2:].data_ptr()
+    assert rel_err(padded[:, :, 2:], ref) < tol
+    assert (padded[:, :, :2] == 7).all()  # the buffer's head (the conv's past frames) is untouched
+    alone = vae_module.norm_silu(x, gamma, silu, backend="triton")
+    assert rel_err(alone, ref) < tol and alone.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_fused_vae_meets_the_golden_bounds(golden, layout, monkeypatch):
+    """The whole tiny VAE with every norm through the Triton kernel (interpreted on CPU), activations channels-first
+    or channels-last (WanVAE.channels_last): the fp32 golden bound. On a GPU with full fp32 convolutions."""
+    import functools
+    import vae as vae_module
+    monkeypatch.setattr(vae_module, "norm_silu", functools.partial(vae_module.norm_silu, backend="triton"))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vae = load_vae(golden / "vae_tiny.weights.safetensors", cfg=tiny_config(golden), device=device)
+    vae.channels_last(layout == "channels_last")
+    assert vae.decoder.conv1.weight.is_contiguous(memory_format=vae.layout) and vae.layout == getattr(
+        torch, "channels_last_3d" if layout == "channels_last" else "contiguous_format")
+    io = {k: v.to(device) for k, v in load_file(golden / "vae_tiny.io.safetensors").items()}
+    assert rel_err(vae.encode(io["video"]), io["latent_mu"]) < 1e-4
+    decoded = vae.decode(io["z"])
+    assert rel_err(decoded, io["decoded"]) < 1e-4
+    if device == "cuda":  # cuDNN keeps the layout to the end (the CPU's 3-D convolutions answer channels-first)
+        assert (decoded.stride(1) == 1) == (layout == "channels_last")
+
+
+def test_several_latent_frames_per_decoder_call(golden):
+    """decode(frames_per_call=k) equals the frame-by-frame decode, streamed in chunks or not."""
+    vae = load_vae(golden / "vae_tiny.weights.safetensors", cfg=tiny_config(golden))
+    z = torch.randn(1, 16, 6, 2, 2, generator=torch.Generator().manual_seed(0))
+    ref = vae.decode(z)
+    assert ref.shape[2] == 21
+    assert rel_err(vae.decode(z, frames_per_call=3), ref) < 1e-5
+    cache = {}
+    streamed = torch.cat([vae.decode(z[:, :, :3], cache, 2), vae.decode(z[:, :, 3:], cache, 2)], dim=2)
+    assert rel_err(streamed, ref) < 1e-5
