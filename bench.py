@@ -1,10 +1,12 @@
-"""Speed benchmarks, one table per entry: `python bench.py {attn,model,sample,causal,iteration} [--help]`.
+"""Speed benchmarks, one table per entry: `python bench.py {attn,model,sample,vae,causal,i2v,iteration,causal-iteration}`
+[--help]; sample and causal also run under `torchrun --nproc_per_node=N` (context parallelism).
 
 attn: the attention forward+JVP kernels (the Hopper kernel where it applies, and the Triton tile kernel) at Wan2.1
 480p self-attention shapes against PyTorch SDPA's forward (the floor: the JVP pass does 3x its matrix work) and, when
 given, NVlabs/rcm's flash_attention_jvp_triton.py timed in the same process. Effective TFLOP/s counts
 12·B·H·Lq·Lk·D for fwd+JVP and 4·B·H·Lq·Lk·D for a forward.
 """
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -329,14 +331,32 @@ class SampleBench:
     text_encoder: bool = True  # time the umT5-XXL forward (11 GB of random bf16 weights on the GPU)
 
 
+def sampling_group():
+    """Under torchrun (`torchrun --nproc_per_node=N bench.py sample|causal`): join the process group, one GPU each,
+    and return it for sample.split_tokens, which splits each clip's tokens over the processes as `torchrun sample.py`
+    does; None for one process. Every rank seeds alike, so all hold the same random weights and inputs."""
+    torch.manual_seed(0)
+    if "RANK" not in os.environ:
+        return None
+    import parallel
+    from sample import cp_group
+    parallel.init_distributed(1, "cuda")
+    return cp_group()
+
+
+def processes() -> str:
+    return f" x{torch.distributed.get_world_size()} (context parallel)" if torch.distributed.is_initialized() else ""
+
+
 def bench_sample(cfg: SampleBench):
     from model import CONFIGS
-    from sample import DEFAULTS, Sampler, decode, generate_latents
+    from sample import DEFAULTS, Sampler, decode, generate_latents, split_tokens
     from text_encoder import UMT5Config, UMT5Encoder
     from vae import VAEConfig, WanVAE
+    group = sampling_group()
     dit = CONFIGS[cfg.preset]
     T, (H, W) = 1 + (cfg.frames - 1) // 4, LATENT[cfg.resolution]
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {cfg.preset}, {cfg.resolution}, "
+    print(f"# {torch.cuda.get_device_name()}{processes()}, torch {torch.__version__}, {cfg.preset}, {cfg.resolution}, "
           f"{cfg.frames} frames, batch 1, bf16 DiT, {time.strftime('%Y-%m-%d')}", flush=True)
     rows = []
 
@@ -356,7 +376,7 @@ def bench_sample(cfg: SampleBench):
         del t5
         torch.cuda.empty_cache()
 
-    net = random_dit(dit)
+    net = split_tokens(random_dit(dit), group)
     g = torch.Generator("cuda").manual_seed(0)
     context = [torch.randn(30, dit.text_dim, device="cuda", generator=g)]
     neg = [torch.randn(60, dit.text_dim, device="cuda", generator=g)]
@@ -541,8 +561,8 @@ def bench_i2v(cfg: I2VBench):
 @dataclass
 class CausalBench:
     """Causal-rCM streaming with random weights (sample.py's stream_video): FPS = frames / seconds until the last
-    chunk's frames are decoded, the first chunk's latency, the later chunks' spacing, the DiT alone (no decode), the
-    decode after the DiT on one CUDA stream and overlapped on a second one, peak memory, and the KV cache quantised
+    chunk's frames are decoded, the first chunk's latency, the later chunks' spacing, the seconds of the DiT alone (no
+    decode), of the decode after the DiT on one CUDA stream and overlapped on a second, peak memory, the KV cache quantised
     (memory, speed, and the latents' relative deviation from the unquantised cache, same seed)."""
     preset: str = "t2v-1.3B"  # a name in model.CONFIGS
     resolution: Literal["480p", "720p"] = "480p"  # video size (832x480 or 1280x720)
@@ -551,17 +571,19 @@ class CausalBench:
     quant: tuple[str, ...] = ("int8", "fp8")  # quantised caches timed on the first run's layout (per-token scales)
     vae_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # dtype of the streaming VAE decode
     compile: bool = False  # torch.compile the DiT's and the VAE's blocks (sample.py --compile)
+    overlap_decode: bool = False  # the FPS and latency columns with the decode overlapped (sample.py --overlap-decode)
     repeats: int = 3  # timed videos per row after one warm-up (median reported)
 
 
 def bench_causal(cfg: CausalBench):
     from model import CONFIGS
-    from sample import Sampler, Streaming, stream_cache, stream_report, stream_video
+    from sample import Sampler, Streaming, split_tokens, stream_cache, stream_report, stream_video
     from samplers import CAUSAL_MID_T
     from vae import VAEConfig, WanVAE
+    group = sampling_group()
     dit = CONFIGS[cfg.preset]
     shape = (16, 1 + (cfg.frames - 1) // 4, *LATENT[cfg.resolution])
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {cfg.preset}, {cfg.resolution}, "
+    print(f"# {torch.cuda.get_device_name()}{processes()}, torch {torch.__version__}, {cfg.preset}, {cfg.resolution}, "
           f"{cfg.frames} frames, batch 1, bf16 DiT, {cfg.vae_dtype} VAE, compile {cfg.compile}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     net = random_dit(dit)
@@ -571,6 +593,7 @@ def bench_causal(cfg: CausalBench):
         for block in net.blocks:
             block.compile()
         vae.compile_blocks()
+    net = split_tokens(net, group)
     context = [torch.randn(30, dit.text_dim, device="cuda", generator=torch.Generator("cuda").manual_seed(0))]
     rows, reference = [], {}
     sampler = Sampler(sigma_max=1600.0, mid_t=CAUSAL_MID_T)  # the Causal-rCM recipe's streaming times
@@ -588,23 +611,25 @@ def bench_causal(cfg: CausalBench):
         z, frames, ready = median_video(st, vae, cache)
         peak = torch.cuda.max_memory_allocated() / 2**30
         dit_s = median_video(st, None, cache)[2][-1]
-        serial_s = median_video(dataclasses.replace(st, overlap_decode=False), vae, cache)[2][-1]
+        other_s = median_video(dataclasses.replace(st, overlap_decode=not st.overlap_decode), vae, cache)[2][-1]
         dev = "" if st.kv_quant == "none" else f"{((z - reference[name]).norm() / reference[name].norm()).item():.1e}"
         reference.setdefault(name, z)
         later = [b - a for a, b in zip(ready, ready[1:])]
+        serial_s, overlapped_s = (other_s, ready[-1]) if st.overlap_decode else (ready[-1], other_s)
         rows.append((f"{name} kv {st.kv_quant}", frames.shape[1] / ready[-1], ready[0], sum(later) / len(later),
-                     dit_s, serial_s, ready[-1], cache.nbytes() / 2**30, peak, dev))
+                     dit_s, serial_s, overlapped_s, cache.nbytes() / 2**30, peak, dev))
         print(f"{rows[-1][0]}: {stream_report(ready, frames.shape[1])}; DiT alone {dit_s:.2f} s, decode after the "
-              f"DiT on one stream {serial_s:.2f} s", flush=True)
+              f"DiT on one stream {serial_s:.2f} s, overlapped on a second stream {overlapped_s:.2f} s", flush=True)
 
     for spec in cfg.runs:
         first, chunk, steps, *noisy = spec.split(",")
-        st = Streaming(int(first), int(chunk), (int(steps),), noisy_context=bool(noisy))
+        st = Streaming(int(first), int(chunk), (int(steps),), noisy_context=bool(noisy),
+                       overlap_decode=cfg.overlap_decode)
         name = f"c{first}-{chunk} {steps}-step" + (" noisy ctx" if noisy else "")
         run(name, st)
         if spec == cfg.runs[0]:
             for q in cfg.quant:
-                run(name, Streaming(int(first), int(chunk), (int(steps),), noisy_context=bool(noisy), kv_quant=q))
+                run(name, dataclasses.replace(st, kv_quant=q))
     print("\n| run | FPS | first chunk s | later chunks s apart | DiT alone s | DiT then decode, one stream s | "
           "overlapped s | KV cache GiB | peak GiB | latents rel. dev. |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -628,6 +653,39 @@ class IterationBench:
     compile: bool = False  # torch.compile every block
     iters: int = 4  # timed iterations of each kind after one warm-up: one cycle of 1..4 simulation steps
     peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H200 SXM)
+    profile: bool = False  # also print where the GPU time of one more student iteration goes, by kind of kernel
+
+
+KERNEL_KINDS = (("attention", ("sdpa", "flash", "attn", "attention", "fmha", "flex")),  # (cuDNN's SDPA names say wgmma)
+                ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "cublas")),
+                ("copy / dtype cast", ("copy", "cast", "convert", "catarray")),
+                ("optimizer and EMA", ("adam", "foreach", "multi_tensor", "lerp")),
+                ("communication", ("nccl",)))
+
+
+def kernel_time_breakdown(fn, show: bool = True, top: int = 12):
+    """Run fn() under torch.profiler and print the GPU time by kind of kernel (by name: KERNEL_KINDS; the rest is
+    elementwise work and reductions: norms, RoPE, activations, loss arithmetic) and the costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+    kernels = [(e.key, e.self_device_time_total / 1e6) for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    kinds = {}
+    for name, sec in kernels:
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name.lower() for key in keys)),
+                    "elementwise and reductions")
+        kinds[kind] = kinds.get(kind, 0.0) + sec
+    if not show:
+        return
+    total = sum(kinds.values())
+    print(f"\nGPU time of one student iteration by kind of kernel ({total:.2f} s in kernels):")
+    print("| kind | seconds | share |\n|---|---:|---:|")
+    for kind, sec in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {sec:.2f} | {sec / total:.1%} |")
+    print(f"| kernel (top {top}) | seconds | share |\n|---|---:|---:|")
+    for name, sec in sorted(kernels, key=lambda kv: -kv[1])[:top]:
+        print(f"| {name[:90]} | {sec:.3f} | {sec / total:.1%} |")
 
 
 def rcm_iteration_flops(student, teacher, L, n_sim: int) -> tuple[int, int]:
@@ -677,6 +735,7 @@ def bench_iteration(cfg: IterationBench):
     for name, step, offset in (("student (sCM + DMD)", train_rcm.student_step, 0),
                                ("critic", train_rcm.critic_step, 1)):
         its = [i for i in after if train_rcm.is_student_iteration(rcm, i) == (offset == 0)][:cfg.iters + 1]
+        student_its = its if offset == 0 else student_its
         timed(step, its[0])
         torch.cuda.reset_peak_memory_stats()
         runs = [timed(step, i) for i in its[1:]]
@@ -686,6 +745,8 @@ def bench_iteration(cfg: IterationBench):
             n_sim = int(record.get("dmd/steps", record.get("critic/steps")))
             flops = rcm_iteration_flops(dit, teacher_dit, L, n_sim)[offset] * cfg.batch * d.dp_size  # every clip
             rows.append((name, n_sim, sec, peak.item(), flops / sec / processes / 1e12))
+    if cfg.profile:
+        kernel_time_breakdown(lambda: timed(train_rcm.student_step, student_its[-1]), d.is_main)
     if d.is_main:
         print("\n| iteration | sim steps | seconds | peak GiB (max over ranks) | TFLOP/s per GPU | MFU |")
         print("|---|---:|---:|---:|---:|---:|")
@@ -805,4 +866,8 @@ if __name__ == "__main__":
     cfg = tyro.extras.subcommand_cli_from_dict({"attn": AttnBench, "model": ModelBench, "sample": SampleBench,
                                                 "causal": CausalBench, "iteration": IterationBench,
                                                 "i2v": I2VBench, "causal-iteration": CausalIterationBench, "vae": VAEBench})
-    BENCHES[type(cfg)](cfg)
+    quiet = int(os.environ.get("RANK", 0)) > 0  # (under torchrun rank 0 prints)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stdout):
+        BENCHES[type(cfg)](cfg)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
