@@ -48,7 +48,7 @@ from model import (BOUNDARY, CONFIGS, CacheConfig, WanConfig, WanModel, chunk_fr
                    load_two_experts)
 from samplers import (check_times, conditioned, draw_noise, flow_times, generate, generate_stream, guidance, kv_cache,
                       sample_euler, sample_unipc, stream_times)
-from text_encoder import UMT5Config, encode_prompts_and_free, read_negative_embedding, umt5_files
+from text_encoder import UMT5Config, UMT5Encoder, encode_prompts_and_free, read_negative_embedding, umt5_files
 from vae import VAEConfig, i2v_size, image_condition, load_vae
 
 FPS = 16
@@ -454,13 +454,30 @@ def load_dit(arch: WanConfig, cfg: Config) -> WanModel:
     return net
 
 
+def encoder_device(device: str, t5_cfg: UMT5Config, free_bytes: int | None = None) -> str:
+    """Where umT5 runs: on `device`, or on the CPU when that GPU has less free memory (free_bytes; default: asked of
+    CUDA) than the encoder's bf16 weights plus 1 GiB for its activations. A prompt's forward takes seconds on a
+    CPU; a GPU that is too small would stop the run."""
+    if torch.device(device).type != "cuda":
+        return device
+    with torch.device("meta"):
+        need = 2 * sum(p.numel() for p in UMT5Encoder(t5_cfg).parameters()) + 2**30
+    free = torch.cuda.mem_get_info(torch.device(device))[0] if free_bytes is None else free_bytes
+    if free >= need:
+        return device
+    print(f"umT5 runs on the CPU: {device} has {free / 2**30:.1f} GiB free, the encoder needs {need / 2**30:.1f} GiB")
+    return "cpu"
+
+
 def embed_texts(cfg: Config, prompts: list[str]):
     """umT5 embeddings [L_i, 4096] of the prompts and, for the teacher with CFG, the negative (--neg-embed, else the
-    encoded --negative-prompt); the encoder is freed before the DiT loads. Also returns the encoding seconds."""
+    encoded --negative-prompt); the encoder runs on --device (the CPU if the GPU is short of memory) and is freed
+    before the DiT loads. Also returns the encoding seconds."""
     t0 = now(cfg.device)
     cfg_negative = cfg.sampler.mode == "teacher" and teacher_sampler(cfg.sampler).guidance != 1
     encode_negative = cfg_negative and cfg.neg_embed is None
-    embeds = encode_prompts_and_free(cfg.t5_path, prompts + [cfg.negative_prompt] * encode_negative, device=cfg.device,
+    embeds = encode_prompts_and_free(cfg.t5_path, prompts + [cfg.negative_prompt] * encode_negative,
+                                     device=encoder_device(cfg.device, cfg.t5_cfg), out_device=cfg.device,
                                      cfg=cfg.t5_cfg)
     neg = embeds.pop() if encode_negative else None
     if cfg_negative and cfg.neg_embed is not None:

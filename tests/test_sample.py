@@ -444,3 +444,16 @@ def test_torchrun_sampling_splits_each_clip_over_the_processes(files, tmp_path):
         assert len(one) == len(two) > 0
         assert all(torch.allclose(a["latent"], b["latent"], atol=1e-5) for a, b in zip(one, two))
         assert len(list((tmp_path / name).glob("*.mp4"))) == len(one)
+
+
+def test_umt5_moves_to_the_cpu_when_the_gpu_is_short(capsys):
+    """The text encoder runs on the sampling device, or on the CPU (said in one line) when the GPU's free memory is
+    below its bf16 weights (11.4 GB for umT5-XXL) plus 1 GiB."""
+    from sample import encoder_device
+    from text_encoder import UMT5Config
+    assert encoder_device("cpu", UMT5Config()) == "cpu"
+    assert encoder_device("cuda:0", UMT5Config(), free_bytes=40 * 2**30) == "cuda:0"
+    assert capsys.readouterr().out == ""
+    assert encoder_device("cuda:0", UMT5Config(), free_bytes=10 * 2**30) == "cpu"
+    assert "umT5 runs on the CPU: cuda:0 has 10.0 GiB free, the encoder needs 11.6 GiB" in capsys.readouterr().out
+    assert encoder_device("cuda", T5, free_bytes=2**31) == "cuda"  # a tiny encoder fits
