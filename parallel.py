@@ -156,10 +156,12 @@ def context_parallel(net, group):
 @dataclass(frozen=True)
 class TokenLayout:
     """The split of one clip's L tokens over a CP group. local [F·n]: the tokens this rank holds (frame by frame);
-    order [L]: where token i sits in the rank-major concatenation [rank 0's | rank 1's | ...] of all ranks' tokens."""
+    order [L]: where token i sits in the rank-major concatenation [rank 0's | rank 1's | ...] of all ranks' tokens;
+    rank_major [P·F·n]: that concatenation's tokens (every rank's `local`, padding included)."""
     group: dist.ProcessGroup
     local: torch.Tensor
     order: torch.Tensor
+    rank_major: torch.Tensor
 
 
 def token_layout(group, frames: int, tokens_per_frame: int, device) -> TokenLayout:
@@ -167,10 +169,11 @@ def token_layout(group, frames: int, tokens_per_frame: int, device) -> TokenLayo
     n = -(-tokens_per_frame // P)
     f = torch.arange(frames, device=device)[:, None]
     j = torch.arange(n, device=device)
-    local = f * tokens_per_frame + (r * n + j).clamp(max=tokens_per_frame - 1)  # padding repeats a real token
+    ranks = torch.arange(P, device=device)[:, None, None]
+    rank_major = f * tokens_per_frame + (ranks * n + j).clamp(max=tokens_per_frame - 1)  # padding repeats a real token
     i = torch.arange(tokens_per_frame, device=device)
     order = (i // n) * (frames * n) + f * n + i % n
-    return TokenLayout(group, local.flatten(), order.flatten())
+    return TokenLayout(group, rank_major[r].flatten(), order.flatten(), rank_major.flatten())
 
 
 def shard_tokens(h, cp: TokenLayout, dim: int = 1):
@@ -203,11 +206,13 @@ class _AllGather(torch.autograd.Function):
 
 
 def _all_to_all(x, group, scatter_dim: int, gather_dim: int):
-    """Split x into P parts along scatter_dim, send part j to rank j, concatenate the arrivals along gather_dim."""
-    send = torch.stack(x.chunk(group.size(), dim=scatter_dim))
+    """Split x into P parts along scatter_dim, send part j to rank j, concatenate the arrivals along gather_dim.
+    One copy into the send buffer (none where the parts already lie rank-major, as a batch of one's tokens do) and
+    one out of the receive buffer (none where it is a view, as a batch of one's tokens again)."""
+    send = x.unflatten(scatter_dim, (group.size(), -1)).movedim(scatter_dim, 0).contiguous()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    return torch.cat(recv.unbind(0), dim=gather_dim)
+    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -234,9 +239,8 @@ def ulysses_attention(q, k, v, tq=None, tk=None, tv=None, *, cp: TokenLayout, at
     def to_heads(a):  # [B, F·n, H, D] -> all L tokens in order, H/P heads: [B, L, H/P, D]
         return None if a is None else _AllToAll.apply(a, cp.group, 2, 1).index_select(1, cp.order)
 
-    def to_tokens(o):  # back to the rank-major layout (padded rows zero), then to this rank's tokens, all heads
-        full = o.new_zeros(o.shape[0], P * cp.local.numel(), *o.shape[2:]).index_copy(1, cp.order, o)
-        return _AllToAll.apply(full, cp.group, 1, 2)
+    def to_tokens(o):  # back to the rank-major layout (padded rows: the token they repeat), then all heads
+        return _AllToAll.apply(o.index_select(1, cp.rank_major), cp.group, 1, 2)
 
     out = attend(*(to_heads(a) for a in (q, k, v, tq, tk, tv)), **kwargs)
     return tuple(map(to_tokens, out)) if isinstance(out, tuple) else to_tokens(out)

@@ -80,6 +80,7 @@ def test_token_layout_covers_each_token_once(P, frames, per_frame):
     assert torch.equal(gathered[layouts[0].order], torch.arange(frames * per_frame))
     for lay in layouts:  # each rank holds the same number of rows of every frame, frame by frame
         assert (lay.local.view(frames, -1) // per_frame == torch.arange(frames)[:, None]).all()
+        assert torch.equal(lay.rank_major, gathered)  # every rank knows the whole concatenation
 
 
 @pytest.mark.parametrize("mode", ["block", "matmul"])
