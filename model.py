@@ -468,7 +468,7 @@ class WanAttentionBlock(nn.Module):
 
         h, th = (x, tx) if self.norm3 is None else layer_norm(x, tx, self.eps, self.norm3.weight, self.norm3.bias)
         y, ty = self.cross_attn(h, th, context, context_img)
-        x, tx = x + y.float(), None if tx is None else tx + ty.float()
+        x, tx = x + y, None if tx is None else tx + ty  # (fp32 + bf16 promotes in one pass, no cast copy)
 
         h, th = modulate(*layer_norm(x, tx, self.eps), shift_ffn, tm[3], scale_ffn, tm[4])
         h, th = linear(*gelu_tanh(*linear(h, th, self.ffn[0])), self.ffn[2])
