@@ -331,6 +331,12 @@ class KVCache:
         n, Lc, dtype = frames * self.frame_tokens, k.shape[1], v.dtype
         # freqs: [n + Lc, 1, D/2] with keys before RoPE, [Lc, 1, D/2] after
         k_new = rope(k, freqs[-Lc:]).to(dtype)
+        if (self.k_scale is None and self.cfg.rope == "after" and self.k[block].dtype == dtype
+                and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))):
+            # Write the chunk behind the kept frames (room the buffers always have; it stays only if appended) and
+            # attend to the buffers themselves: concatenating [past | chunk] would copy the whole past per block.
+            self.k[block][:, n:n + Lc], self.v[block][:, n:n + Lc] = k_new, v
+            return self.k[block][:, :n + Lc], self.v[block][:, :n + Lc]
         k_past = self._read(self.k[block], None if self.k_scale is None else self.k_scale[block], n, dtype)
         if self.cfg.rope == "before":
             k_past = rope(k_past, freqs[:n]).to(dtype)
