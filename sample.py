@@ -21,7 +21,7 @@ embeddings and prompts are also written as webdataset shards in the format data.
 
 With --causal (a Causal-rCM student) the video is streamed: chunk by chunk of latent frames, each denoised in a few
 steps against a KV cache of the chunks before it, and decoded by the causal VAE as soon as it is done, with a report
-of the first-chunk latency, the per-chunk latency and FPS = frames / (DiT time + VAE time).
+of the time to the first chunk's frames, the later chunks' spacing and FPS = frames / time to the last chunk's.
 """
 import contextlib
 import dataclasses
@@ -301,6 +301,7 @@ def clock_mark(device: torch.device, stream=None):
 
 
 def seconds_between(start, end) -> float:
+    """Seconds from one clock_mark to a later one (waits for a CUDA event to be reached)."""
     if isinstance(start, torch.cuda.Event):
         end.synchronize()
         return start.elapsed_time(end) / 1e3

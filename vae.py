@@ -45,8 +45,8 @@ class VAEConfig:
 # ----------------------------------------------------------------------------- layers
 
 # The channel norm and SiLU before each causal convolution are memory-bound passes over the biggest tensors of the
-# VAE; as separate torch ops (norm, divide, scale, SiLU, then the time padding's concatenation) they took half of a
-# bf16 decode's GPU time. On CUDA one Triton kernel reads x twice (sum of squares, then scale) and writes the result
+# VAE; as separate torch ops (norm, divide, scale, SiLU, then the time padding's concatenation) they were most of the
+# elementwise kernels that took about half of a bf16 decode's GPU time. On CUDA one Triton kernel reads x twice (sum of squares, then scale) and writes the result
 # once, straight into the convolution's time-padded input buffer, in either memory layout (`WanVAE.channels_last`).
 
 @triton.jit
