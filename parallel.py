@@ -256,20 +256,29 @@ _MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.a
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
+_ATTENTION = {op for op in _MATMULS if "attention" in str(op)}
+
+
 def _save_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _save_attention(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def checkpoint_activations(net, mode: str):
     """Activation checkpointing per transformer block. "block": keep only each block's inputs and recompute the
-    block in backward; "matmul": keep the matmul and attention outputs, recompute the cheap elementwise ops and
-    norms; "none": keep everything. Non-reentrant checkpoints: any number of with-grad forwards (the sCM and DMD
+    block in backward; "attention": keep the attention outputs (the block's costliest op at long sequences; one
+    [B, L, dim] tensor and its log-sum-exp per block), recompute the rest; "matmul": keep the matmul and attention
+    outputs, recompute the cheap elementwise ops and norms; "none": keep everything. Non-reentrant checkpoints: any number of with-grad forwards (the sCM and DMD
     student forwards of an rCM step) may precede one backward. The recompute repeats the Ulysses all-to-alls."""
-    if mode not in ("none", "block", "matmul"):
-        raise ValueError(f"activation checkpointing mode must be 'none', 'block' or 'matmul', got {mode!r}")
+    if mode not in ("none", "block", "attention", "matmul"):
+        raise ValueError(f"activation checkpointing mode must be 'none', 'block', 'attention' or 'matmul', got {mode!r}")
     if mode == "none":
         return net
-    context_fn = (functools.partial(create_selective_checkpoint_contexts, _save_matmuls) if mode == "matmul"
+    policy = {"attention": _save_attention, "matmul": _save_matmuls}.get(mode)
+    context_fn = (functools.partial(create_selective_checkpoint_contexts, policy) if policy
                   else torch.utils.checkpoint.noop_context_fn)
     for block in net.blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, context_fn=context_fn)

@@ -83,7 +83,7 @@ def test_token_layout_covers_each_token_once(P, frames, per_frame):
         assert torch.equal(lay.rank_major, gathered)  # every rank knows the whole concatenation
 
 
-@pytest.mark.parametrize("mode", ["block", "matmul"])
+@pytest.mark.parametrize("mode", ["block", "attention", "matmul"])
 def test_activation_checkpointing_two_forwards_same_gradients(mode):
     x, t, context, (tx, tt) = inputs()
     ref, net = random_tiny(), parallel.checkpoint_activations(random_tiny(), mode)
@@ -95,7 +95,7 @@ def test_activation_checkpointing_two_forwards_same_gradients(mode):
         loss.backward()
         grads.append([p.grad for p in m.parameters()])
     assert all(close(a, b, 1e-6) for a, b in zip(grads[1], grads[0]))
-    with pytest.raises(ValueError, match="'none', 'block' or 'matmul'"):
+    with pytest.raises(ValueError, match="'none', 'block', 'attention' or 'matmul'"):
         parallel.checkpoint_activations(random_tiny(), "all")
 
 
