@@ -573,6 +573,7 @@ class CausalBench:
     compile: bool = False  # torch.compile the DiT's and the VAE's blocks (sample.py --compile)
     overlap_decode: bool = False  # the FPS and latency columns with the decode overlapped (sample.py --overlap-decode)
     repeats: int = 3  # timed videos per row after one warm-up (median reported)
+    profile: bool = False  # also print where the GPU time of one more video of the first run goes, by kind of kernel
 
 
 def bench_causal(cfg: CausalBench):
@@ -627,6 +628,10 @@ def bench_causal(cfg: CausalBench):
                        overlap_decode=cfg.overlap_decode)
         name = f"c{first}-{chunk} {steps}-step" + (" noisy ctx" if noisy else "")
         run(name, st)
+        if spec == cfg.runs[0] and cfg.profile:
+            kernel_time_breakdown(lambda: stream_video(net, vae, context, shape, st, sampler,
+                                                       torch.Generator("cuda").manual_seed(1)),
+                                  f"one {name} video (DiT and decode)", group is None or group.rank() == 0)
         if spec == cfg.runs[0]:
             for q in cfg.quant:
                 run(name, dataclasses.replace(st, kv_quant=q))
@@ -657,13 +662,14 @@ class IterationBench:
 
 
 KERNEL_KINDS = (("attention", ("sdpa", "flash", "attn", "attention", "fmha", "flex")),  # (cuDNN's SDPA names say wgmma)
+                ("convolution (VAE)", ("fprop", "dgrad", "wgrad", "implicit_gemm", "convolve")),  # (they say xmma too)
                 ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "cublas")),
                 ("copy / dtype cast", ("copy", "cast", "convert", "catarray")),
                 ("optimizer and EMA", ("adam", "foreach", "multi_tensor", "lerp")),
                 ("communication", ("nccl",)))
 
 
-def kernel_time_breakdown(fn, show: bool = True, top: int = 12):
+def kernel_time_breakdown(fn, what: str, show: bool = True, top: int = 12):
     """Run fn() under torch.profiler and print the GPU time by kind of kernel (by name: KERNEL_KINDS; the rest is
     elementwise work and reductions: norms, RoPE, activations, loss arithmetic) and the costliest kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -679,7 +685,7 @@ def kernel_time_breakdown(fn, show: bool = True, top: int = 12):
     if not show:
         return
     total = sum(kinds.values())
-    print(f"\nGPU time of one student iteration by kind of kernel ({total:.2f} s in kernels):")
+    print(f"\nGPU time of {what} by kind of kernel ({total:.2f} s in kernels):")
     print("| kind | seconds | share |\n|---|---:|---:|")
     for kind, sec in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {sec:.2f} | {sec / total:.1%} |")
@@ -746,7 +752,7 @@ def bench_iteration(cfg: IterationBench):
             flops = rcm_iteration_flops(dit, teacher_dit, L, n_sim)[offset] * cfg.batch * d.dp_size  # every clip
             rows.append((name, n_sim, sec, peak.item(), flops / sec / processes / 1e12))
     if cfg.profile:
-        kernel_time_breakdown(lambda: timed(train_rcm.student_step, student_its[-1]), d.is_main)
+        kernel_time_breakdown(lambda: timed(train_rcm.student_step, student_its[-1]), "one student iteration", d.is_main)
     if d.is_main:
         print("\n| iteration | sim steps | seconds | peak GiB (max over ranks) | TFLOP/s per GPU | MFU |")
         print("|---|---:|---:|---:|---:|---:|")
