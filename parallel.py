@@ -278,11 +278,19 @@ def checkpoint_activations(net, mode: str):
     if mode == "none":
         return net
     policy = {"attention": _save_attention, "matmul": _save_matmuls}.get(mode)
-    context_fn = (functools.partial(create_selective_checkpoint_contexts, policy) if policy
-                  else torch.utils.checkpoint.noop_context_fn)
     for block in net.blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, context_fn=context_fn)
+        block.forward = functools.partial(_checkpointed, block.forward, policy)
     return net
+
+
+def _checkpointed(forward, policy, *args, **kwargs):
+    """forward(*args) under a non-reentrant checkpoint (selective with a policy). A frame of this file, not torch's,
+    so that a compiled block (`block.compile()`) traces it and turns the checkpoint into one graph; called straight
+    from the module, torch's checkpoint is a frame torch.compile skips, and the block would silently run eagerly."""
+    if policy is None:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, policy), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
