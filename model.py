@@ -209,7 +209,8 @@ def rope(h, freqs, dtype=torch.float32, backend: str = "auto"):
     if h is None:
         return None
     if backend == "auto":
-        backend = "triton" if h.is_cuda and not torch.compiler.is_compiling() else "torch"
+        pow2 = h.shape[-1] & (h.shape[-1] - 1) == 0  # the kernel's tiles span a whole head
+        backend = "triton" if h.is_cuda and pow2 and not torch.compiler.is_compiling() else "torch"
     if backend == "torch":
         a, b = h.float().unflatten(-1, (-1, 2)).unbind(-1)
         cos, sin = freqs.unbind(-1)
@@ -218,30 +219,31 @@ def rope(h, freqs, dtype=torch.float32, backend: str = "auto"):
 
 
 @triton.jit
-def _rotate_kernel(h_ptr, cs_ptr, out_ptr, rows, L, HP, P, SIGN: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_C: tl.constexpr):
-    """h [rows = B·L, HP = H·P pairs of 2] contiguous, cs [L, P, 2]: out = the pairs rotated by SIGN·angle."""
+def _rotate_kernel(h_ptr, cs_ptr, out_ptr, rows, L, H, SIGN: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """h [rows = B·L, H, D] contiguous, cs [L, D/2, 2]: out = the pairs rotated by SIGN·angle. A program takes
+    BLOCK_R tokens, loads their cos/sin once and rotates each head with whole-row (coalesced) loads and stores."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    p = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (r[:, None] < rows) & (p[None, :] < HP)
-    at = r[:, None].to(tl.int64) * (2 * HP) + 2 * p[None, :]
-    a = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(h_ptr + at + 1, mask=mask, other=0.0).to(tl.float32)
-    angle = (r[:, None] % L).to(tl.int64) * (2 * P) + 2 * (p[None, :] % P)
-    cos = tl.load(cs_ptr + angle, mask=mask, other=0.0)
-    sin = SIGN * tl.load(cs_ptr + angle + 1, mask=mask, other=0.0)
-    tl.store(out_ptr + at, (a * cos - b * sin).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + at + 1, (a * sin + b * cos).to(out_ptr.dtype.element_ty), mask=mask)
+    c = tl.arange(0, D)
+    mask = (r < rows)[:, None]
+    cos, sin = tl.split(tl.reshape(tl.load(cs_ptr + (r % L).to(tl.int64)[:, None] * D + c[None, :], mask=mask,
+                                           other=0.0), (BLOCK_R, D // 2, 2)))
+    sin = SIGN * sin
+    row = r.to(tl.int64)[:, None] * (H * D) + c[None, :]
+    for head in range(H):
+        a, b = tl.split(tl.reshape(tl.load(h_ptr + row + head * D, mask=mask, other=0.0).to(tl.float32),
+                                   (BLOCK_R, D // 2, 2)))
+        out = tl.reshape(tl.join(a * cos - b * sin, a * sin + b * cos), (BLOCK_R, D))
+        tl.store(out_ptr + row + head * D, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rotate(h, freqs, dtype, sign: float):
     h, freqs = h.contiguous(), freqs.contiguous()
     B, L, H, D = h.shape
-    if freqs.shape != (L, 1, D // 2, 2):
-        raise ValueError(f"rope: tables {tuple(freqs.shape)} do not fit h {tuple(h.shape)}")
+    if freqs.shape != (L, 1, D // 2, 2) or D & (D - 1):
+        raise ValueError(f"rope kernel: tables {tuple(freqs.shape)} and h {tuple(h.shape)}: the tables must be "
+                         "[L, 1, D/2, 2] and the head size D a power of two (else use backend='torch')")
     out = torch.empty(h.shape, dtype=dtype, device=h.device)
-    grid = (triton.cdiv(B * L, 16), triton.cdiv(H * D // 2, 64))
-    _rotate_kernel[grid](h, freqs, out, B * L, L, H * D // 2, D // 2, SIGN=sign, BLOCK_R=16, BLOCK_C=64)
+    _rotate_kernel[(triton.cdiv(B * L, 32),)](h, freqs, out, B * L, L, H, SIGN=sign, D=D, BLOCK_R=32)
     return out
 
 
