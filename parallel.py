@@ -264,15 +264,19 @@ def _save_matmuls(ctx, op, *args, **kwargs):
 
 
 def _save_attention(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION else CheckpointPolicy.PREFER_RECOMPUTE
+    """Self-attention's outputs (keys at least as many as queries); the cross-attention to the 512 text rows costs
+    little to recompute, and saving it too would double the memory this mode adds."""
+    self_attention = op in _ATTENTION and args[1].shape[-2] >= args[0].shape[-2]
+    return CheckpointPolicy.MUST_SAVE if self_attention else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def checkpoint_activations(net, mode: str):
     """Activation checkpointing per transformer block. "block": keep only each block's inputs and recompute the
-    block in backward; "attention": keep the attention outputs (the block's costliest op at long sequences; one
-    [B, L, dim] tensor and its log-sum-exp per block), recompute the rest; "matmul": keep the matmul and attention
-    outputs, recompute the cheap elementwise ops and norms; "none": keep everything. Non-reentrant checkpoints: any number of with-grad forwards (the sCM and DMD
-    student forwards of an rCM step) may precede one backward. The recompute repeats the Ulysses all-to-alls."""
+    block in backward; "attention": also keep the self-attention outputs (the block's costliest op at long
+    sequences; one [B, L, dim] bf16 tensor and its log-sum-exp per block), recompute the rest; "matmul": keep the
+    matmul and attention outputs, recompute the cheap elementwise ops and norms; "none": keep everything.
+    Non-reentrant checkpoints: any number of with-grad forwards (the sCM and DMD student forwards of an rCM step) may
+    precede one backward. The recompute repeats the Ulysses all-to-alls."""
     if mode not in ("none", "block", "attention", "matmul"):
         raise ValueError(f"activation checkpointing mode must be 'none', 'block', 'attention' or 'matmul', got {mode!r}")
     if mode == "none":
