@@ -574,7 +574,6 @@ class CausalBench:
     overlap_decode: bool = False  # the FPS and latency columns with the decode overlapped (sample.py --overlap-decode)
     repeats: int = 3  # timed videos per row after one warm-up (median reported)
     profile: bool = False  # also print where the GPU time of one more video of the first run goes, by kind of kernel
-    cudnn_benchmark: bool = False  # let cuDNN time its algorithms for the VAE's convolutions (torch.backends.cudnn)
 
 
 def bench_causal(cfg: CausalBench):
@@ -587,9 +586,7 @@ def bench_causal(cfg: CausalBench):
     shape = (16, 1 + (cfg.frames - 1) // 4, *LATENT[cfg.resolution])
     print(f"# {torch.cuda.get_device_name()}{processes()}, torch {torch.__version__}, {cfg.preset}, {cfg.resolution}, "
           f"{cfg.frames} frames, batch 1, bf16 DiT, {cfg.vae_dtype} VAE, compile {cfg.compile}, "
-          f"cudnn.benchmark {cfg.cudnn_benchmark}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
-    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     net = random_dit(dit)
     with torch.device("cuda"):
         vae = WanVAE(VAEConfig()).to(getattr(torch, cfg.vae_dtype)).eval().channels_last()  # as load_vae on CUDA
