@@ -573,6 +573,7 @@ class CausalBench:
     compile: bool = False  # torch.compile the DiT's and the VAE's blocks (sample.py --compile)
     overlap_decode: bool = False  # the FPS and latency columns with the decode overlapped (sample.py --overlap-decode)
     repeats: int = 3  # timed videos per row after one warm-up (median reported)
+    profile: bool = False  # also print where the GPU time of one more video of the first run goes, by kind of kernel
 
 
 def bench_causal(cfg: CausalBench):
@@ -627,6 +628,10 @@ def bench_causal(cfg: CausalBench):
                        overlap_decode=cfg.overlap_decode)
         name = f"c{first}-{chunk} {steps}-step" + (" noisy ctx" if noisy else "")
         run(name, st)
+        if spec == cfg.runs[0] and cfg.profile:
+            kernel_time_breakdown(lambda: stream_video(net, vae, context, shape, st, sampler,
+                                                       torch.Generator("cuda").manual_seed(1)),
+                                  f"one {name} video (DiT and decode)", group is None or group.rank() == 0)
         if spec == cfg.runs[0]:
             for q in cfg.quant:
                 run(name, dataclasses.replace(st, kv_quant=q))
@@ -649,21 +654,24 @@ class IterationBench:
     frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
     batch: int = 1  # clips per data-parallel rank
     cp_size: int = 1  # context-parallel ranks per clip
-    checkpointing: Literal["none", "block", "matmul"] = "block"  # activation checkpointing of the trained nets
+    checkpointing: Literal["none", "block", "attention", "matmul"] = "block"  # activation checkpointing of the trained nets
     compile: bool = False  # torch.compile every block
     iters: int = 4  # timed iterations of each kind after one warm-up: one cycle of 1..4 simulation steps
     peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H200 SXM)
     profile: bool = False  # also print where the GPU time of one more student iteration goes, by kind of kernel
 
 
-KERNEL_KINDS = (("attention", ("sdpa", "flash", "attn", "attention", "fmha", "flex")),  # (cuDNN's SDPA names say wgmma)
+KERNEL_KINDS = (("elementwise fused by torch.compile", ("triton_poi", "triton_red", "triton_per")),  # (named after
+                # the ops they fuse, attention and copies included)
+                ("attention", ("sdpa", "flash", "attn", "attention", "fmha", "flex")),  # (cuDNN's SDPA names say wgmma)
+                ("convolution (VAE)", ("fprop", "dgrad", "wgrad", "implicit_gemm", "convolve")),  # (they say xmma too)
                 ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "cublas")),
                 ("copy / dtype cast", ("copy", "cast", "convert", "catarray")),
                 ("optimizer and EMA", ("adam", "foreach", "multi_tensor", "lerp")),
                 ("communication", ("nccl",)))
 
 
-def kernel_time_breakdown(fn, show: bool = True, top: int = 12):
+def kernel_time_breakdown(fn, what: str, show: bool = True, top: int = 12):
     """Run fn() under torch.profiler and print the GPU time by kind of kernel (by name: KERNEL_KINDS; the rest is
     elementwise work and reductions: norms, RoPE, activations, loss arithmetic) and the costliest kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -671,20 +679,22 @@ def kernel_time_breakdown(fn, show: bool = True, top: int = 12):
         fn()
     kernels = [(e.key, e.self_device_time_total / 1e6) for e in prof.key_averages()
                if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    kind_of = lambda name: next((k for k, keys in KERNEL_KINDS if any(key in name.lower() for key in keys)),
+                                "elementwise and reductions")
     kinds = {}
     for name, sec in kernels:
-        kind = next((k for k, keys in KERNEL_KINDS if any(key in name.lower() for key in keys)),
-                    "elementwise and reductions")
-        kinds[kind] = kinds.get(kind, 0.0) + sec
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + sec
     if not show:
         return
     total = sum(kinds.values())
-    print(f"\nGPU time of one student iteration by kind of kernel ({total:.2f} s in kernels):")
+    print(f"\nGPU time of {what} by kind of kernel ({total:.2f} s in kernels):")
     print("| kind | seconds | share |\n|---|---:|---:|")
     for kind, sec in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {sec:.2f} | {sec / total:.1%} |")
-    print(f"| kernel (top {top}) | seconds | share |\n|---|---:|---:|")
-    for name, sec in sorted(kernels, key=lambda kv: -kv[1])[:top]:
+    print(f"| kernel (the top {top}, then the top 3 of each other kind) | seconds | share |\n|---|---:|---:|")
+    ranked = sorted(kernels, key=lambda kv: -kv[1])
+    shown = ranked[:top] + [kv for kind in kinds for kv in [kv for kv in ranked[top:] if kind_of(kv[0]) == kind][:3]]
+    for name, sec in shown:
         print(f"| {name[:90]} | {sec:.3f} | {sec / total:.1%} |")
 
 
@@ -746,7 +756,7 @@ def bench_iteration(cfg: IterationBench):
             flops = rcm_iteration_flops(dit, teacher_dit, L, n_sim)[offset] * cfg.batch * d.dp_size  # every clip
             rows.append((name, n_sim, sec, peak.item(), flops / sec / processes / 1e12))
     if cfg.profile:
-        kernel_time_breakdown(lambda: timed(train_rcm.student_step, student_its[-1]), d.is_main)
+        kernel_time_breakdown(lambda: timed(train_rcm.student_step, student_its[-1]), "one student iteration", d.is_main)
     if d.is_main:
         print("\n| iteration | sim steps | seconds | peak GiB (max over ranks) | TFLOP/s per GPU | MFU |")
         print("|---|---:|---:|---:|---:|---:|")
@@ -772,7 +782,7 @@ class CausalIterationBench:
     resolution: Literal["480p", "720p"] = "480p"  # video size (832x480 or 1280x720)
     frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
     cp_size: int | None = None  # context-parallel ranks per clip (default: the preset's, capped at the processes)
-    checkpointing: Literal["none", "block", "matmul"] | None = None  # activation checkpointing (default: the preset's)
+    checkpointing: Literal["none", "block", "attention", "matmul"] | None = None  # activation checkpointing (default: the preset's)
     iters: int = 4  # timed iterations of each kind after one warm-up
     peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H200 SXM)
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+import triton
+import triton.language as tl
 
 import checkpoint
 from attention_jvp import attention, block_causal
@@ -174,11 +176,13 @@ def sinusoid(t, tt, freq_dim):
 
 
 def rope_tables(grid, head_dim, device, frame_offset=0, theta=10000.0):
-    """Complex rotations [L, 1, head_dim/2] of Wan's 3D RoPE for a (F, H, W) token grid, frames starting at `frame_offset`.
+    """Rotations [L, 1, head_dim/2, 2] (cos, sin) of Wan's 3D RoPE for a (F, H, W) token grid, frames starting at
+    `frame_offset`.
 
     The head's channels form head_dim/2 complex pairs of adjacent channels; with c = head_dim/2 the first
     c − 2·(c//3) pairs rotate with the frame index, the next c//3 with the row, the last c//3 with the column,
-    at frequencies theta^(−2k/d_axis), d_axis = 2·(pairs of that axis). Angles in float64, rotations complex64.
+    at frequencies theta^(−2k/d_axis), d_axis = 2·(pairs of that axis). Angles, cos and sin in float64 (as the
+    official code's complex128 polar), stored as float32 (its complex64).
     """
     c = head_dim // 2
     pairs = (c - 2 * (c // 3), c // 3, c // 3)
@@ -190,15 +194,70 @@ def rope_tables(grid, head_dim, device, frame_offset=0, theta=10000.0):
         shape[axis] = size
         angles.append(torch.outer(pos, omega).view(shape).expand(*grid, n))
     angles = torch.cat(angles, dim=-1).reshape(-1, 1, c)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
 
 
-def rope(h, freqs):
-    """Rotate adjacent channel pairs (2i, 2i+1) of h [B,L,H,D], as complex numbers, by freqs [L,1,D/2] (complex64).
-    Linear in h, so the tangent is rotated the same way."""
+def rope(h, freqs, dtype=torch.float32, backend: str = "auto"):
+    """Rotate adjacent channel pairs (a, b) = (h_2i, h_2i+1) of h [B,L,H,D] by freqs [L,1,D/2,2] (cos, sin):
+    (a·cos − b·sin, a·sin + b·cos), the complex product of the official code, in fp32; returned in `dtype`.
+    Linear in h, so the tangent is rotated the same way.
+
+    backend "triton" (default on CUDA outside torch.compile): one kernel that reads h once and writes the result in
+    `dtype` once (the torch ops take an fp32 copy, the product and a cast back: RoPE was a visible share of the
+    elementwise time); its gradient is the inverse rotation by the same kernel. "torch": the same arithmetic in
+    torch ops, which torch.compile can fuse (it cannot fuse complex products)."""
     if h is None:
         return None
-    return torch.view_as_real(torch.view_as_complex(h.float().unflatten(-1, (-1, 2))) * freqs).flatten(-2)
+    if backend == "auto":
+        pow2 = h.shape[-1] & (h.shape[-1] - 1) == 0  # the kernel's tiles span a whole head
+        backend = "triton" if h.is_cuda and pow2 and not torch.compiler.is_compiling() else "torch"
+    if backend == "torch":
+        a, b = h.float().unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = freqs.unbind(-1)
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(dtype)
+    return _Rotate.apply(h, freqs, dtype)
+
+
+@triton.jit
+def _rotate_kernel(h_ptr, cs_ptr, out_ptr, rows, L, H, SIGN: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """h [rows = B·L, H, D] contiguous, cs [L, D/2, 2]: out = the pairs rotated by SIGN·angle. A program takes
+    BLOCK_R tokens, loads their cos/sin once and rotates each head with whole-row (coalesced) loads and stores."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, D)
+    mask = (r < rows)[:, None]
+    cos, sin = tl.split(tl.reshape(tl.load(cs_ptr + (r % L).to(tl.int64)[:, None] * D + c[None, :], mask=mask,
+                                           other=0.0), (BLOCK_R, D // 2, 2)))
+    sin = SIGN * sin
+    row = r.to(tl.int64)[:, None] * (H * D) + c[None, :]
+    for head in range(H):
+        a, b = tl.split(tl.reshape(tl.load(h_ptr + row + head * D, mask=mask, other=0.0).to(tl.float32),
+                                   (BLOCK_R, D // 2, 2)))
+        out = tl.reshape(tl.join(a * cos - b * sin, a * sin + b * cos), (BLOCK_R, D))
+        tl.store(out_ptr + row + head * D, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rotate(h, freqs, dtype, sign: float):
+    h, freqs = h.contiguous(), freqs.contiguous()
+    B, L, H, D = h.shape
+    if freqs.shape != (L, 1, D // 2, 2) or D & (D - 1):
+        raise ValueError(f"rope kernel: tables {tuple(freqs.shape)} and h {tuple(h.shape)}: the tables must be "
+                         "[L, 1, D/2, 2] and the head size D a power of two (else use backend='torch')")
+    out = torch.empty(h.shape, dtype=dtype, device=h.device)
+    _rotate_kernel[(triton.cdiv(B * L, 32),)](h, freqs, out, B * L, L, H, SIGN=sign, D=D, BLOCK_R=32)
+    return out
+
+
+class _Rotate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, freqs, dtype):
+        ctx.save_for_backward(freqs)
+        ctx.h_dtype = h.dtype
+        return _rotate(h, freqs, dtype, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (freqs,) = ctx.saved_tensors
+        return _rotate(grad, freqs, ctx.h_dtype, -1.0), None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,8 +388,8 @@ class KVCache:
                                "backward (activation checkpointing): give the cache max_frames covering the whole "
                                "rollout, or train with --checkpointing none")
         n, Lc, dtype = frames * self.frame_tokens, k.shape[1], v.dtype
-        # freqs: [n + Lc, 1, D/2] with keys before RoPE, [Lc, 1, D/2] after
-        k_new = rope(k, freqs[-Lc:]).to(dtype)
+        # freqs: [n + Lc, 1, D/2, 2] with keys before RoPE, [Lc, 1, D/2, 2] after
+        k_new = rope(k, freqs[-Lc:], dtype)
         if (self.k_scale is None and self.cfg.rope == "after" and self.k[block].dtype == dtype
                 and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))):
             # Write the chunk behind the kept frames (room the buffers always have; it stays only if appended) and
@@ -339,7 +398,7 @@ class KVCache:
             return self.k[block][:, :n + Lc], self.v[block][:, :n + Lc]
         k_past = self._read(self.k[block], None if self.k_scale is None else self.k_scale[block], n, dtype)
         if self.cfg.rope == "before":
-            k_past = rope(k_past, freqs[:n]).to(dtype)
+            k_past = rope(k_past, freqs[:n], dtype)
         v_past = self._read(self.v[block], None if self.v_scale is None else self.v_scale[block], n, dtype)
         if append:
             self._write(self.k[block], None if self.k_scale is None else self.k_scale[block], n,
@@ -409,17 +468,16 @@ class SelfAttention(nn.Module):
         q, tq = self.qk_norm(*linear(h, th, self.q), self.norm_q)
         k, tk = self.qk_norm(*linear(h, th, self.k), self.norm_k)
         v, tv = linear(h, th, self.v)
-        q, tq, v = rope(self.heads(q), freqs), rope(self.heads(tq), freqs), self.heads(v)
+        q, tq, v = rope(self.heads(q), freqs, dtype), rope(self.heads(tq), freqs, dtype), self.heads(v)
         if kv is not None:  # queries of this chunk against [cache | chunk]: a dense rectangle, no mask
             with_past = lambda q, k, v, *no_tangents: attention(q, *kv(k, v))
-            o = with_past(q.to(dtype), self.heads(k), v) if cp is None else \
-                ulysses_attention(q.to(dtype), self.heads(k), v, cp=cp, attend=with_past)
+            o = with_past(q, self.heads(k), v) if cp is None else \
+                ulysses_attention(q, self.heads(k), v, cp=cp, attend=with_past)
             return linear(o.flatten(2), None, self.o)
-        k, tk = rope(self.heads(k), freqs), rope(self.heads(tk), freqs)
-        q, k = q.to(dtype), k.to(dtype)
+        k, tk = rope(self.heads(k), freqs, dtype), rope(self.heads(tk), freqs, dtype)
         if th is None:
             return linear(attend(q, k, v, mask=mask).flatten(2), None, self.o)
-        o, to = attend(q, k, v, tq.to(dtype), tk.to(dtype), self.heads(tv), mask=mask)
+        o, to = attend(q, k, v, tq, tk, self.heads(tv), mask=mask)
         return linear(o.flatten(2), to.flatten(2), self.o)
 
 

@@ -256,24 +256,45 @@ _MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.a
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
+_ATTENTION = {op for op in _MATMULS if "attention" in str(op)}
+
+
 def _save_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _save_attention(ctx, op, *args, **kwargs):
+    """Self-attention's outputs (keys at least as many as queries); the cross-attention to the 512 text rows costs
+    little to recompute, and saving it too would double the memory this mode adds."""
+    self_attention = op in _ATTENTION and args[1].shape[-2] >= args[0].shape[-2]
+    return CheckpointPolicy.MUST_SAVE if self_attention else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def checkpoint_activations(net, mode: str):
     """Activation checkpointing per transformer block. "block": keep only each block's inputs and recompute the
-    block in backward; "matmul": keep the matmul and attention outputs, recompute the cheap elementwise ops and
-    norms; "none": keep everything. Non-reentrant checkpoints: any number of with-grad forwards (the sCM and DMD
-    student forwards of an rCM step) may precede one backward. The recompute repeats the Ulysses all-to-alls."""
-    if mode not in ("none", "block", "matmul"):
-        raise ValueError(f"activation checkpointing mode must be 'none', 'block' or 'matmul', got {mode!r}")
+    block in backward; "attention": also keep the self-attention outputs (the block's costliest op at long
+    sequences; one [B, L, dim] bf16 tensor and its log-sum-exp per block), recompute the rest; "matmul": keep the
+    matmul and attention outputs, recompute the cheap elementwise ops and norms; "none": keep everything.
+    Non-reentrant checkpoints: any number of with-grad forwards (the sCM and DMD student forwards of an rCM step) may
+    precede one backward. The recompute repeats the Ulysses all-to-alls."""
+    if mode not in ("none", "block", "attention", "matmul"):
+        raise ValueError(f"activation checkpointing mode must be 'none', 'block', 'attention' or 'matmul', got {mode!r}")
     if mode == "none":
         return net
-    context_fn = (functools.partial(create_selective_checkpoint_contexts, _save_matmuls) if mode == "matmul"
-                  else torch.utils.checkpoint.noop_context_fn)
+    policy = {"attention": _save_attention, "matmul": _save_matmuls}.get(mode)
     for block in net.blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, context_fn=context_fn)
+        block.forward = functools.partial(_checkpointed, block.forward, policy)
     return net
+
+
+def _checkpointed(forward, policy, *args, **kwargs):
+    """forward(*args) under a non-reentrant checkpoint (selective with a policy). A frame of this file, not torch's,
+    so that a compiled block (`block.compile()`) traces it and turns the checkpoint into one graph; called straight
+    from the module, torch's checkpoint is a frame torch.compile skips, and the block would silently run eagerly."""
+    if policy is None:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, policy), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -270,3 +270,29 @@ def test_two_experts_load_from_the_official_folder_or_two_rcm_files(tmp_path, mo
     assert folder.boundary == 0.9
     with pytest.raises(FileNotFoundError, match="high_noise_model"):
         wan.load_two_experts("i2v-A14B", tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kernel_matches_the_complex_product(dtype):
+    """RoPE: the torch path equals the official complex product (h as complex pairs times e^{iθ}); the Triton kernel
+    (interpreted on CPU) equals the torch path, forward in the requested dtype and backward (the inverse rotation)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    B, F_, H_, W_, heads, D = 2, 3, 2, 3, 3, 32  # (the kernel takes power-of-two head sizes, as Wan's 128)
+    freqs = wan.rope_tables((F_, H_, W_), D, device, frame_offset=2)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B, F_ * H_ * W_, heads, D, generator=g).to(device, dtype)
+    complex_product = torch.view_as_real(torch.view_as_complex(h.float().unflatten(-1, (-1, 2)))
+                                         * torch.view_as_complex(freqs)).flatten(-2)
+    ref = wan.rope(h, freqs, backend="torch")
+    assert (ref - complex_product).abs().max() < 1e-6
+    h_ref, h_ker = h.clone().requires_grad_(), h.clone().requires_grad_()
+    out_ref, out_ker = wan.rope(h_ref, freqs, dtype, "torch"), wan.rope(h_ker, freqs, dtype, "triton")
+    assert out_ker.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert (out_ker.float() - out_ref.float()).abs().max() < tol * out_ref.float().abs().max()
+    grad = torch.randn(out_ref.shape, generator=g).to(device, dtype)
+    out_ref.backward(grad)
+    out_ker.backward(grad)
+    assert h_ker.grad.dtype == dtype
+    assert (h_ker.grad.float() - h_ref.grad.float()).abs().max() < tol * h_ref.grad.float().abs().max()
+    assert h_ref.grad.float().norm() > 0.5 * grad.float().norm()  # a rotation keeps the norm

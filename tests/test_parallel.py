@@ -83,7 +83,7 @@ def test_token_layout_covers_each_token_once(P, frames, per_frame):
         assert torch.equal(lay.rank_major, gathered)  # every rank knows the whole concatenation
 
 
-@pytest.mark.parametrize("mode", ["block", "matmul"])
+@pytest.mark.parametrize("mode", ["block", "attention", "matmul"])
 def test_activation_checkpointing_two_forwards_same_gradients(mode):
     x, t, context, (tx, tt) = inputs()
     ref, net = random_tiny(), parallel.checkpoint_activations(random_tiny(), mode)
@@ -95,8 +95,28 @@ def test_activation_checkpointing_two_forwards_same_gradients(mode):
         loss.backward()
         grads.append([p.grad for p in m.parameters()])
     assert all(close(a, b, 1e-6) for a, b in zip(grads[1], grads[0]))
-    with pytest.raises(ValueError, match="'none', 'block' or 'matmul'"):
+    with pytest.raises(ValueError, match="'none', 'block', 'attention' or 'matmul'"):
         parallel.checkpoint_activations(random_tiny(), "all")
+
+
+@pytest.mark.parametrize("mode", ["block", "attention"])
+def test_checkpointed_blocks_compile(mode):
+    """`block.compile()` on checkpointed blocks traces them (torch.compile skips a checkpoint called straight from
+    the module, and the blocks ran eagerly): one graph per block shape, no graph break, eager gradients. The
+    aot_eager backend runs the same tracing and partitioning as inductor, without generating kernels."""
+    x, t, context, _ = inputs()
+    ref, net = random_tiny(), parallel.checkpoint_activations(random_tiny(), mode)
+    for block in net.blocks:
+        block.compile(backend="aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    grads = []
+    for m in (ref, net):
+        m(x, t, context).square().mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert all(close(a, b, 1e-6) for a, b in zip(grads[1], grads[0]))
 
 
 def test_init_distributed_without_torchrun(monkeypatch):
