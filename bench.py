@@ -654,7 +654,7 @@ class IterationBench:
     frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
     batch: int = 1  # clips per data-parallel rank
     cp_size: int = 1  # context-parallel ranks per clip
-    checkpointing: Literal["none", "block", "attention", "matmul"] = "block"  # activation checkpointing of the trained nets
+    checkpointing: Literal["none", "block", "attention", "matmul"] = "block"  # activation checkpointing, trained nets
     compile: bool = False  # torch.compile every block
     iters: int = 4  # timed iterations of each kind after one warm-up: one cycle of 1..4 simulation steps
     peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H200 SXM)
@@ -782,7 +782,7 @@ class CausalIterationBench:
     resolution: Literal["480p", "720p"] = "480p"  # video size (832x480 or 1280x720)
     frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
     cp_size: int | None = None  # context-parallel ranks per clip (default: the preset's, capped at the processes)
-    checkpointing: Literal["none", "block", "attention", "matmul"] | None = None  # activation checkpointing (default: the preset's)
+    checkpointing: Literal["none", "block", "attention", "matmul"] | None = None  # activation checkpointing [preset's]
     iters: int = 4  # timed iterations of each kind after one warm-up
     peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H200 SXM)
 

@@ -278,7 +278,8 @@ def checkpoint_activations(net, mode: str):
     Non-reentrant checkpoints: any number of with-grad forwards (the sCM and DMD student forwards of an rCM step) may
     precede one backward. The recompute repeats the Ulysses all-to-alls."""
     if mode not in ("none", "block", "attention", "matmul"):
-        raise ValueError(f"activation checkpointing mode must be 'none', 'block', 'attention' or 'matmul', got {mode!r}")
+        raise ValueError(f"activation checkpointing mode must be 'none', 'block', 'attention' or 'matmul', "
+                         f"got {mode!r}")
     if mode == "none":
         return net
     policy = {"attention": _save_attention, "matmul": _save_matmuls}.get(mode)

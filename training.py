@@ -66,7 +66,7 @@ class RunConfig:
     # scale-out
     precision: Literal["bf16", "fp32"] = "fp32"  # bf16: fp32 masters, bf16 compute and teacher; fp32: all fp32
     cp_size: int = 1  # Ulysses context-parallel ranks per clip (divides processes and heads)
-    checkpointing: Literal["none", "block", "attention", "matmul"] = "none"  # activation checkpointing of the trained nets
+    checkpointing: Literal["none", "block", "attention", "matmul"] = "none"  # activation checkpointing, trained nets
     compile: bool = False  # torch.compile every transformer block (the attention kernel launch stays eager)
     batch: int = 1  # clips per iteration on each data-parallel rank
     grad_accum: int = 1  # micro-batches per rank's batch, gradients accumulated (less activation memory)
