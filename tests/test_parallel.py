@@ -99,6 +99,17 @@ def test_activation_checkpointing_two_forwards_same_gradients(mode):
         parallel.checkpoint_activations(random_tiny(), "all")
 
 
+def test_attention_checkpointing_keeps_self_attention_only():
+    """--checkpointing attention keeps the outputs of attention whose keys are at least its queries (self-attention,
+    also against a KV cache) and recomputes the cross-attention to the text rows and everything else."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    q, k_self, k_text = (torch.empty(1, 2, n, 8, device="meta") for n in (1560, 1560, 512))
+    policy = parallel.CheckpointPolicy
+    assert parallel._save_attention(None, op, q, k_self, k_self) == policy.MUST_SAVE
+    assert parallel._save_attention(None, op, q, k_text, k_text) == policy.PREFER_RECOMPUTE
+    assert parallel._save_attention(None, torch.ops.aten.mm.default, q, k_self) == policy.PREFER_RECOMPUTE
+
+
 @pytest.mark.parametrize("mode", ["block", "attention"])
 def test_checkpointed_blocks_compile(mode):
     """`block.compile()` on checkpointed blocks traces them (torch.compile skips a checkpoint called straight from
