@@ -686,8 +686,13 @@ def kernel_time_breakdown(fn, what: str, show: bool = True, top: int = 12):
         kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + sec
     if not show:
         return
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy, span = busy_seconds(spans), (max(b for _, b in spans) - min(a for a, _ in spans)) / 1e6
     total = sum(kinds.values())
-    print(f"\nGPU time of {what} by kind of kernel ({total:.2f} s in kernels):")
+    print(f"\nGPU time of {what} by kind of kernel ({total:.2f} s in kernels). Some kernel ran during {busy:.2f} s "
+          f"of the {span:.2f} s from the first kernel to the last: the GPU idled {1 - busy / span:.1%} of it "
+          "(waiting on the host: launches, Python, guards)")
     print("| kind | seconds | share |\n|---|---:|---:|")
     for kind, sec in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {sec:.2f} | {sec / total:.1%} |")
@@ -696,6 +701,16 @@ def kernel_time_breakdown(fn, what: str, show: bool = True, top: int = 12):
     shown = ranked[:top] + [kv for kind in kinds for kv in [kv for kv in ranked[top:] if kind_of(kv[0]) == kind][:3]]
     for name, sec in shown:
         print(f"| {name[:90]} | {sec:.3f} | {sec / total:.1%} |")
+
+
+def busy_seconds(spans) -> float:
+    """The length of the union of [start, end) intervals in µs, in seconds: the time some kernel ran (kernels on
+    two CUDA streams overlap)."""
+    busy, reach = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        busy += max(0.0, b - max(a, reach))
+        reach = max(reach, b)
+    return busy / 1e6
 
 
 def rcm_iteration_flops(student, teacher, L, n_sim: int) -> tuple[int, int]:

@@ -46,3 +46,9 @@ def test_every_flag_has_help_text(cli):
     assert len(found) >= 2
     bare = [f"{path} {flag}".strip() for path, flag, text in found if not text]
     assert not bare, f"{cli}: flags without help text: {bare}"
+
+
+def test_bench_busy_seconds_is_the_union_of_kernel_spans():
+    """bench --profile's GPU idle share: kernels on two streams overlap; gaps between kernels are idle time."""
+    assert bench.busy_seconds([(0, 2e6), (1e6, 3e6), (5e6, 6e6), (5.5e6, 5.8e6)]) == 4.0
+    assert bench.busy_seconds([(3e6, 4e6), (0, 1e6)]) == 2.0
