@@ -573,6 +573,7 @@ class CausalBench:
     compile: bool = False  # torch.compile the DiT's and the VAE's blocks (sample.py --compile)
     overlap_decode: bool = False  # the FPS and latency columns with the decode overlapped (sample.py --overlap-decode)
     repeats: int = 3  # timed videos per row after one warm-up (median reported)
+    vae_frames_per_call: int = 1  # latent frames per VAE decoder call (sample.py --vae-frames-per-call)
     profile: bool = False  # also print where the GPU time of one more video of the first run goes, by kind of kernel
 
 
@@ -585,11 +586,13 @@ def bench_causal(cfg: CausalBench):
     dit = CONFIGS[cfg.preset]
     shape = (16, 1 + (cfg.frames - 1) // 4, *LATENT[cfg.resolution])
     print(f"# {torch.cuda.get_device_name()}{processes()}, torch {torch.__version__}, {cfg.preset}, {cfg.resolution}, "
-          f"{cfg.frames} frames, batch 1, bf16 DiT, {cfg.vae_dtype} VAE, compile {cfg.compile}, "
+          f"{cfg.frames} frames, batch 1, bf16 DiT, {cfg.vae_dtype} VAE ({cfg.vae_frames_per_call} latent frames per call), "
+          f"compile {cfg.compile}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     net = random_dit(dit)
     with torch.device("cuda"):
         vae = WanVAE(VAEConfig()).to(getattr(torch, cfg.vae_dtype)).eval().channels_last()  # as load_vae on CUDA
+    vae.frames_per_call = cfg.vae_frames_per_call
     if cfg.compile:
         for block in net.blocks:
             block.compile()

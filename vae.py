@@ -313,6 +313,7 @@ class WanVAE(nn.Module):
         self.time_factor = 2 ** sum(cfg.temporal_downsample)
         self.space_factor = 2 ** (len(cfg.dim_mult) - 1)
         self.layout = torch.contiguous_format  # of the activations
+        self.frames_per_call = 1  # decode's default: latent frames per decoder call (the official code's 1)
 
     def channels_last(self, on: bool = True):
         """Store every convolution's weights, and so its activations, channels-last (NDHWC in memory), or (on=False)
@@ -361,21 +362,21 @@ class WanVAE(nn.Module):
         return (mu - mean) / std
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, cache: dict | None = None, frames_per_call: int = 1) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, cache: dict | None = None, frames_per_call: int | None = None) -> torch.Tensor:
         """Normalised latents [B, 16, 1+k, h, w] -> video [B, 3, 1+4k, 8h, 8w], fp32, NOT clamped to [-1, 1].
 
         Streaming: pass the same `cache` dict (start with {}) to successive calls on consecutive latent chunks of one
         clip; the first latent frame of the clip gives 1 frame, every later one 4, and the concatenated results equal
-        one call on the whole clip. The decoder runs on `frames_per_call` latent frames at a time (the official code
-        on 1; more makes bigger convolutions and more memory, the same result up to rounding); the clip's first latent
-        frame always goes alone, as the temporal upsampling treats it apart."""
+        one call on the whole clip. The decoder runs on `frames_per_call` latent frames at a time (default
+        self.frames_per_call; the official code on 1; more makes bigger convolutions and more memory, the same result
+        up to rounding); the clip's first latent frame always goes alone, as the temporal upsampling treats it apart."""
         if z.ndim != 5 or z.shape[1] != self.cfg.z_dim:
             raise ValueError(f"decode expects latents [B, {self.cfg.z_dim}, T, h, w]; got {tuple(z.shape)}")
         mean, std = self._latent_stats(z.device)
         x = self.conv2((z.float() * std + mean).to(self.conv2.weight.dtype).contiguous(memory_format=self.layout))
         first = 1 if not cache else 0  # an empty cache: this call starts the clip
         cache = {} if cache is None else cache
-        chunks = [x[:, :, :first], *x[:, :, first:].split(frames_per_call, dim=2)]
+        chunks = [x[:, :, :first], *x[:, :, first:].split(frames_per_call or self.frames_per_call, dim=2)]
         return torch.cat([self.decoder(chunk, cache).float() for chunk in chunks if chunk.shape[2]], dim=2)
 
 

@@ -173,6 +173,7 @@ def test_teacher_with_the_exact_toy_velocity():
     (dict(sigma_max=0.0), "--sigma-max must be positive"),
     (dict(mid_t=(1.0, 1.4, 0.5)), "decrease strictly"),
     (dict(mode="teacher", shift=0.0), "--shift must be positive"),
+    (dict(vae_frames_per_call=0), "--vae-frames-per-call must be at least 1"),
 ])
 def test_user_errors(files, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):

@@ -156,6 +156,8 @@ def test_several_latent_frames_per_decoder_call(golden):
     ref = vae.decode(z)
     assert ref.shape[2] == 21
     assert rel_err(vae.decode(z, frames_per_call=3), ref) < 1e-5
+    vae.frames_per_call = 4  # the default of decode (sample.py --vae-frames-per-call)
+    assert rel_err(vae.decode(z), ref) < 1e-5
     cache = {}
     streamed = torch.cat([vae.decode(z[:, :, :3], cache, 2), vae.decode(z[:, :, 3:], cache, 2)], dim=2)
     assert rel_err(streamed, ref) < 1e-5
