@@ -289,6 +289,9 @@ def generate_stream(net, context, shape, chunks: tuple[int, ...], steps_per_chun
     C, T, H, W = shape
     noise = draw_noise(len(context), (C, T - (0 if prefix is None else prefix.shape[2]), H, W), generator)
     cache = kv_cache(net, len(context), shape, chunks) if cache is None else cache
-    yield from stream(net, noise, context, chunks, stream_times(chunks, steps_per_chunk, sigma_max, mid_t), cache,
-                      noisy_context=noisy_context, prefix=prefix, image=image, generator=generator)
+    # the times go to the GPU now, while it is idle: a copy from pageable memory inside the loop would wait for
+    # the chunks queued before it and leave the GPU idle until the host has queued work again
+    times = [t.to(noise.device) for t in stream_times(chunks, steps_per_chunk, sigma_max, mid_t)]
+    yield from stream(net, noise, context, chunks, times, cache, noisy_context=noisy_context, prefix=prefix,
+                      image=image, generator=generator)
 

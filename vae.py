@@ -314,6 +314,7 @@ class WanVAE(nn.Module):
         self.space_factor = 2 ** (len(cfg.dim_mult) - 1)
         self.layout = torch.contiguous_format  # of the activations
         self.frames_per_call = 1  # decode's default: latent frames per decoder call (the official code's 1)
+        self._stats = {}  # device -> the latents' mean and std [1, z_dim, 1, 1, 1], fp32
 
     def channels_last(self, on: bool = True):
         """Store every convolution's weights, and so its activations, channels-last (NDHWC in memory), or (on=False)
@@ -342,9 +343,10 @@ class WanVAE(nn.Module):
     def _latent_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.z_dim != len(LATENT_MEAN):
             raise ValueError(f"latent statistics exist for z_dim={len(LATENT_MEAN)} only, not {self.cfg.z_dim}")
-        mean = torch.tensor(LATENT_MEAN, device=device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(LATENT_STD, device=device).view(1, -1, 1, 1, 1)
-        return mean, std
+        if device not in self._stats:  # made once per device: each copy from the host waits for the GPU's queue
+            self._stats[device] = tuple(torch.tensor(v, device=device).view(1, -1, 1, 1, 1)
+                                        for v in (LATENT_MEAN, LATENT_STD))
+        return self._stats[device]
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:

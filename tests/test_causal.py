@@ -372,3 +372,25 @@ def test_gpu_overlapped_decode_equals_decoding_after(files, tmp_path):  # noqa: 
     assert (frames.int() - frames_serial.int()).abs().max() <= 1
     assert (decode(vae, z).int() - frames.int()).abs().max() <= 1
     assert len(ready) == 3 and 0 < ready[0] < ready[1] < ready[2]
+
+
+@pytest.mark.gpu
+def test_gpu_streaming_loop_never_waits_for_the_gpu(files, tmp_path):  # noqa: F811
+    """After the first chunk, neither the DiT's chunks nor their decode make the host wait for the GPU (no copy from
+    pageable memory, no .item()): a wait would leave the GPU idle until the host has queued work again."""
+    from sample import load_dit
+    from samplers import generate_stream
+    from vae import load_vae
+    cfg = tiny(files, tmp_path, device="cuda")
+    dit, vae = load_dit(CONFIGS["t2v-tiny"], cfg), load_vae(files / "vae.safetensors", cfg=cfg.vae_cfg, device="cuda")
+    context = [torch.randn(4, 48, device="cuda", generator=torch.Generator("cuda").manual_seed(0))]
+    shape, cache = (16, 7, 4, 4), {}
+    chunks = generate_stream(dit, context, shape, (1, 2, 2, 2), (2,), 1600.0, samplers.CAUSAL_MID_T,
+                             torch.Generator("cuda").manual_seed(1))
+    frames = [decode(vae, next(chunks), cache)]  # the first chunk may wait (set-up: the times go to the GPU)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        frames += [decode(vae, z, cache) for z in chunks]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.cat(frames, 1).shape == (1, 25, 32, 32, 3)
