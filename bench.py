@@ -657,6 +657,7 @@ class IterationBench:
     frames: int = 81  # video frames (1 + (frames − 1)/4 latent frames)
     batch: int = 1  # clips per data-parallel rank
     cp_size: int = 1  # context-parallel ranks per clip
+    cp_head_groups: int = 1  # Ulysses all-to-alls pipelined over this many groups of heads (train_rcm's flag)
     checkpointing: Literal["none", "block", "attention", "matmul"] = "block"  # activation checkpointing, trained nets
     compile: bool = False  # torch.compile every block
     iters: int = 4  # timed iterations of each kind after one warm-up: one cycle of 1..4 simulation steps
@@ -731,6 +732,7 @@ def bench_iteration(cfg: IterationBench):
     import train_rcm
     import training
     rcm = dataclasses.replace(train_rcm.PRESETS[cfg.preset][1], device="cuda", batch=cfg.batch, cp_size=cfg.cp_size,
+                              cp_head_groups=cfg.cp_head_groups,
                               checkpointing=cfg.checkpointing, compile=cfg.compile, teacher_model=cfg.teacher_model)
     d = parallel.init_distributed(rcm.cp_size, "cuda")
     dit, teacher_dit, processes = rcm.dit, training.teacher_arch(rcm), dist.get_world_size()

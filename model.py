@@ -575,6 +575,7 @@ class WanModel(nn.Module):
                                               nn.Linear(CLIP_DIM, cfg.dim), nn.LayerNorm(cfg.dim, eps=1e-5))
         self._rope_cache = {}
         self.cp_group = None  # a context-parallel process group, set by parallel.context_parallel
+        self.cp_head_groups = 1  # its all-to-alls pipelined over this many groups of heads (ulysses_attention)
         self.init_weights()
 
     @torch.no_grad()
@@ -699,7 +700,8 @@ class WanModel(nn.Module):
             both = torch.cat([self.embed_clip(clip_fea), context], dim=1)
             n_img = both.shape[1] - 512  # Python slicing, as the official code, also when this is negative
             context_img, context = both[:, :n_img], both[:, n_img:]
-        cp = None if self.cp_group is None else token_layout(self.cp_group, grid[0], grid[1] * grid[2], x.device)
+        cp = None if self.cp_group is None else token_layout(self.cp_group, grid[0], grid[1] * grid[2], x.device,
+                                                             self.cp_head_groups)
         if cp is not None:  # this rank keeps its slice of every frame's tokens (see parallel.py)
             x, tx, freqs = shard_tokens(x, cp), shard_tokens(tx, cp), shard_tokens(freqs, cp, dim=0)
         state = None if kv_cache is None else \

@@ -143,13 +143,18 @@ def full_state_dict(net) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Context parallelism (Ulysses)
 
-def context_parallel(net, group):
-    """Make `net` (a WanModel) split its tokens over the ranks of `group` (a CP group of size > 1)."""
+def context_parallel(net, group, head_groups: int = 1):
+    """Make `net` (a WanModel) split its tokens over the ranks of `group` (a CP group of size > 1). head_groups > 1
+    pipelines each self-attention's all-to-alls over that many groups of heads (ulysses_attention)."""
     P, H = group.size(), net.cfg.num_heads
     if H % P:
         raise ValueError(f"the model has {H} attention heads, not divisible by the context-parallel size {P}: "
                          f"pick a --cp that divides {H}")
-    net.cp_group = group
+    if head_groups < 1 or H % (P * head_groups):
+        raise ValueError(f"--cp-head-groups {head_groups}: the model's {H} heads must split into that many groups of "
+                         f"a multiple of the context-parallel size {P} heads; pick one of "
+                         f"{[g for g in range(1, H // P + 1) if H % (P * g) == 0]}")
+    net.cp_group, net.cp_head_groups = group, head_groups
     return net
 
 
@@ -157,14 +162,16 @@ def context_parallel(net, group):
 class TokenLayout:
     """The split of one clip's L tokens over a CP group. local [F·n]: the tokens this rank holds (frame by frame);
     order [L]: where token i sits in the rank-major concatenation [rank 0's | rank 1's | ...] of all ranks' tokens;
-    rank_major [P·F·n]: that concatenation's tokens (every rank's `local`, padding included)."""
+    rank_major [P·F·n]: that concatenation's tokens (every rank's `local`, padding included); head_groups: see
+    ulysses_attention."""
     group: dist.ProcessGroup
     local: torch.Tensor
     order: torch.Tensor
     rank_major: torch.Tensor
+    head_groups: int = 1
 
 
-def token_layout(group, frames: int, tokens_per_frame: int, device) -> TokenLayout:
+def token_layout(group, frames: int, tokens_per_frame: int, device, head_groups: int = 1) -> TokenLayout:
     P, r = group.size(), group.rank()
     n = -(-tokens_per_frame // P)
     f = torch.arange(frames, device=device)[:, None]
@@ -173,7 +180,7 @@ def token_layout(group, frames: int, tokens_per_frame: int, device) -> TokenLayo
     rank_major = f * tokens_per_frame + (ranks * n + j).clamp(max=tokens_per_frame - 1)  # padding repeats a real token
     i = torch.arange(tokens_per_frame, device=device)
     order = (i // n) * (frames * n) + f * n + i % n
-    return TokenLayout(group, rank_major[r].flatten(), order.flatten(), rank_major.flatten())
+    return TokenLayout(group, rank_major[r].flatten(), order.flatten(), rank_major.flatten(), head_groups)
 
 
 def shard_tokens(h, cp: TokenLayout, dim: int = 1):
@@ -205,45 +212,78 @@ class _AllGather(torch.autograd.Function):
         return grad.chunk(ctx.group.size(), dim=1)[ctx.group.rank()], None
 
 
-def _all_to_all(x, group, scatter_dim: int, gather_dim: int):
-    """Split x into P parts along scatter_dim, send part j to rank j, concatenate the arrivals along gather_dim.
-    One copy into the send buffer (none where the parts already lie rank-major, as a batch of one's tokens do) and
-    one out of the receive buffer (none where it is a view, as a batch of one's tokens again)."""
-    send = x.unflatten(scatter_dim, (group.size(), -1)).movedim(scatter_dim, 0).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
-
-
-class _AllToAll(torch.autograd.Function):
-    """Differentiable `_all_to_all`: the adjoint swaps the two dims."""
+class _Exchange(torch.autograd.Function):
+    """all_to_all_single of a [P, ...] buffer: part j goes to rank j, part j of the result came from rank j. Started
+    asynchronously (NCCL works on its own stream): the work handle is appended to `pending`; wait on it before the
+    result is read. The exchange is its own adjoint, run synchronously in backward."""
 
     @staticmethod
-    def forward(ctx, x, group, scatter_dim, gather_dim):
-        ctx.args = group, gather_dim, scatter_dim
-        return _all_to_all(x, group, scatter_dim, gather_dim)
+    def forward(ctx, send, group, pending: list):
+        ctx.group = group
+        recv = torch.empty_like(send)
+        pending.append(dist.all_to_all_single(recv, send, group=group, async_op=True))
+        return recv
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_to_all(grad, *ctx.args), None, None, None
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)
+        return out, None, None
+
+
+def _start_all_to_all(x, group, scatter_dim: int, pending: list):
+    """Split x into P parts along scatter_dim and start sending part j to rank j; returns the receive buffer
+    [P, ...] (read it after pending's new handle is waited on; _finish_all_to_all). One copy into the send buffer,
+    none where the parts already lie rank-major, as a batch of one's tokens do."""
+    send = x.unflatten(scatter_dim, (group.size(), -1)).movedim(scatter_dim, 0).contiguous()
+    return _Exchange.apply(send, group, pending)
+
+
+def _finish_all_to_all(recv, gather_dim: int):
+    """The arrivals concatenated along gather_dim (a view where the layout allows, as for a batch of one's tokens)."""
+    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
 
 
 def ulysses_attention(q, k, v, tq=None, tk=None, tv=None, *, cp: TokenLayout, attend=attention, **kwargs):
     """`attention_jvp.attention` for tokens split over a CP group: q, k, v (and tangents) [B, F·n, H, D] local
     tokens -> o (or (o, to)) [B, F·n, H, D]. kwargs (scale, mask) are those of the unsplit sequence; `attend` runs
-    on the head shards (model.py's KV cache passes one that prepends its cached keys and values)."""
+    on the head shards (model.py's KV cache passes one that prepends its cached keys and values).
+
+    With cp.head_groups = G > 1 (and the plain `attention`) the heads go in G groups: every group's all-to-alls
+    start at once, group g's attention runs while later groups' inputs and earlier groups' outputs are in flight,
+    and no rank waits for the whole exchange before it computes. Each head's attention is the same either way."""
     H, P = q.shape[2], cp.group.size()
-    if H % P:
-        raise ValueError(f"{H} attention heads are not divisible by the context-parallel size {P}")
+    G = cp.head_groups if attend is attention else 1  # (a KV cache's attend writes all of a block's heads at once)
+    if H % (P * G):
+        raise ValueError(f"{H} attention heads are not divisible by the context-parallel size {P} times "
+                         f"{G} head groups")
+    pending = []
 
-    def to_heads(a):  # [B, F·n, H, D] -> all L tokens in order, H/P heads: [B, L, H/P, D]
-        return None if a is None else _AllToAll.apply(a, cp.group, 2, 1).index_select(1, cp.order)
+    def send(a, scatter_dim):  # start an all-to-all; (receive buffer, its work handle)
+        return _start_all_to_all(a, cp.group, scatter_dim, pending), pending[-1]
 
-    def to_tokens(o):  # back to the rank-major layout (padded rows: the token they repeat), then all heads
-        return _AllToAll.apply(o.index_select(1, cp.rank_major), cp.group, 1, 2)
+    def heads_arrived(sent):  # -> all L tokens in order, this rank's heads [B, L, h/P, D]
+        if sent is None:
+            return None
+        sent[1].wait()
+        return _finish_all_to_all(sent[0], 1).index_select(1, cp.order)
 
-    out = attend(*(to_heads(a) for a in (q, k, v, tq, tk, tv)), **kwargs)
-    return tuple(map(to_tokens, out)) if isinstance(out, tuple) else to_tokens(out)
+    def tokens_arrived(sent):  # -> this rank's tokens, all heads [B, F·n, h, D]
+        sent[1].wait()
+        return _finish_all_to_all(sent[0], 2)
+
+    groups = [slice(g * H // G, (g + 1) * H // G) for g in range(G)]
+    inputs = [[None if a is None else send(a[:, :, heads], 2) for a in (q, k, v, tq, tk, tv)] for heads in groups]
+    returned = []
+    for sent in inputs:
+        out = attend(*map(heads_arrived, sent), **kwargs)
+        outs = out if isinstance(out, tuple) else (out,)
+        # back to the rank-major layout (padded rows: the token they repeat), then all heads
+        returned.append([send(o.index_select(1, cp.rank_major), 1) for o in outs])
+    outs = [[tokens_arrived(sent) for sent in parts] for parts in zip(*returned)]
+    outs = [parts[0] if G == 1 else torch.cat(parts, dim=2) for parts in outs]
+    return tuple(outs) if isinstance(out, tuple) else outs[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

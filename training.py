@@ -66,6 +66,7 @@ class RunConfig:
     # scale-out
     precision: Literal["bf16", "fp32"] = "fp32"  # bf16: fp32 masters, bf16 compute and teacher; fp32: all fp32
     cp_size: int = 1  # Ulysses context-parallel ranks per clip (divides processes and heads)
+    cp_head_groups: int = 1  # Ulysses: pipeline each attention's all-to-alls over this many groups of heads
     checkpointing: Literal["none", "block", "attention", "matmul"] = "none"  # activation checkpointing, trained nets
     compile: bool = False  # torch.compile every transformer block (the attention kernel launch stays eager)
     batch: int = 1  # clips per iteration on each data-parallel rank
@@ -194,7 +195,7 @@ def run_folder_lock(folder: Path, d: parallel.Dist):
 
 
 # Settings a rerun may change without asking: where and how fast it runs, logging, evaluation, and how long it runs.
-FREE_SETTINGS = {"out_dir", "device", "compile", "checkpointing", "log_every", "log", "ckpt_every", "accept_changes",
+FREE_SETTINGS = {"out_dir", "device", "compile", "checkpointing", "cp_head_groups", "log_every", "log", "ckpt_every", "accept_changes",
                  "stages", "eval_teacher_steps", "toy.eval_per_prompt", "toy.eval_seed", "toy.preview_every",
                  "toy.cache_dir"}
 
@@ -336,7 +337,7 @@ def build_net(cfg: RunConfig, d: parallel.Dist, state_dict: dict, role: Literal[
     if role == "trained":
         parallel.checkpoint_activations(net, cfg.checkpointing)
     if cfg.cp_size > 1:
-        parallel.context_parallel(net, d.cp_group)
+        parallel.context_parallel(net, d.cp_group, cfg.cp_head_groups)
     if cfg.compile and role != "ema":  # the EMA only samples previews, at other batch sizes
         for block in net.blocks:
             block.compile()

@@ -17,10 +17,10 @@ from model import CONFIGS, WanConfig, WanModel, load_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def random_tiny(seed=0):
-    """t2v-tiny with every parameter random (the official init zeroes the output layer)."""
+def random_tiny(seed=0, **overrides):
+    """t2v-tiny (with config overrides) with every parameter random (the official init zeroes the output layer)."""
     torch.manual_seed(seed)
-    net = WanModel(CONFIGS["t2v-tiny"])
+    net = WanModel(WanConfig(**{**CONFIGS["t2v-tiny"].__dict__, **overrides}))
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
@@ -147,18 +147,24 @@ def _cp_equals_one_device(rank, tmp):
     d = parallel.init_distributed(cp_size=2)
     assert (d.dp_size, d.cp_size) == (1, 2)
     x, t, context, tangent = inputs(device=d.device)
-    ref = random_tiny().to(d.device)
-    net = parallel.context_parallel(copy.deepcopy(ref), d.cp_group)
-    with torch.no_grad():
-        v_ref, tv_ref = ref(x, t, context, tangent=tangent)
-        v, tv = net(x, t, context, tangent=tangent)
-    assert close(v, v_ref) and close(tv, tv_ref)
-    w = torch.randn(v.shape, generator=torch.Generator().manual_seed(2)).to(d.device)
-    for m in (ref, net):
-        (m(x, t, context) * w).sum().backward()
-    for p_ref, p in zip(ref.parameters(), net.parameters()):
-        dist.all_reduce(p.grad)  # FSDP's mean over the 2 ranks, written out
-        assert close(p.grad / 2, p_ref.grad), "gradient differs"
+    for heads, head_groups in [(2, 1), (4, 2)]:  # 4 heads in 2 groups: pipelined all-to-alls
+        ref = random_tiny(num_heads=heads).to(d.device)
+        net = parallel.context_parallel(copy.deepcopy(ref), d.cp_group, head_groups)
+        with torch.no_grad():
+            v_ref, tv_ref = ref(x, t, context, tangent=tangent)
+            v, tv = net(x, t, context, tangent=tangent)
+        assert close(v, v_ref) and close(tv, tv_ref), f"{head_groups} head groups: forward differs"
+        w = torch.randn(v.shape, generator=torch.Generator().manual_seed(2)).to(d.device)
+        for m in (ref, net):
+            (m(x, t, context) * w).sum().backward()
+        for p_ref, p in zip(ref.parameters(), net.parameters()):
+            dist.all_reduce(p.grad)  # FSDP's mean over the 2 ranks, written out
+            assert close(p.grad / 2, p_ref.grad), f"{head_groups} head groups: gradient differs"
+    try:
+        parallel.context_parallel(random_tiny(num_heads=4), d.cp_group, 3)
+        raise AssertionError("no error for 4 heads in 3 groups on 2 CP ranks")
+    except ValueError as e:
+        assert "--cp-head-groups 3" in str(e) and "[1, 2]" in str(e)
     with torch.device("meta"):
         odd = WanModel(WanConfig(**{**CONFIGS["t2v-tiny"].__dict__, "num_heads": 1}))
     try:
