@@ -252,7 +252,8 @@ def ulysses_attention(q, k, v, tq=None, tk=None, tv=None, *, cp: TokenLayout, at
 
     With cp.head_groups = G > 1 (and the plain `attention`) the heads go in G groups: every group's all-to-alls
     start at once, group g's attention runs while later groups' inputs and earlier groups' outputs are in flight,
-    and no rank waits for the whole exchange before it computes. Each head's attention is the same either way."""
+    and no rank waits for the whole exchange before it computes (forward and tangent passes; backward exchanges
+    run synchronously). Each head's attention is the same either way."""
     H, P = q.shape[2], cp.group.size()
     G = cp.head_groups if attend is attention else 1  # (a KV cache's attend writes all of a block's heads at once)
     if H % (P * G):
