@@ -434,6 +434,7 @@ def optimizer_step(opt, sched, batches, loss_of, accum: int) -> dict:
             (loss / accum).backward()
         accumulate_metrics(metrics, record, accum)
     opt.step()
+    opt.zero_grad(set_to_none=True)  # free them now: the other nets' steps (critic, student) run without them
     sched.step()
     return {**metrics, "lr": sched.get_last_lr()[0]}
 

@@ -81,6 +81,19 @@ def test_power_ema():
     torch.testing.assert_close(p_ema, beta * before + (1 - beta) * p.detach())
 
 
+def test_an_optimizer_step_frees_its_gradients():
+    """The gradients of two micro-batches accumulate into one AdamW step, and are freed after it (so that the other
+    net's step does not run beside them)."""
+    net = torch.nn.Linear(4, 3)
+    opt, sched = training.adamw(training.Optim(lr_warmup=1), net, 0.1)
+    x = torch.randn(2, 4)
+    loss_of = lambda xi: (net(xi).square().sum(), {"loss": 1.0})
+    before = net.weight.detach().clone()
+    metrics = training.optimizer_step(opt, sched, [(x[:1],), (x[1:],)], loss_of, 2)
+    assert not torch.equal(net.weight, before) and metrics["lr"] == pytest.approx(0.1)
+    assert all(p.grad is None for p in net.parameters())
+
+
 def test_interrupted_run_resumes_with_the_same_losses(tmp_path, monkeypatch, teacher):
     base = tiny_run(teacher, tmp_path, iterations=10, ckpt_every=6)
     full = train_rcm.train(dataclasses.replace(base, out_dir=tmp_path / "full"))
