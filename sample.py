@@ -236,9 +236,10 @@ def generate_latents(net, context, neg_context, shape: tuple[int, int, int, int]
 
 @torch.no_grad()
 def decode(vae, z: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-    """Latents [B, 16, T, h, w] -> video frames uint8 [B, 1 + 4(T − 1), 8h, 8w, 3]. Streaming: pass one `cache` dict
-    to the calls on consecutive latent chunks of a clip (the clip's first latent frame gives 1 frame, later ones 4)."""
-    video = vae.decode(z, cache).clamp(-1, 1)
+    """Latents [B, 16, T, h, w] -> video frames uint8 [B, 1 + 4(T − 1), 8h, 8w, 3], on the VAE's device. Streaming:
+    pass one `cache` dict to the calls on consecutive latent chunks of a clip (the clip's first latent frame gives 1
+    frame, later ones 4)."""
+    video = vae.decode(z.to(vae.conv2.weight.device), cache).clamp(-1, 1)
     return ((video + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
 
 
@@ -268,7 +269,8 @@ def stream_video(net, vae, context, shape: tuple[int, int, int, int], st: Stream
                              generator, cache, st.noisy_context, prefix, image)
     device = generator.device
     # The decoder's stream has the higher priority: its kernels go first and the DiT's fill the rest of the GPU.
-    side = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" and st.overlap_decode and vae else None
+    side = torch.cuda.Stream(device, priority=-1) \
+        if device.type == "cuda" and st.overlap_decode and vae and vae.conv2.weight.is_cuda else None
     zs, videos, marks, vae_cache = [], [], [], {}
     start = clock_mark(device)
     for z in stream:
@@ -473,6 +475,29 @@ def encoder_device(device: str, t5_cfg: UMT5Config, free_bytes: int | None = Non
     return "cpu"
 
 
+# Peak memory of a decode above the VAE's weights, per output pixel and latent frame per decoder call: bench.py vae
+# measured 6.7 GiB (fp32) and 3.5 GiB (bf16) at 832x480, channels-last, one latent frame per call; rounded up.
+DECODE_BYTES_PER_PIXEL = {torch.float32: 18_500, torch.bfloat16: 9_700}
+
+
+def decoder_device(device: str, vae, width: int, height: int, free_bytes: int | None = None) -> str:
+    """Where the VAE decodes: on `device`, or on the CPU when that GPU, with the DiT loaded, has less free memory
+    (free_bytes; default: CUDA's free memory plus what torch holds unused) than a decode at this size needs plus
+    1 GiB. A decode on the CPU takes minutes instead of seconds; a GPU that is too small would stop the run."""
+    if torch.device(device).type != "cuda":
+        return device
+    need = DECODE_BYTES_PER_PIXEL[vae.conv2.weight.dtype] * width * height * vae.frames_per_call + 2**30
+    if free_bytes is None:
+        gpu = torch.device(device)
+        free_bytes = (torch.cuda.mem_get_info(gpu)[0] + torch.cuda.memory_reserved(gpu)
+                      - torch.cuda.memory_allocated(gpu))
+    if free_bytes >= need:
+        return device
+    print(f"the VAE decodes on the CPU: {device} has {free_bytes / 2**30:.1f} GiB free beside the DiT, a {width}x"
+          f"{height} decode needs {need / 2**30:.1f} GiB")
+    return "cpu"
+
+
 def embed_texts(cfg: Config, prompts: list[str]):
     """umT5 embeddings [L_i, 4096] of the prompts and, for the teacher with CFG, the negative (--neg-embed, else the
     encoded --negative-prompt); the encoder runs on --device (the CPU if the GPU is short of memory) and is freed
@@ -586,6 +611,8 @@ def sample_wan(cfg: Config, settings: dict):
         print(f"image-to-video at {width}x{height}")
     shape = (cfg.vae_cfg.z_dim, 1 + (cfg.num_frames - 1) // 4, height // 8, width // 8)
     net = load_net(cfg, settings)
+    if vae is not None and cfg.videos and main_rank() and decoder_device(cfg.device, vae, width, height) == "cpu":
+        vae.channels_last(False).to("cpu")
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(cfg.num_samples)]
     s, st = cfg.sampler, cfg.streaming
     calls_per_video = num_steps(s)

@@ -447,6 +447,24 @@ def test_torchrun_sampling_splits_each_clip_over_the_processes(files, tmp_path):
         assert len(list((tmp_path / name).glob("*.mp4"))) == len(one)
 
 
+def test_the_vae_decodes_on_the_cpu_when_the_gpu_is_short(files, capsys):
+    """The VAE decodes on the sampling device, or on the CPU (said in one line) when the GPU's free memory beside the
+    DiT is below the decode's measured need at that size (more for fp32 and for several frames per call) + 1 GiB."""
+    from sample import decoder_device
+    from vae import load_vae
+    vae = load_vae(files / "vae.safetensors", cfg=VAE)
+    assert decoder_device("cpu", vae, 832, 480) == "cpu"
+    assert decoder_device("cuda:0", vae, 832, 480, free_bytes=9 * 2**30) == "cuda:0"
+    assert capsys.readouterr().out == ""
+    assert decoder_device("cuda:0", vae, 1280, 720, free_bytes=9 * 2**30) == "cpu"
+    assert "the VAE decodes on the CPU: cuda:0 has 9.0 GiB free beside the DiT, a 1280x720 decode needs 16.9 GiB" \
+        in capsys.readouterr().out
+    vae.to(torch.bfloat16)
+    assert decoder_device("cuda:0", vae, 1280, 720, free_bytes=10 * 2**30) == "cuda:0"
+    vae.frames_per_call = 4
+    assert decoder_device("cuda:0", vae, 1280, 720, free_bytes=10 * 2**30) == "cpu"
+
+
 def test_umt5_moves_to_the_cpu_when_the_gpu_is_short(capsys):
     """The text encoder runs on the sampling device, or on the CPU (said in one line) when the GPU's free memory is
     below its bf16 weights (11.4 GB for umT5-XXL) plus 1 GiB."""
