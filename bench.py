@@ -760,13 +760,16 @@ def bench_iteration(cfg: IterationBench):
         return time.perf_counter() - t0, record
 
     rows = []
-    # iterations after the tangent warm-up (DMD and critic on): the first of each kind warms up (and compiles)
+    # iterations after the tangent warm-up (DMD and critic on). The first of each kind warms up (and compiles), both
+    # before either is measured: a net's AdamW state appears at its first step, and a run's steps have both nets'.
     after = range(rcm.tangent_warmup, rcm.tangent_warmup + (cfg.iters + 1) * rcm.student_update_freq * 2)
-    for name, step, offset in (("student (sCM + DMD)", train_rcm.student_step, 0),
-                               ("critic", train_rcm.critic_step, 1)):
-        its = [i for i in after if train_rcm.is_student_iteration(rcm, i) == (offset == 0)][:cfg.iters + 1]
-        student_its = its if offset == 0 else student_its
+    kinds = [(name, step, offset, [i for i in after if train_rcm.is_student_iteration(rcm, i) == (offset == 0)]
+              [:cfg.iters + 1]) for name, step, offset in (("student (sCM + DMD)", train_rcm.student_step, 0),
+                                                           ("critic", train_rcm.critic_step, 1))]
+    for _, step, _, its in kinds:
         timed(step, its[0])
+    student_its = kinds[0][3]
+    for name, step, offset, its in kinds:
         torch.cuda.reset_peak_memory_stats()
         runs = [timed(step, i) for i in its[1:]]
         peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
@@ -844,26 +847,27 @@ def bench_causal_iteration(cfg: CausalIterationBench):
                                    trained=weights, fake=weights if stage == "sf_dmd" else None,
                                    lr_fake=causal.sf.lr_fake)
         del weights
-        kinds = [("student", train_causal.student_step)] + ([("critic", None)] if stage == "sf_dmd" else [])
-        for kind, _ in kinds:
-            freq = causal.sf.student_update_freq
-            its = [i for i in range(10**4) if stage != "sf_dmd" or (i % freq == 0) == (kind == "student")][
-                  :cfg.iters + 1]
-            step = (lambda i, b: train_causal.student_step(causal, stage, nets, b, i)) if kind == "student" else \
-                (lambda i, b: train_causal.critic_step(causal, nets, b, i))
-            times = []
-            for n, i in enumerate(its):
-                parallel.seed_everything(0, d, i)
-                if n == 1:
-                    torch.cuda.reset_peak_memory_stats()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                record = step(i, [(x0, cond, uncond, {})])
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0, record))
+        freq = causal.sf.student_update_freq
+        kinds = [(kind, [i for i in range(10**4) if stage != "sf_dmd" or (i % freq == 0) == (kind == "student")]
+                  [:cfg.iters + 1]) for kind in ["student"] + (["critic"] if stage == "sf_dmd" else [])]
+
+        def timed(kind, i):
+            parallel.seed_everything(0, d, i)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            batch = [(x0, cond, uncond, {})]
+            record = train_causal.student_step(causal, stage, nets, batch, i) if kind == "student" else \
+                train_causal.critic_step(causal, nets, batch, i)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0, record
+        for kind, its in kinds:  # every kind warms up before any is measured (each net's AdamW state then exists)
+            timed(kind, its[0])
+        for kind, its in kinds:
+            torch.cuda.reset_peak_memory_stats()
+            times = [timed(kind, i) for i in its[1:]]
             peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            for sec, record in times[1:]:
+            for sec, record in times:
                 # matmul FLOPs of the clip (backward = 2 forwards): tf_scm packs [clean | noisy] (2L tokens): CFG
                 # teacher 2, student JVP 2 (primal + tangent), student with grad 3. sf_dmd: the rollout's student
                 # passes (n steps per chunk, a clean pass per chunk but the last, the last step with grad: +2),
