@@ -665,10 +665,11 @@ class IterationBench:
     profile: bool = False  # also print where the GPU time of one more student iteration goes, by kind of kernel
 
 
-KERNEL_KINDS = (("elementwise fused by torch.compile", ("triton_poi", "triton_red", "triton_per")),  # (named after
-                # the ops they fuse, attention and copies included)
-                ("attention", ("sdpa", "flash", "attn", "attention", "fmha", "flex")),  # (cuDNN's SDPA names say wgmma)
-                ("convolution (VAE)", ("fprop", "dgrad", "wgrad", "implicit_gemm", "convolve")),  # (they say xmma too)
+# kinds of kernel by name, first match wins: torch.compile's kernels are named after the ops they fuse (attention
+# and copies included), and cuDNN's attention and convolution kernels say wgmma or xmma like the matmuls
+KERNEL_KINDS = (("elementwise fused by torch.compile", ("triton_poi", "triton_red", "triton_per")),
+                ("attention", ("sdpa", "flash", "attn", "attention", "fmha", "flex")),
+                ("convolution (VAE)", ("fprop", "dgrad", "wgrad", "implicit_gemm", "convolve")),
                 ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "cublas")),
                 ("copy / dtype cast", ("copy", "cast", "convert", "catarray")),
                 ("optimizer and EMA", ("adam", "foreach", "multi_tensor", "lerp")),
@@ -763,12 +764,12 @@ def bench_iteration(cfg: IterationBench):
     # iterations after the tangent warm-up (DMD and critic on). The first of each kind warms up (and compiles), both
     # before either is measured: a net's AdamW state appears at its first step, and a run's steps have both nets'.
     after = range(rcm.tangent_warmup, rcm.tangent_warmup + (cfg.iters + 1) * rcm.student_update_freq * 2)
-    kinds = [(name, step, offset, [i for i in after if train_rcm.is_student_iteration(rcm, i) == (offset == 0)]
-              [:cfg.iters + 1]) for name, step, offset in (("student (sCM + DMD)", train_rcm.student_step, 0),
-                                                           ("critic", train_rcm.critic_step, 1))]
+    its_of = lambda student: [i for i in after if train_rcm.is_student_iteration(rcm, i) == student][:cfg.iters + 1]
+    student_its, critic_its = its_of(True), its_of(False)
+    kinds = [("student (sCM + DMD)", train_rcm.student_step, 0, student_its),
+             ("critic", train_rcm.critic_step, 1, critic_its)]
     for _, step, _, its in kinds:
         timed(step, its[0])
-    student_its = kinds[0][3]
     for name, step, offset, its in kinds:
         torch.cuda.reset_peak_memory_stats()
         runs = [timed(step, i) for i in its[1:]]

@@ -202,10 +202,10 @@ def rope(h, freqs, dtype=torch.float32, backend: str = "auto"):
     (a·cos − b·sin, a·sin + b·cos), the complex product of the official code, in fp32; returned in `dtype`.
     Linear in h, so the tangent is rotated the same way.
 
-    backend "triton" (default on CUDA outside torch.compile): one kernel that reads h once and writes the result in
-    `dtype` once (the torch ops take an fp32 copy, the product and a cast back: RoPE was a visible share of the
-    elementwise time); its gradient is the inverse rotation by the same kernel. "torch": the same arithmetic in
-    torch ops, which torch.compile can fuse (it cannot fuse complex products)."""
+    backend "triton" (default on CUDA outside torch.compile, head size a power of two): one kernel that reads h once
+    and writes the result in `dtype` once (the torch ops take an fp32 copy, the product and a cast back: RoPE was a
+    visible share of the elementwise time); its gradient is the inverse rotation by the same kernel. "torch": the
+    same arithmetic in torch ops, which torch.compile can fuse (it cannot fuse complex products)."""
     if h is None:
         return None
     if backend == "auto":

@@ -460,19 +460,28 @@ def load_dit(arch: WanConfig, cfg: Config) -> WanModel:
     return net
 
 
-def encoder_device(device: str, t5_cfg: UMT5Config, free_bytes: int | None = None) -> str:
-    """Where umT5 runs: on `device`, or on the CPU when that GPU has less free memory (free_bytes; default: asked of
-    CUDA) than the encoder's bf16 weights plus 1 GiB for its activations. A prompt's forward takes seconds on a
-    CPU; a GPU that is too small would stop the run."""
+def gpu_or_cpu(device: str, need: int, message: str, free_bytes: int | None = None) -> str:
+    """`device`, or "cpu" when that GPU has less free memory than `need` bytes (free_bytes; default: CUDA's free
+    memory plus what torch holds unused), then saying so: `message` with {free} and {need} filled in (GiB). The CPU
+    is far slower, but a GPU that is too small would stop the run."""
     if torch.device(device).type != "cuda":
         return device
+    if free_bytes is None:
+        gpu = torch.device(device)
+        free_bytes = (torch.cuda.mem_get_info(gpu)[0] + torch.cuda.memory_reserved(gpu)
+                      - torch.cuda.memory_allocated(gpu))
+    if free_bytes >= need:
+        return device
+    print(message.format(free=f"{free_bytes / 2**30:.1f}", need=f"{need / 2**30:.1f}"))
+    return "cpu"
+
+
+def encoder_device(device: str, t5_cfg: UMT5Config, free_bytes: int | None = None) -> str:
+    """Where umT5 runs: gpu_or_cpu with the encoder's bf16 weights plus 1 GiB for its activations."""
     with torch.device("meta"):
         need = 2 * sum(p.numel() for p in UMT5Encoder(t5_cfg).parameters()) + 2**30
-    free = torch.cuda.mem_get_info(torch.device(device))[0] if free_bytes is None else free_bytes
-    if free >= need:
-        return device
-    print(f"umT5 runs on the CPU: {device} has {free / 2**30:.1f} GiB free, the encoder needs {need / 2**30:.1f} GiB")
-    return "cpu"
+    return gpu_or_cpu(device, need, f"umT5 runs on the CPU: {device} has {{free}} GiB free, the encoder needs "
+                      "{need} GiB", free_bytes)
 
 
 # Peak memory of a decode above the VAE's weights, per output pixel and latent frame per decoder call: bench.py vae
@@ -481,21 +490,11 @@ DECODE_BYTES_PER_PIXEL = {torch.float32: 18_500, torch.bfloat16: 9_700}
 
 
 def decoder_device(device: str, vae, width: int, height: int, free_bytes: int | None = None) -> str:
-    """Where the VAE decodes: on `device`, or on the CPU when that GPU, with the DiT loaded, has less free memory
-    (free_bytes; default: CUDA's free memory plus what torch holds unused) than a decode at this size needs plus
-    1 GiB. A decode on the CPU takes minutes instead of seconds; a GPU that is too small would stop the run."""
-    if torch.device(device).type != "cuda":
-        return device
+    """Where the VAE decodes, once the DiT is loaded: gpu_or_cpu with a decode's measured need at this size (its
+    dtype, its latent frames per call) plus 1 GiB."""
     need = DECODE_BYTES_PER_PIXEL[vae.conv2.weight.dtype] * width * height * vae.frames_per_call + 2**30
-    if free_bytes is None:
-        gpu = torch.device(device)
-        free_bytes = (torch.cuda.mem_get_info(gpu)[0] + torch.cuda.memory_reserved(gpu)
-                      - torch.cuda.memory_allocated(gpu))
-    if free_bytes >= need:
-        return device
-    print(f"the VAE decodes on the CPU: {device} has {free_bytes / 2**30:.1f} GiB free beside the DiT, a {width}x"
-          f"{height} decode needs {need / 2**30:.1f} GiB")
-    return "cpu"
+    return gpu_or_cpu(device, need, f"the VAE decodes on the CPU: {device} has {{free}} GiB free beside the DiT, a "
+                      f"{width}x{height} decode needs {{need}} GiB", free_bytes)
 
 
 def embed_texts(cfg: Config, prompts: list[str]):
