@@ -122,7 +122,11 @@ def shard_model(net, mesh: DeviceMesh, compute_dtype=torch.bfloat16):
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for block in net.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(net, mesh=mesh, mp_policy=mp)
+    # The root reshards after forward too (FSDP2 keeps a root's parameters gathered until its backward by default):
+    # a no-grad pass after the last backward (rCM's backward simulation, after sCM's loss is backpropagated, in
+    # another expert than DMD's) would otherwise leave them gathered through the optimizer step and the EMA. They are
+    # a few MB (embeddings, head).
+    fully_shard(net, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     return net
 
 

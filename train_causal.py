@@ -156,7 +156,7 @@ def student_step(cfg: CausalConfig, stage: Stage, nets: Nets, batches, i: int) -
     accumulated into one AdamW step, then the EMA. Returns the metrics (micro-batch means)."""
     n_eff = i // cfg.sf.student_update_freq if stage == "sf_dmd" else i   # student updates before this one
 
-    def loss_of(x0, cond, uncond, image):
+    def losses_of(x0, cond, uncond, image):
         chunks = chunk_frames(x0.shape[2], cfg.first_chunk_t, cfg.chunk_t)
         # I2V: every net gets the clip's conditioning; a teacher-forced net sees the clip twice ([clean | noisy]), and
         # so its y
@@ -164,7 +164,7 @@ def student_step(cfg: CausalConfig, stage: Stage, nets: Nets, batches, i: int) -
         if stage == "tf":
             trained = conditioned(nets.trained, **(packed if cfg.tf.forcing == "teacher" else image))
             loss = tf_loss(trained, x0, cond, chunks, cfg.tf.p_s, cfg.tf.forcing, cfg.tf.loss_scale).mean()
-            return loss, {"loss/tf": loss.item()}
+            return [(loss, {"loss/tf": loss.item()})]
         if stage in ("tf_scm", "tf_dcm"):
             teacher = teacher_forced(guidance(conditioned(nets.teacher, **packed), uncond, cfg.cm.teacher_guidance),
                                      x0, chunks)
@@ -173,21 +173,21 @@ def student_step(cfg: CausalConfig, stage: Stage, nets: Nets, batches, i: int) -
             r = 1.0 if cfg.cm.tangent_warmup == 0 else min(1.0, i / cfg.cm.tangent_warmup)
             l_cm, n_nan = tf_scm_loss(student, lambda x, timestep: teacher(x, timestep, cond), x0, cond, chunks,
                                       cfg.cm.p_G, r, cfg.cm.loss_scale)
-            return l_cm.mean(), {"loss/scm": l_cm.mean().item(), "scm/nan_samples": n_nan, "scm/r": r}
+            return [(l_cm.mean(), {"loss/scm": l_cm.mean().item(), "scm/nan_samples": n_nan, "scm/r": r})]
         if stage == "tf_dcm":
             # the bidirectional dCM of losses.py on the teacher-forced nets (the same x̂0 = x_s − s·v): one Euler step
             # of the CFG causal teacher, the target from the same online student
             loss = dcm_loss(teacher_forced(student, x0, chunks), cond,
                             lambda x, t: denoise(teacher, x, t, cond)[1], x0, cfg.cm.dcm_total_steps, 1,
                             cfg.cm.dcm_shift, cfg.cm.loss_scale).mean()
-            return loss, {"loss/dcm": loss.item()}
+            return [(loss, {"loss/dcm": loss.item()})]
         G, steps = rollout(cfg, nets.trained, cond, x0, n_eff, grad_last=True, image=image)
         teacher, fake = guidance(conditioned(nets.teacher, **image), uncond, cfg.sf.teacher_guidance), \
             conditioned(nets.fake, **image)
         loss = dmd_loss(G, lambda x, t: denoise(fake, x, t, cond)[0],
                         lambda x, t: denoise(teacher, x, t, cond)[0], cfg.sf.p_D, cfg.sf.loss_scale_dmd).mean()
-        return loss, {"loss/dmd": loss.item(), "dmd/steps": steps[-1]}
-    return training.student_update(nets, stage_config(cfg, stage), n_eff, batches, loss_of, cfg.grad_accum)
+        return [(loss, {"loss/dmd": loss.item(), "dmd/steps": steps[-1]})]
+    return training.student_update(nets, stage_config(cfg, stage), n_eff, batches, losses_of, cfg.grad_accum)
 
 
 def critic_step(cfg: CausalConfig, nets: Nets, batches, i: int) -> dict:
@@ -195,13 +195,13 @@ def critic_step(cfg: CausalConfig, nets: Nets, batches, i: int) -> dict:
     fake score's denoising loss on it (as rCM's critic); one AdamW step."""
     critic_before = i - i // cfg.sf.student_update_freq - 1   # the cycle of rollout steps runs over critic updates
 
-    def loss_of(x0, cond, _, image):
+    def losses_of(x0, cond, _, image):
         with torch.no_grad():
             G, steps = rollout(cfg, nets.trained, cond, x0, critic_before, image=image)
         fake = conditioned(nets.fake, **image)
         loss = critic_loss(G, lambda x, t: denoise(fake, x, t, cond)[0], cfg.sf.p_D).mean()
-        return loss, {"loss/critic": loss.item(), "critic/steps": steps[-1]}
-    return training.critic_update(nets, batches, loss_of, cfg.grad_accum)
+        return [(loss, {"loss/critic": loss.item(), "critic/steps": steps[-1]})]
+    return training.critic_update(nets, batches, losses_of, cfg.grad_accum)
 
 
 # --------------------------------------------------------------------------------------------------- toy evaluation

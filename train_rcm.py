@@ -138,31 +138,27 @@ def student_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
     (micro-batch means)."""
     n_eff = effective_iteration(cfg, i)
 
-    def loss_of(x0, cond, uncond, image):
+    def losses_of(x0, cond, uncond, image):  # a generator: sCM's graph is freed (backpropagated) before DMD's is built
         teacher = guidance(conditioned(nets.teacher, **image), uncond, cfg.teacher_guidance,
                            cfg.teacher_guidance_high, cfg.boundary or 1.0)
         student, fake = conditioned(nets.trained, **image), conditioned(nets.fake, **image)
-        record, loss = {}, torch.zeros((), device=x0.device, dtype=torch.float64)
         if cfg.loss_scale > 0:
             F_teacher = lambda x, t: denoise(teacher, x, t, cond)[1]
             if i < cfg.dcm_iterations:
                 l_cm = dcm_loss(student, cond, F_teacher, x0, cfg.dcm_total_steps, cfg.dcm_skip, cfg.dcm_shift,
-                                cfg.loss_scale)
-                record["loss/dcm"] = l_cm.mean().item()
+                                cfg.loss_scale).mean()
+                yield l_cm, {"loss/dcm": l_cm.item()}
             else:
                 r = 1.0 if cfg.tangent_warmup == 0 else min(1.0, i / cfg.tangent_warmup)
                 l_cm, n_nan = scm_loss(student, cond, F_teacher, x0, cfg.p_G, r, cfg.loss_scale)
-                record.update({"loss/scm": l_cm.mean().item(), "scm/nan_samples": n_nan, "scm/r": r})
-            loss = loss + l_cm.mean()
+                yield l_cm.mean(), {"loss/scm": l_cm.mean().item(), "scm/nan_samples": n_nan, "scm/r": r}
         if cfg.fake_score and i >= cfg.tangent_warmup:
             n_sim = n_eff % cfg.max_simulation_steps + 1
             G = backward_simulation(cfg, student, cond, x0, n_sim, grad_last=True)
             l_dmd = dmd_loss(G, lambda x, t: denoise(fake, x, t, cond)[0],
-                             lambda x, t: denoise(teacher, x, t, cond)[0], cfg.p_D, cfg.loss_scale_dmd)
-            record.update({"loss/dmd": l_dmd.mean().item(), "dmd/steps": n_sim})
-            loss = loss + l_dmd.mean()
-        return loss, record
-    return training.student_update(nets, cfg, n_eff, batches, loss_of, cfg.grad_accum)
+                             lambda x, t: denoise(teacher, x, t, cond)[0], cfg.p_D, cfg.loss_scale_dmd).mean()
+            yield l_dmd, {"loss/dmd": l_dmd.item(), "dmd/steps": n_sim}
+    return training.student_update(nets, cfg, n_eff, batches, losses_of, cfg.grad_accum)
 
 
 def critic_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
@@ -170,12 +166,12 @@ def critic_step(cfg: RCMConfig, nets: Nets, batches, i: int) -> dict:
     score's denoising loss on its samples; one AdamW step."""
     n_sim = (i - effective_iteration(cfg, i) - 1) % cfg.max_simulation_steps + 1  # cycles over the critic's iterations
 
-    def loss_of(x0, cond, _, image):
+    def losses_of(x0, cond, _, image):
         G = backward_simulation(cfg, conditioned(nets.trained, **image), cond, x0, n_sim)
         fake = conditioned(nets.fake, **image)
         loss = critic_loss(G, lambda x, t: denoise(fake, x, t, cond)[0], cfg.p_D).mean()
-        return loss, {"loss/critic": loss.item(), "critic/steps": n_sim}
-    return training.critic_update(nets, batches, loss_of, cfg.grad_accum)
+        return [(loss, {"loss/critic": loss.item(), "critic/steps": n_sim})]
+    return training.critic_update(nets, batches, losses_of, cfg.grad_accum)
 
 
 # --------------------------------------------------------------------------------------------------- toy evaluation

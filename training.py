@@ -422,33 +422,33 @@ def ema_update(ema: WanModel, net: WanModel, n: int, gamma: float):
         local(p_ema).lerp_(local(p).to(p_ema.dtype), 1 - beta)
 
 
-def optimizer_step(opt, sched, batches, loss_of, accum: int) -> dict:
-    """One AdamW step over an iteration's micro-batches: loss_of(x0, cond, uncond, image) -> (loss, metrics) on each
-    (data_stream's micro-batches), their gradients accumulated; then the LR schedule. Returns the metrics
-    (micro-batch means) and the LR."""
+def optimizer_step(opt, sched, batches, losses_of, accum: int) -> dict:
+    """One AdamW step over an iteration's micro-batches: losses_of(x0, cond, uncond, image) -> (loss, metrics) pairs
+    on each (data_stream's micro-batches), their gradients accumulated; then the LR schedule. Each loss is
+    backpropagated as soon as it is given, before the next is asked for: a generator (rCM's sCM, then DMD) so never
+    holds two losses' activations at once. Returns the metrics (micro-batch means) and the LR."""
     opt.zero_grad(set_to_none=True)
     metrics = {}
     for batch in batches:
-        loss, record = loss_of(*batch)
-        if loss.requires_grad:  # (pure DMD has no student loss during the tangent warm-up)
+        for loss, record in losses_of(*batch):
             (loss / accum).backward()
-        accumulate_metrics(metrics, record, accum)
+            accumulate_metrics(metrics, record, accum)
     opt.step()
     opt.zero_grad(set_to_none=True)  # free them now: the other nets' steps (critic, student) run without them
     sched.step()
     return {**metrics, "lr": sched.get_last_lr()[0]}
 
 
-def student_update(nets: Nets, optim: Optim, n: int, batches, loss_of, accum: int) -> dict:
+def student_update(nets: Nets, optim: Optim, n: int, batches, losses_of, accum: int) -> dict:
     """An update of the trained net (optimizer_step), then its EMA after n earlier updates."""
-    metrics = optimizer_step(nets.opt, nets.sched, batches, loss_of, accum)
+    metrics = optimizer_step(nets.opt, nets.sched, batches, losses_of, accum)
     ema_update(nets.ema, nets.trained, n, ema_gamma(optim.ema_sigma_rel))
     return metrics
 
 
-def critic_update(nets: Nets, batches, loss_of, accum: int) -> dict:
+def critic_update(nets: Nets, batches, losses_of, accum: int) -> dict:
     """An update of the fake score (optimizer_step); its LR is logged as lr_fake."""
-    metrics = optimizer_step(nets.opt_fake, nets.sched_fake, batches, loss_of, accum)
+    metrics = optimizer_step(nets.opt_fake, nets.sched_fake, batches, losses_of, accum)
     metrics["lr_fake"] = metrics.pop("lr")
     return metrics
 

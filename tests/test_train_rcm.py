@@ -81,17 +81,55 @@ def test_power_ema():
     torch.testing.assert_close(p_ema, beta * before + (1 - beta) * p.detach())
 
 
-def test_an_optimizer_step_frees_its_gradients():
-    """The gradients of two micro-batches accumulate into one AdamW step, and are freed after it (so that the other
+def test_an_optimizer_step_backpropagates_each_loss_at_once_and_frees_the_gradients():
+    """The losses of two micro-batches (two per micro-batch) accumulate into one AdamW step; each is backpropagated
+    before the next is asked for (its graph freed), and the gradients are freed after the step (so that the other
     net's step does not run beside them)."""
     net = torch.nn.Linear(4, 3)
     opt, sched = training.adamw(training.Optim(lr_warmup=1), net, 0.1)
     x = torch.randn(2, 4)
-    loss_of = lambda xi: (net(xi).square().sum(), {"loss": 1.0})
+    grads_seen = []
+
+    def losses_of(xi):
+        yield net(xi).square().sum(), {"loss": 1.0}
+        grads_seen.append(net.weight.grad.clone())  # (None, and so an error, had the first loss not been taken)
+        yield net(xi).abs().sum(), {"loss": 2.0}
     before = net.weight.detach().clone()
-    metrics = training.optimizer_step(opt, sched, [(x[:1],), (x[1:],)], loss_of, 2)
-    assert not torch.equal(net.weight, before) and metrics["lr"] == pytest.approx(0.1)
+    metrics = training.optimizer_step(opt, sched, [(x[:1],), (x[1:],)], losses_of, 2)
+    assert not torch.equal(net.weight, before) and metrics == {"loss": 3.0, "lr": pytest.approx(0.1)}
+    assert len(grads_seen) == 2 and not torch.equal(grads_seen[0], grads_seen[1])
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_the_student_step_gives_scm_then_dmd_with_the_gradient_of_their_sum(tmp_path, monkeypatch, teacher):
+    """student_step's losses come one at a time, sCM then DMD, so DMD's student passes run after sCM's graph is gone;
+    the accumulated gradient equals one backward of their sum."""
+    cfg = tiny_run(teacher, tmp_path, dcm_iterations=0)
+    d = parallel.init_distributed(1, "cpu")
+    try:
+        nets = training.build_nets(cfg, d, cfg, teacher=teacher, trained=teacher, fake=teacher)
+        taken = {}
+        monkeypatch.setattr(training, "optimizer_step", lambda opt, sched, batches, losses_of, accum:
+                            taken.update(losses_of=losses_of, batch=batches[0]) or {})
+        train_rcm.student_step(cfg, nets, [training.data_stream(cfg, d, 0)[0]()], cfg.tangent_warmup)
+
+        def gradient(one_at_a_time: bool):
+            torch.manual_seed(0)
+            nets.trained.zero_grad(set_to_none=True)
+            losses = taken["losses_of"](*taken["batch"])
+            if one_at_a_time:
+                names = [next(iter(record)) for loss, record in losses if loss.backward() is None]
+            else:
+                pairs = list(losses)
+                names = [next(iter(record)) for _, record in pairs]
+                sum(loss for loss, _ in pairs).backward()
+            return names, [p.grad.clone() for p in nets.trained.parameters()]
+        names, sequential = gradient(True)
+        assert names == ["loss/scm", "loss/dmd"]
+        for g, ref in zip(sequential, gradient(False)[1], strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_interrupted_run_resumes_with_the_same_losses(tmp_path, monkeypatch, teacher):
