@@ -658,8 +658,8 @@ class IterationBench:
     batch: int = 1  # clips per data-parallel rank
     cp_size: int = 1  # context-parallel ranks per clip
     cp_head_groups: int = 1  # Ulysses all-to-alls pipelined over this many groups of heads (train_rcm's flag)
-    checkpointing: Literal["none", "block", "attention", "matmul"] = "block"  # activation checkpointing, trained nets
-    compile: bool = False  # torch.compile every block
+    checkpointing: Literal["none", "block", "attention", "matmul"] | None = None  # activation checkpointing [preset's]
+    compile: bool | None = None  # torch.compile every block [preset's]
     iters: int = 4  # timed iterations of each kind after one warm-up: one cycle of 1..4 simulation steps
     peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H200 SXM)
     profile: bool = False  # also print where the GPU time of one more student iteration goes, by kind of kernel
@@ -732,9 +732,11 @@ def bench_iteration(cfg: IterationBench):
     import parallel
     import train_rcm
     import training
-    rcm = dataclasses.replace(train_rcm.PRESETS[cfg.preset][1], device="cuda", batch=cfg.batch, cp_size=cfg.cp_size,
-                              cp_head_groups=cfg.cp_head_groups,
-                              checkpointing=cfg.checkpointing, compile=cfg.compile, teacher_model=cfg.teacher_model)
+    preset = train_rcm.PRESETS[cfg.preset][1]
+    rcm = dataclasses.replace(preset, device="cuda", batch=cfg.batch, cp_size=cfg.cp_size,
+                              cp_head_groups=cfg.cp_head_groups, checkpointing=cfg.checkpointing or preset.checkpointing,
+                              compile=preset.compile if cfg.compile is None else cfg.compile,
+                              teacher_model=cfg.teacher_model)
     d = parallel.init_distributed(rcm.cp_size, "cuda")
     dit, teacher_dit, processes = rcm.dit, training.teacher_arch(rcm), dist.get_world_size()
     T, (H, W) = 1 + (cfg.frames - 1) // 4, LATENT[cfg.resolution]
@@ -743,7 +745,7 @@ def bench_iteration(cfg: IterationBench):
         print(f"# {torch.cuda.get_device_name()} x{processes} (dp {d.dp_size} x cp {d.cp_size}), torch {torch.__version__}, "
               f"{cfg.preset}, teacher {cfg.teacher_model or 'of --dit'}, {cfg.resolution}, {cfg.frames} frames "
               f"({L} tokens), batch {cfg.batch} per dp rank, "
-              f"SAC {cfg.checkpointing}, compile {cfg.compile}, {time.strftime('%Y-%m-%d')}", flush=True)
+              f"SAC {rcm.checkpointing}, compile {rcm.compile}, {time.strftime('%Y-%m-%d')}", flush=True)
     weights = random_weights(dit, d)
     teacher = weights if teacher_dit == dit else random_weights(teacher_dit, d)
     nets = training.build_nets(rcm, d, rcm, teacher=teacher, trained=weights, fake=weights, lr_fake=rcm.lr_fake)

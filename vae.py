@@ -142,7 +142,25 @@ class CausalConv3d(nn.Conv3d):
             norm_silu(x, norm.gamma, out=padded[:, :, past:])
         if cache is not None:  # clone: keep a few frames, not the whole chunk
             cache[self] = padded[:, :, -past:].clone()
-        return super().forward(padded)
+        return self.conv(padded)
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of the time-padded x [B, C, T + k_t − 1, H, W] -> [B, C_out, T, H, W]. For a channels-last
+        half-precision x on CUDA with fewer than 128 output channels (the decoder's full-resolution stage: 96), one
+        2-D convolution per temporal tap, over the frames folded into the batch, summed: cuDNN runs these 96-channel
+        2-D convolutions on Hopper kernels, 1.33× faster than the Ampere kernel it picks for the 3-D one (results §5).
+        The sum rounds twice more (within one bf16 ulp)."""
+        k_t, (b, c, t, h, w) = self.kernel_size[0], x.shape
+        if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and self.out_channels < 128 and k_t > 1
+                and memory_format(x) == torch.channels_last_3d):
+            return super().forward(x)
+        t -= k_t - 1
+        out = None
+        for k in range(k_t):  # frames k..k+t as a batch of 2-D images: a view of the channels-last memory
+            frames = x[:, :, k:k + t].transpose(1, 2).reshape(b * t, c, h, w)
+            y = F.conv2d(frames, self.weight[:, :, k], self.bias if k == 0 else None, 1, self.padding[1:])
+            out = y if out is None else out.add_(y)
+        return out.view(b, t, -1, h, w).transpose(1, 2)
 
 
 class RMSNorm(nn.Module):

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 import pytest
 import torch
 
-from vae import VAEConfig, WanVAE, load_vae
+from vae import CausalConv3d, VAEConfig, WanVAE, load_vae
 
 
 def rel_err(out, ref):
@@ -161,3 +161,25 @@ def test_several_latent_frames_per_decoder_call(golden):
     cache = {}
     streamed = torch.cat([vae.decode(z[:, :, :3], cache, 2), vae.decode(z[:, :, 3:], cache, 2)], dim=2)
     assert rel_err(streamed, ref) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c_out", [96, 3, 128])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_tap_convolutions_equal_the_3d_one(c_out, batch, monkeypatch):
+    """CausalConv3d on CUDA, bf16 channels-last, < 128 output channels: the sum of one 2-D convolution per temporal
+    tap, against the 3-D convolution in fp32 (within bf16 rounding), channels-last out, the cache carried the same."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, f=torch.nn.functional.conv2d: calls.append(1) or f(*a))
+    conv = CausalConv3d(96, c_out, 3).to("cuda", torch.bfloat16).to(memory_format=torch.channels_last_3d)
+    ref_conv = CausalConv3d(96, c_out, 3).to("cuda").to(memory_format=torch.channels_last_3d)
+    ref_conv.load_state_dict({k: v.float() for k, v in conv.state_dict().items()})
+    cache, ref_cache = {}, {}
+    for t in (3, 4):  # a first chunk (zero past) and one with the cached past
+        x = torch.randn(batch, 96, t, 24, 40, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+        out, ref = conv(x.bfloat16(), cache), ref_conv(x.bfloat16().float(), ref_cache)
+        assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last_3d)
+        assert rel_err(out.float(), ref) < 1e-2
+    assert len(calls) == (6 if c_out < 128 else 0)  # three taps a call below 128 channels, else the 3-D one
+
