@@ -425,8 +425,8 @@ def ema_update(ema: WanModel, net: WanModel, n: int, gamma: float):
 def optimizer_step(opt, sched, batches, losses_of, accum: int) -> dict:
     """One AdamW step over an iteration's micro-batches: losses_of(x0, cond, uncond, image) -> (loss, metrics) pairs
     on each (data_stream's micro-batches), their gradients accumulated; then the LR schedule. Each loss is
-    backpropagated as soon as it is given, before the next is asked for: a generator (rCM's sCM, then DMD) so never
-    holds two losses' activations at once. Returns the metrics (micro-batch means) and the LR."""
+    backpropagated as soon as it is given, before the next is asked for, so a generator of losses (rCM's sCM, then
+    DMD) never holds two losses' activations at once. Returns the metrics (micro-batch means) and the LR."""
     opt.zero_grad(set_to_none=True)
     metrics = {}
     for batch in batches:
