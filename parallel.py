@@ -320,8 +320,9 @@ def checkpoint_activations(net, mode: str):
     block in backward; "attention": also keep the self-attention outputs (the block's costliest op at long
     sequences; one [B, L, dim] bf16 tensor and its log-sum-exp per block), recompute the rest; "matmul": keep the
     matmul and attention outputs, recompute the cheap elementwise ops and norms; "none": keep everything.
-    Non-reentrant checkpoints: any number of with-grad forwards (the sCM and DMD student forwards of an rCM step) may
-    precede one backward. The recompute repeats the Ulysses all-to-alls."""
+    Non-reentrant checkpoints: any number of with-grad forwards may precede one backward (rCM's student step
+    backpropagates its sCM loss before DMD's forwards, which keeps one graph alive at a time). The recompute repeats
+    the Ulysses all-to-alls."""
     if mode not in ("none", "block", "attention", "matmul"):
         raise ValueError(f"activation checkpointing mode must be 'none', 'block', 'attention' or 'matmul', "
                          f"got {mode!r}")
