@@ -178,6 +178,34 @@ def test_context_parallel_equals_one_device(tmp_path):
     spawn(_cp_equals_one_device, tmp_path)
 
 
+def _compiled_cp_equals_one_device(rank, tmp):
+    d = parallel.init_distributed(cp_size=2)
+    x, t, context, tangent = inputs(device=d.device)
+    for heads, head_groups, ac in [(2, 1, "block"), (4, 2, "attention")]:
+        ref = random_tiny(num_heads=heads).to(d.device)
+        net = copy.deepcopy(ref)
+        parallel.checkpoint_activations(net, ac)
+        parallel.context_parallel(net, d.cp_group, head_groups)
+        for block in net.blocks:
+            block.compile(backend="aot_eager")
+        with torch.no_grad():
+            v_ref, tv_ref = ref(x, t, context, tangent=tangent)
+            v, tv = net(x, t, context, tangent=tangent)
+        assert close(v, v_ref) and close(tv, tv_ref), f"{ac}, {head_groups} head groups: forward differs"
+        w = torch.randn(v.shape, generator=torch.Generator().manual_seed(2)).to(d.device)
+        for m in (ref, net):
+            (m(x, t, context) * w).sum().backward()
+        for p_ref, p in zip(ref.parameters(), net.parameters()):
+            dist.all_reduce(p.grad)
+            assert close(p.grad / 2, p_ref.grad), f"{ac}, {head_groups} head groups: gradient differs"
+
+
+def test_compiled_checkpointed_context_parallel_blocks_equal_one_device(tmp_path):
+    """--compile with --cp-size (the wan1.3b preset compiles): blocks compiled (aot_eager) around the asynchronous
+    all-to-alls, checkpointed, with and without head groups, give the one-device forward, tangent and gradients."""
+    spawn(_compiled_cp_equals_one_device, tmp_path)
+
+
 @pytest.mark.gpu
 def test_context_parallel_equals_one_device_nccl(tmp_path):
     if torch.cuda.device_count() < 2:
