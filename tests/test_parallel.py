@@ -143,6 +143,22 @@ def test_init_distributed_without_torchrun(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 # Two processes: context parallelism
 
+def assert_equal_nets(net, ref, batch, what: str):
+    """A CP net (on each of 2 ranks) against the one-device ref: the forward and tangent, then the gradients of one
+    weighted sum (averaged over the ranks, as FSDP would)."""
+    x, t, context, tangent = batch
+    with torch.no_grad():
+        v_ref, tv_ref = ref(x, t, context, tangent=tangent)
+        v, tv = net(x, t, context, tangent=tangent)
+    assert close(v, v_ref) and close(tv, tv_ref), f"{what}: forward differs"
+    w = torch.randn(v.shape, generator=torch.Generator().manual_seed(2)).to(v.device)
+    for m in (ref, net):
+        (m(x, t, context) * w).sum().backward()
+    for p_ref, p in zip(ref.parameters(), net.parameters()):
+        dist.all_reduce(p.grad)  # FSDP's mean over the 2 ranks, written out
+        assert close(p.grad / 2, p_ref.grad), f"{what}: gradient differs"
+
+
 def _cp_equals_one_device(rank, tmp):
     d = parallel.init_distributed(cp_size=2)
     assert (d.dp_size, d.cp_size) == (1, 2)
@@ -150,16 +166,7 @@ def _cp_equals_one_device(rank, tmp):
     for heads, head_groups in [(2, 1), (4, 2)]:  # 4 heads in 2 groups: pipelined all-to-alls
         ref = random_tiny(num_heads=heads).to(d.device)
         net = parallel.context_parallel(copy.deepcopy(ref), d.cp_group, head_groups)
-        with torch.no_grad():
-            v_ref, tv_ref = ref(x, t, context, tangent=tangent)
-            v, tv = net(x, t, context, tangent=tangent)
-        assert close(v, v_ref) and close(tv, tv_ref), f"{head_groups} head groups: forward differs"
-        w = torch.randn(v.shape, generator=torch.Generator().manual_seed(2)).to(d.device)
-        for m in (ref, net):
-            (m(x, t, context) * w).sum().backward()
-        for p_ref, p in zip(ref.parameters(), net.parameters()):
-            dist.all_reduce(p.grad)  # FSDP's mean over the 2 ranks, written out
-            assert close(p.grad / 2, p_ref.grad), f"{head_groups} head groups: gradient differs"
+        assert_equal_nets(net, ref, (x, t, context, tangent), f"{head_groups} head groups")
     try:
         parallel.context_parallel(random_tiny(num_heads=4), d.cp_group, 3)
         raise AssertionError("no error for 4 heads in 3 groups on 2 CP ranks")
@@ -188,16 +195,7 @@ def _compiled_cp_equals_one_device(rank, tmp):
         parallel.context_parallel(net, d.cp_group, head_groups)
         for block in net.blocks:
             block.compile(backend="aot_eager")
-        with torch.no_grad():
-            v_ref, tv_ref = ref(x, t, context, tangent=tangent)
-            v, tv = net(x, t, context, tangent=tangent)
-        assert close(v, v_ref) and close(tv, tv_ref), f"{ac}, {head_groups} head groups: forward differs"
-        w = torch.randn(v.shape, generator=torch.Generator().manual_seed(2)).to(d.device)
-        for m in (ref, net):
-            (m(x, t, context) * w).sum().backward()
-        for p_ref, p in zip(ref.parameters(), net.parameters()):
-            dist.all_reduce(p.grad)
-            assert close(p.grad / 2, p_ref.grad), f"{ac}, {head_groups} head groups: gradient differs"
+        assert_equal_nets(net, ref, (x, t, context, tangent), f"{ac}, {head_groups} head groups")
 
 
 def test_compiled_checkpointed_context_parallel_blocks_equal_one_device(tmp_path):
