@@ -116,10 +116,12 @@ def test_the_student_step_gives_scm_then_dmd_with_the_gradient_of_their_sum(tmp_
         def gradient(one_at_a_time: bool):
             torch.manual_seed(0)
             nets.trained.zero_grad(set_to_none=True)
-            losses = taken["losses_of"](*taken["batch"])
-            if one_at_a_time:
-                names = [next(iter(record)) for loss, record in losses if loss.backward() is None]
-            else:
+            losses, names = taken["losses_of"](*taken["batch"]), []
+            if one_at_a_time:  # as optimizer_step: each backpropagated before the next is built
+                for loss, record in losses:
+                    loss.backward()
+                    names.append(next(iter(record)))
+            else:  # both graphs built, then one backward of the sum
                 pairs = list(losses)
                 names = [next(iter(record)) for _, record in pairs]
                 sum(loss for loss, _ in pairs).backward()
